@@ -1,0 +1,161 @@
+"""The attention arithmetic that is ours: original tokens, new class tokens and memory.
+
+Shapes: B batch, H heads, N original tokens (prefix + patches), K new class tokens,
+M memory tokens of all tasks in the pass, hd head dim, D width.
+
+Memory keys/values are computed once per forward and block, ``[H, M, hd]``, and broadcast
+over the batch. Memory makes no queries. Original tokens run exactly the base model's
+attention unless a full-mode task lets them see the memory.
+
+Each timm attention kind gets a small adapter (:class:`QKVAttention` ...) that only knows
+how to call that module's own projections; :func:`memory_attention` does the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from torch import nn
+
+
+@dataclass
+class MemoryContext:
+    """What every block needs to know about the current pass.
+
+    Attributes:
+        new_mask: ``[K, K + M]`` bool, which new class tokens and memory each new class token
+            sees (from :func:`learnable_memory.mask.new_token_mask`).
+        full: Original tokens attend to the memory too (paper Sec. 2.1).
+        orig_grad: Keep an autograd graph for the original tokens. False when nothing trainable
+            touches them (non-destructive training), which saves the backbone's backward.
+        extras: Per-pass values a backbone hands to its blocks (e.g. rotary embeddings).
+    """
+
+    new_mask: torch.Tensor
+    full: bool
+    orig_grad: bool
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def attend_original(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool, scale: float) -> torch.Tensor:
+    """Plain self-attention of the original tokens, as timm computes it.
+
+    ``q, k, v`` ``[B, H, N, hd]`` -> ``[B, H, N, hd]``.
+    """
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    return attn.softmax(dim=-1) @ v
+
+
+def attend_original_with_memory(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_m: torch.Tensor, v_m: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Full mode: original tokens attend to ``[tokens ; memory]`` with no mask.
+
+    ``q, k, v`` ``[B, H, N, hd]``, ``k_m, v_m`` ``[H, M, hd]`` -> ``[B, H, N, hd]``.
+    """
+    b = q.shape[0]
+    k = torch.cat([k, k_m.unsqueeze(0).expand(b, -1, -1, -1)], dim=2)  # [B, H, N + M, hd]
+    v = torch.cat([v, v_m.unsqueeze(0).expand(b, -1, -1, -1)], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def attend_new(
+    q_c: torch.Tensor,
+    k_x: torch.Tensor,
+    v_x: torch.Tensor,
+    k_c: torch.Tensor,
+    v_c: torch.Tensor,
+    k_m: torch.Tensor,
+    v_m: torch.Tensor,
+    new_mask: torch.Tensor,
+    scale: float,
+    bias_x: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """New class tokens attend to the original tokens and to what Table 1 lets them see.
+
+    Args:
+        q_c, k_c, v_c: ``[B, H, K, hd]`` new class tokens.
+        k_x, v_x: ``[B, H, N, hd]`` original tokens (always visible).
+        k_m, v_m: ``[H, M, hd]`` memory, shared by the batch.
+        new_mask: ``[K, K + M]`` bool, True where a class token sees a class token or memory.
+        scale: Softmax temperature (``head_dim ** -0.5``).
+        bias_x: Optional additive bias on the scores against the original tokens,
+            broadcastable to ``[B, H, K, N]`` (relative position bias).
+
+    Returns:
+        ``[B, H, K, hd]``.
+    """
+    n, k = k_x.shape[2], k_c.shape[2]
+    q = q_c * scale
+    s_x = q @ k_x.transpose(-2, -1)  # [B, H, K, N]
+    if bias_x is not None:
+        s_x = s_x + bias_x
+    s_c = q @ k_c.transpose(-2, -1)  # [B, H, K, K]
+    s_m = q @ k_m.transpose(-2, -1)  # [B, H, K, M], memory broadcast over the batch
+    s_new = torch.cat([s_c, s_m], dim=-1).masked_fill(~new_mask, float("-inf"))
+    p = torch.cat([s_x, s_new], dim=-1).softmax(dim=-1).to(v_x.dtype)  # [B, H, K, N + K + M]
+    return p[..., :n] @ v_x + p[..., n : n + k] @ v_c + p[..., n + k :] @ v_m
+
+
+class QKVAttention:
+    """timm's ``Attention``: one ``qkv`` linear, optional q/k norm, scale norm and gate."""
+
+    def qkv(self, attn: nn.Module, h: torch.Tensor, rope: Any = None) -> tuple[torch.Tensor, ...]:
+        """``h`` ``[B, T, D]`` -> q, k, v ``[B, H, T, hd]`` after q/k norm."""
+        b, t, _ = h.shape
+        q, k, v = attn.qkv(h).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    def out(self, attn: nn.Module, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Heads ``o`` ``[B, H, T, hd]`` (and the attention input ``h``) -> ``[B, T, D]``."""
+        b, _, t, _ = o.shape
+        o = attn.norm(o.transpose(1, 2).reshape(b, t, attn.attn_dim))
+        if attn.gate is not None:
+            o = o * attn.gate(h).sigmoid()
+        return attn.proj_drop(attn.proj(o))
+
+
+ATTENTION_KINDS: dict[type, QKVAttention] = {Attention: QKVAttention()}
+
+
+def memory_attention(
+    attn: nn.Module,
+    h_x: torch.Tensor,
+    h_c: torch.Tensor,
+    h_m: torch.Tensor,
+    ctx: MemoryContext,
+    kind: QKVAttention | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One attention layer over original tokens, new class tokens and memory.
+
+    Args:
+        attn: The frozen timm attention module.
+        h_x: ``[B, N, D]`` original tokens after the block's pre-attention norm.
+        h_c: ``[B, K, D]`` new class tokens, likewise.
+        h_m: ``[M, D]`` this block's memory, likewise.
+        ctx: The pass's :class:`MemoryContext`.
+        kind: The adapter for ``attn``'s type (looked up when not given).
+
+    Returns:
+        Attention outputs (after the output projection) ``[B, N, D]`` and ``[B, K, D]``.
+    """
+    kind = kind or ATTENTION_KINDS[type(attn)]
+    rope = ctx.extras.get("rope")
+    with torch.set_grad_enabled(ctx.orig_grad):
+        q_x, k_x, v_x = kind.qkv(attn, h_x, rope)
+    _, k_m, v_m = (t[0] for t in kind.qkv(attn, h_m.unsqueeze(0)))  # [H, M, hd], once per pass
+    with torch.set_grad_enabled(ctx.orig_grad):
+        if ctx.full:
+            o_x = attend_original_with_memory(q_x, k_x, v_x, k_m, v_m, attn.scale)
+        else:
+            o_x = attend_original(q_x, k_x, v_x, attn.fused_attn, attn.scale)
+        a_x = kind.out(attn, o_x, h_x)
+    q_c, k_c, v_c = kind.qkv(attn, h_c)
+    o_c = attend_new(q_c, k_x, v_x, k_c, v_c, k_m, v_m, ctx.new_mask, attn.scale)
+    return a_x, kind.out(attn, o_c, h_c)

@@ -1,0 +1,124 @@
+"""Table 1 of the paper: who attends to whom.
+
+Token order (queries and keys alike), the order timm uses for its own tokens::
+
+    [ prefix (class/register/distillation tokens) ; patches ; C_1 ... C_k ; M_1 ... M_k ]
+
+``build_attention_mask`` is the single source of truth for the attention pattern: the
+forward pass derives its masks from it (see :func:`new_token_mask`) and the tests check the
+model against a dense reference that uses it as ``attn_mask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .config import MODES, TaskConfig
+
+TaskLike = TaskConfig | tuple[int, str]
+
+
+def _as_configs(tasks: Sequence[TaskLike]) -> list[TaskConfig]:
+    """Accept TaskConfigs or ``(n_mem, mode)`` pairs; an extension pair extends all earlier tasks."""
+    configs: list[TaskConfig] = []
+    for i, t in enumerate(tasks):
+        if isinstance(t, TaskConfig):
+            configs.append(t)
+            continue
+        n_mem, mode = t
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        deps = [c.name for c in configs] if mode == "extension" else []
+        configs.append(TaskConfig(name=f"task{i + 1}", n_mem=n_mem, num_classes=1, mode=mode, depends_on=deps))
+    return configs
+
+
+def check_layout(tasks: Sequence[TaskConfig]) -> None:
+    """Raise ``ValueError`` if these tasks can not share one model, in this order."""
+    names = [t.name for t in tasks]
+    seen: set[str] = set()
+    for t in tasks:
+        if t.name in seen:
+            raise ValueError(f"duplicate task name {t.name!r}: every task in a model needs its own name")
+        seen.add(t.name)
+    if len(tasks) > 1 and any(t.mode == "full" for t in tasks):
+        full = [t.name for t in tasks if t.mode == "full"]
+        raise ValueError(
+            f"task(s) {full} use mode 'full', whose memory changes the shared tokens, so they can not "
+            f"share a model with other tasks (here: {names}). Train them with mode='non_destructive' or "
+            "'extension' to concatenate, or serve the full-mode task in a model of its own."
+        )
+    for i, t in enumerate(tasks):
+        earlier = names[:i]
+        missing = [d for d in t.depends_on if d not in earlier]
+        if missing:
+            raise ValueError(
+                f"extension task {t.name!r} attends to {t.depends_on}, which must all come before it; "
+                f"missing or later: {missing} (tasks before it: {earlier})"
+            )
+        order = [earlier.index(d) for d in t.depends_on]
+        if order != sorted(order):
+            raise ValueError(
+                f"extension task {t.name!r} needs its predecessors in the order {t.depends_on}, "
+                f"but the model has them as {[n for n in earlier if n in t.depends_on]}"
+            )
+
+
+def build_attention_mask(
+    tasks: Sequence[TaskLike], num_patches: int, num_prefix_tokens: int = 1
+) -> torch.Tensor:
+    """Table 1 as a boolean matrix: ``mask[q, k]`` is True where query q attends to key k.
+
+    Args:
+        tasks: The tasks in model order, as TaskConfigs or ``(n_mem, mode)`` pairs.
+        num_patches: Number of patch tokens (INP).
+        num_prefix_tokens: Class, register and distillation tokens of the base model (CLS).
+
+    Returns:
+        ``[T, T]`` bool, ``T = num_prefix_tokens + num_patches + k + sum(n_mem)``, in the
+        token order of the module docstring. Memory rows are all False: memory makes no queries.
+    """
+    configs = _as_configs(tasks)
+    check_layout(configs)
+    n_orig = num_prefix_tokens + num_patches
+    k = len(configs)
+    mem_start = [n_orig + k]
+    for c in configs:
+        mem_start.append(mem_start[-1] + c.n_mem)
+    total = mem_start[-1]
+    index = {c.name: i for i, c in enumerate(configs)}
+
+    mask = torch.zeros(total, total, dtype=torch.bool)
+    mask[:n_orig, :n_orig] = True  # INP/CLS -> INP/CLS: the base model itself
+    for i, c in enumerate(configs):
+        row = n_orig + i
+        mem_i = slice(mem_start[i], mem_start[i + 1])
+        mask[row, :n_orig] = True  # C_i -> INP, CLS
+        mask[row, row] = True  # C_i -> C_i
+        mask[row, mem_i] = True  # C_i -> M_i
+        if c.mode == "full":
+            mask[:n_orig, mem_i] = True  # Sec. 2.1: every original token sees the memory
+        for dep in c.depends_on:  # the starred cells: C_i -> C_j, M_j for the tasks it extends
+            j = index[dep]
+            mask[row, n_orig + j] = True
+            mask[row, mem_start[j] : mem_start[j + 1]] = True
+    return mask
+
+
+def new_token_mask(tasks: Sequence[TaskConfig]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part of Table 1 the forward pass needs, read off :func:`build_attention_mask`.
+
+    Original tokens all share one pattern, so one stands for all of them.
+
+    Returns:
+        ``new_mask`` ``[k, k + M]``: which class tokens and memory each new class token sees
+        (every new class token also sees all original tokens).
+        ``orig_sees_mem`` ``[M]``: which memory tokens the original tokens see (full mode).
+    """
+    mask = build_attention_mask(tasks, num_patches=0, num_prefix_tokens=1)
+    k = len(tasks)
+    assert bool(mask[1 : 1 + k, 0].all()), "new class tokens always see the original tokens"
+    assert not bool(mask[0, 1 : 1 + k].any()), "original tokens never see new class tokens"
+    return mask[1 : 1 + k, 1:], mask[0, 1 + k :]

@@ -1,0 +1,257 @@
+"""``MemoryViT``: a frozen timm ViT plus any number of memory tasks, served in one pass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attention import MemoryContext
+from .backbones import backbone_for
+from .blocks import block_kind
+from .config import TaskConfig
+from .mask import check_layout, new_token_mask
+from .memory import TaskMemory
+
+BASE_KEY = "base"
+
+
+class MemoryViT(nn.Module):
+    """A frozen timm ViT with learnable-memory tasks (Sandler et al., CVPR 2022).
+
+    Attributes:
+        base: The timm model, untouched but frozen (``requires_grad=False``, always in eval mode).
+        tasks: ``name -> TaskMemory`` in the order the tasks were added.
+        active_task: The task :meth:`forward` serves.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.backbone = backbone_for(base)
+        self._block_kinds = [block_kind(b) for b in self.backbone.blocks(base)]
+        base.requires_grad_(False)
+        base.eval()
+        self.base = base
+        self.tasks = nn.ModuleDict()
+        self.active_task: str | None = None
+        self._masks: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ----- structure -----
+    @property
+    def embed_dim(self) -> int:
+        return self.base.embed_dim
+
+    @property
+    def depth(self) -> int:
+        return len(self._block_kinds)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.backbone.num_prefix_tokens(self.base)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks.keys())
+
+    @property
+    def task_configs(self) -> list[TaskConfig]:
+        return [t.config for t in self.tasks.values()]
+
+    def add_task(self, task: TaskConfig | TaskMemory) -> TaskMemory:
+        """Add a task in place, freeze the earlier ones and make it the active task.
+
+        Args:
+            task: A ``TaskConfig`` (fresh parameters: memory ~ N(0, init_std), class token
+                copied from the backbone, new head) or an existing ``TaskMemory`` made for the
+                same backbone, which is shared, not copied (this is how tasks trained
+                separately are concatenated).
+
+        An extension task with no ``depends_on`` extends every task already present.
+        Raises ``ValueError`` for a reserved or duplicate name, a full-mode conflict or a
+        ``TaskMemory`` of the wrong shape.
+        """
+        config = task.config if isinstance(task, TaskMemory) else task
+        config.validate()
+        if config.name == BASE_KEY:
+            raise ValueError(f"task name {BASE_KEY!r} is reserved for the base model's output; pick another")
+        if config.name in self.tasks:
+            raise ValueError(
+                f"a task named {config.name!r} already exists (tasks: {self.task_names}); pick another name"
+            )
+        if config.mode == "extension" and not config.depends_on and not isinstance(task, TaskMemory):
+            config.depends_on = self.task_names
+        check_layout(self.task_configs + [config])
+        if isinstance(task, TaskMemory):
+            expected = (self.depth, config.n_mem, self.embed_dim)
+            if tuple(task.memory.shape) != expected:
+                raise ValueError(
+                    f"task {config.name!r} has memory of shape {tuple(task.memory.shape)} but this backbone "
+                    f"needs {expected} [depth, n_mem, embed_dim]: it was made for another backbone"
+                )
+        else:
+            init = self.backbone.class_token_init(self.base)
+            task = TaskMemory(config, self.depth, self.embed_dim, init).to(init.device, init.dtype)
+        for t in self.tasks.values():
+            t.requires_grad_(False)
+        self.tasks[config.name] = task
+        self.active_task = config.name
+        self._masks.clear()
+        return task
+
+    def set_task(self, name: str) -> MemoryViT:
+        """Choose the task :meth:`forward` serves."""
+        if name not in self.tasks:
+            raise ValueError(f"unknown task {name!r}; this model has {self.task_names}")
+        self.active_task = name
+        return self
+
+    def train(self, mode: bool = True) -> MemoryViT:
+        """Set the tasks' training mode; the frozen backbone always stays in eval mode."""
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    def data_config(self) -> dict:
+        """The base model's preprocessing (input size, mean, std, interpolation, crop)."""
+        from timm.data import resolve_data_config
+
+        return resolve_data_config(model=self.base)
+
+    # ----- forward -----
+    def _closure(self, names: Sequence[str]) -> tuple[str, ...]:
+        """``names`` plus the tasks they extend, in model order."""
+        need = set(names)
+        for name in reversed(self.task_names):
+            if name in need:
+                need.update(self.tasks[name].config.depends_on)
+        return tuple(n for n in self.task_names if n in need)
+
+    def _mask(self, names: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if names not in self._masks:
+            self._masks[names] = new_token_mask([self.tasks[n].config for n in names])
+        new_mask, orig_sees_mem = self._masks[names]
+        if new_mask.device != device:
+            new_mask, orig_sees_mem = new_mask.to(device), orig_sees_mem.to(device)
+            self._masks[names] = (new_mask, orig_sees_mem)
+        return new_mask, orig_sees_mem
+
+    def forward_tokens(self, images: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the blocks once for the original tokens and the class tokens of ``names``.
+
+        Args:
+            images: ``[B, C, H, W]``.
+            names: Tasks to compute, closed under ``depends_on``, in model order.
+
+        Returns:
+            Original tokens ``[B, N, D]`` and new class tokens ``[B, K, D]`` after the last block.
+        """
+        self.backbone.check_input(self.base, images)
+        names = tuple(names)
+        tasks = [self.tasks[n] for n in names]
+        new_mask, orig_sees_mem = self._mask(names, images.device)
+        full = any(t.mode == "full" for t in tasks)
+        orig_grad = torch.is_grad_enabled() and (
+            full or images.requires_grad or any(p.requires_grad for p in self.base.parameters())
+        )
+        with torch.set_grad_enabled(orig_grad):
+            x, extras = self.backbone.embed(self.base, images)  # [B, N, D]
+        tokens = torch.stack([t.class_token for t in tasks])  # [K, D]
+        c = self.backbone.embed_new(self.base, tokens).unsqueeze(0).expand(x.shape[0], -1, -1)  # [B, K, D]
+        memory = torch.cat([t.memory for t in tasks], dim=1)  # [depth, M, D]
+        ctx = MemoryContext(new_mask=new_mask, full=full, orig_grad=orig_grad, extras=extras)
+        for kind, blk, mem in zip(self._block_kinds, self.backbone.blocks(self.base), memory, strict=True):
+            x, c = kind(blk, x, c, mem, ctx)
+        return x, c
+
+    def forward_features(self, images: torch.Tensor, tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Pre-head features of ``tasks`` (default: all), ``name -> [B, D]``, in one pass."""
+        wanted = self.task_names if tasks is None else list(tasks)
+        for n in wanted:
+            if n not in self.tasks:
+                raise ValueError(f"unknown task {n!r}; this model has {self.task_names}")
+        names = self._closure(wanted)
+        _, c = self.forward_tokens(images, names)
+        feats = self.backbone.task_features(self.base, c)  # [B, K, D]
+        return {n: feats[:, names.index(n)] for n in wanted}
+
+    def forward_all(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every output from ONE pass: ``"base"`` (the base model's own, unchanged output) and
+        each task's logits ``[B, num_classes]``. ``"base"`` is left out when a full-mode task is
+        present, since its memory changes the original tokens."""
+        names = tuple(self.task_names)
+        x, c = self.forward_tokens(images, names)
+        out: dict[str, torch.Tensor] = {}
+        if not any(t.mode == "full" for t in self.tasks.values()):
+            out[BASE_KEY] = self.backbone.base_logits(self.base, x)
+        feats = self.backbone.task_features(self.base, c)
+        for i, (name, task) in enumerate(self.tasks.items()):
+            out[name] = task.head(feats[:, i])
+        return out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` of the active task; other tasks are not computed."""
+        if self.active_task is None:
+            raise RuntimeError("this MemoryViT has no task; add one with add_task() or wrap_model()")
+        names = self._closure([self.active_task])
+        _, c = self.forward_tokens(images, names)
+        feat = self.backbone.task_features(self.base, c[:, names.index(self.active_task)])
+        return self.tasks[self.active_task].head(feat)
+
+    # ----- adapters on disk -----
+    def save_adapter(self, path: str | Path, task: str | None = None) -> Path:
+        """Write one task (default: the active one) as an adapter folder; see ``adapter_io``."""
+        from .adapter_io import save_adapter
+
+        return save_adapter(self, path, task=task)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write every task, one adapter folder each, under ``path``; see ``adapter_io``."""
+        from .adapter_io import save_pretrained
+
+        return save_pretrained(self, path)
+
+
+def wrap_model(
+    model: nn.Module,
+    n_mem: int = 10,
+    num_classes: int | None = None,
+    *,
+    task: str = "default",
+    mode: str = "non_destructive",
+    init_std: float = 0.02,
+    class_names: Sequence[str] | None = None,
+) -> MemoryViT:
+    """Add a learnable-memory task to a frozen timm ViT.
+
+    Args:
+        model: A timm ViT (frozen in place and put in eval mode), or a ``MemoryViT``, in which
+            case a new ``MemoryViT`` is returned that shares its backbone and (now frozen) tasks.
+        n_mem: Memory tokens per block (0 gives "head + class token").
+        num_classes: Classes of the new task's head (default: ``len(class_names)``).
+        task: Name of the new task, the key of ``forward_all``.
+        mode: ``"non_destructive"``, ``"extension"`` or ``"full"`` (see ``config.MODES``).
+        init_std: Std of the memory's normal init.
+        class_names: Optional label names saved with the adapter.
+
+    Returns:
+        A ``MemoryViT`` whose :meth:`~MemoryViT.forward` serves the new task. Only the new
+        task's memory ``[depth, n_mem, D]``, class token ``[D]`` and head train.
+    """
+    if num_classes is None:
+        if class_names is None:
+            raise ValueError("give num_classes (or class_names) for the new task's head")
+        num_classes = len(class_names)
+    config = TaskConfig(
+        name=task, n_mem=n_mem, num_classes=num_classes, mode=mode, init_std=init_std,
+        class_names=list(class_names) if class_names is not None else None,
+    )
+    if isinstance(model, MemoryViT):
+        wrapped = MemoryViT(model.base)
+        for t in model.tasks.values():
+            wrapped.add_task(t)
+    else:
+        wrapped = MemoryViT(model)
+    wrapped.add_task(config)
+    return wrapped

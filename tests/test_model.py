@@ -1,0 +1,257 @@
+"""MemoryViT against the paper's guarantees and a dense masked reference."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import learnable_memory as lm
+from tests.conftest import VIT_VARIANTS, make_vit, randomize
+from tests.dense_reference import dense_forward_all
+
+LAYOUTS = {
+    "concat": [("a", 3, "non_destructive"), ("b", 2, "non_destructive"), ("c", 0, "non_destructive")],
+    "extension": [("a", 3, "non_destructive"), ("b", 2, "extension"), ("c", 1, "extension")],
+    "full": [("a", 4, "full")],
+}
+
+
+def build(vit, layout, num_classes=5):
+    model = vit
+    for name, n_mem, mode in layout:
+        model = lm.wrap_model(model, n_mem=n_mem, num_classes=num_classes, task=name, mode=mode)
+    return model
+
+
+def assert_outputs_close(got: dict, want: dict, atol=1e-5):
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=atol, rtol=1e-5, msg=f"output {k!r} differs")
+
+
+@pytest.mark.parametrize("variant", sorted(VIT_VARIANTS))
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_matches_dense_reference(variant, layout, images):
+    vit = make_vit(**VIT_VARIANTS[variant])
+    model = build(vit, LAYOUTS[layout])
+    randomize(model)
+    with torch.no_grad():
+        assert_outputs_close(model.forward_all(images), dense_forward_all(model, images))
+
+
+@pytest.mark.parametrize("variant", sorted(VIT_VARIANTS))
+def test_base_output_unchanged(variant, images):
+    vit = make_vit(**VIT_VARIANTS[variant])
+    with torch.no_grad():
+        want = vit(images)
+        model = build(vit, LAYOUTS["extension"])
+        randomize(model)
+        got = model.forward_all(images)["base"]
+    assert torch.equal(got, want), (got - want).abs().max()
+
+
+def test_dynamic_img_size_other_resolution():
+    vit = make_vit(**VIT_VARIANTS["dynamic"])
+    model = build(vit, LAYOUTS["concat"])
+    randomize(model)
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        assert torch.equal(model.forward_all(x)["base"], vit(x))
+        assert_outputs_close(model.forward_all(x), dense_forward_all(model, x))
+
+
+def test_set_input_size_before_wrapping():
+    vit = make_vit()
+    vit.set_input_size(img_size=(48, 48))
+    model = build(vit, LAYOUTS["concat"])
+    randomize(model)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(model.forward_all(x)["base"], vit(x))
+        assert_outputs_close(model.forward_all(x), dense_forward_all(model, x))
+
+
+def test_concatenated_task_equals_task_alone(images):
+    vit = make_vit()
+    alone = {}
+    for i, (name, n_mem) in enumerate([("a", 3), ("b", 5), ("c", 1)]):
+        m = lm.wrap_model(vit, n_mem=n_mem, num_classes=4 + i, task=name)  # trained separately
+        randomize(m, seed=10 + i)
+        alone[name] = m
+    with torch.no_grad():
+        want = {name: m(images) for name, m in alone.items()}
+        merged = lm.MemoryViT(vit)
+        for m in alone.values():
+            merged.add_task(m.tasks[m.active_task])
+        got = merged.forward_all(images)
+        assert torch.equal(got["base"], vit(images))
+    for name in alone:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5)
+
+
+def test_extension_leaves_earlier_tasks_unchanged(images):
+    vit = make_vit()
+    m1 = build(vit, LAYOUTS["concat"])
+    randomize(m1)
+    with torch.no_grad():
+        before = m1.forward_all(images)
+    m2 = lm.wrap_model(m1, n_mem=4, num_classes=3, task="ext", mode="extension")
+    with torch.no_grad():
+        m2.tasks["ext"].memory.normal_(std=1.0)
+        after = m2.forward_all(images)
+    assert m2.tasks["ext"].config.depends_on == ["a", "b", "c"]
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, atol=1e-5, rtol=1e-5)
+    # and the extension task really uses its predecessors' memory
+    with torch.no_grad():
+        m2.tasks["a"].memory.normal_(std=1.0)
+        changed = m2.forward_all(images)
+    assert not torch.allclose(changed["ext"], after["ext"], atol=1e-4)
+
+
+def test_forward_serves_active_task_and_skips_others(images):
+    vit = make_vit()
+    model = build(vit, LAYOUTS["extension"])
+    randomize(model)
+    with torch.no_grad():
+        all_out = model.forward_all(images)
+        for name in ("a", "b", "c"):
+            torch.testing.assert_close(model.set_task(name)(images), all_out[name], atol=1e-5, rtol=1e-5)
+        feats = model.forward_features(images, ["b"])
+    assert list(feats) == ["b"] and feats["b"].shape == (3, vit.embed_dim)
+    with pytest.raises(ValueError, match="unknown task 'zz'"):
+        model.set_task("zz")
+
+
+def mlp_outputs(model):
+    """Record the outputs of every block's MLP during a pass."""
+    seen = []
+    hooks = [b.mlp.register_forward_hook(lambda m, i, o: seen.append(o)) for b in model.base.blocks]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("mode", ["non_destructive", "extension", "full"])
+def test_gradients_reach_memory_class_token_and_head_only(mode, images):
+    vit = make_vit()
+    model = lm.wrap_model(vit, n_mem=3, num_classes=5, task="t", mode=mode)
+    model.train()
+    seen, hooks = mlp_outputs(model)
+    loss = torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 1, 2]))
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    task = model.tasks["t"]
+    for layer in range(model.depth):
+        assert task.memory.grad[layer].abs().sum() > 0, f"no gradient reaches layer {layer}'s memory"
+    assert task.class_token.grad.abs().sum() > 0
+    assert task.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.base.parameters())
+    assert not model.base.training and model.training
+    # original tokens keep an autograd graph only when memory touches them (full mode)
+    orig = [o for o in seen if o.shape[1] > 1]
+    assert len(orig) == model.depth
+    assert all(o.requires_grad == (mode == "full") for o in orig)
+
+
+def test_adding_a_task_freezes_earlier_ones():
+    vit = make_vit()
+    m1 = lm.wrap_model(vit, n_mem=2, num_classes=3, task="a")
+    assert all(p.requires_grad for p in m1.tasks["a"].parameters())
+    m2 = lm.wrap_model(m1, n_mem=2, num_classes=3, task="b")
+    assert not any(p.requires_grad for p in m2.tasks["a"].parameters())
+    assert all(p.requires_grad for p in m2.tasks["b"].parameters())
+    assert m2.base is vit and m2.active_task == "b" and m1.task_names == ["a"]
+    trainable = sum(p.numel() for p in m2.parameters() if p.requires_grad)
+    assert trainable == 2 * 2 * 192 + 192 + 3 * 192 + 3
+
+
+def test_new_class_token_starts_from_the_original():
+    vit = make_vit(**VIT_VARIANTS["no_embed_class_layerscale"])
+    model = lm.wrap_model(vit, n_mem=0, num_classes=3)
+    assert torch.equal(model.tasks["default"].class_token, vit.cls_token.reshape(-1))
+    vit = make_vit()
+    model = lm.wrap_model(vit, n_mem=0, num_classes=3)
+    assert torch.equal(model.tasks["default"].class_token, (vit.cls_token + vit.pos_embed[:, :1]).reshape(-1))
+    vit = make_vit(**VIT_VARIANTS["gap"])
+    model = lm.wrap_model(vit, n_mem=0, num_classes=3)
+    assert torch.equal(model.tasks["default"].class_token, vit.pos_embed[0].mean(0))
+
+
+def test_compile_matches_eager(images):
+    vit = make_vit()
+    model = build(vit, LAYOUTS["extension"])
+    randomize(model)
+    with torch.no_grad():
+        eager = model.forward_all(images)
+        compiled = torch.compile(model.forward_all)(images)
+    assert_outputs_close(compiled, eager)
+
+
+def test_bf16_autocast(images):
+    vit = make_vit()
+    model = build(vit, LAYOUTS["concat"])
+    randomize(model, scale=0.1)
+    with torch.no_grad():
+        want = model.forward_all(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model.forward_all(images)
+    for k in want:
+        assert got[k].dtype == torch.bfloat16
+        torch.testing.assert_close(got[k].float(), want[k], atol=0.1, rtol=0.05)
+
+
+# ----- bad input -----
+def test_rejects_negative_n_mem():
+    with pytest.raises(ValueError, match="n_mem must be an integer >= 0"):
+        lm.wrap_model(make_vit(), n_mem=-1, num_classes=3)
+
+
+def test_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="unknown mode 'partial'.*non_destructive, extension, full"):
+        lm.wrap_model(make_vit(), n_mem=1, num_classes=3, mode="partial")
+
+
+def test_rejects_duplicate_and_reserved_names():
+    m = lm.wrap_model(make_vit(), n_mem=1, num_classes=3, task="a")
+    with pytest.raises(ValueError, match="a task named 'a' already exists"):
+        lm.wrap_model(m, n_mem=1, num_classes=3, task="a")
+    with pytest.raises(ValueError, match="reserved"):
+        lm.wrap_model(m, n_mem=1, num_classes=3, task="base")
+
+
+def test_rejects_full_mode_with_other_tasks():
+    vit = make_vit()
+    m = lm.wrap_model(vit, n_mem=1, num_classes=3, task="a")
+    with pytest.raises(ValueError, match="mode 'full'.*can not share a model"):
+        lm.wrap_model(m, n_mem=1, num_classes=3, task="f", mode="full")
+    f = lm.wrap_model(vit, n_mem=1, num_classes=3, task="f", mode="full")
+    with pytest.raises(ValueError, match="mode 'full'.*can not share a model"):
+        lm.wrap_model(f, n_mem=1, num_classes=3, task="b")
+
+
+def test_full_mode_has_no_base_output(images):
+    m = lm.wrap_model(make_vit(), n_mem=2, num_classes=3, task="f", mode="full")
+    with torch.no_grad():
+        assert list(m.forward_all(images)) == ["f"]
+
+
+def test_rejects_unsupported_model():
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    with pytest.raises(TypeError, match="unsupported model type ResNet.*VisionTransformer"):
+        lm.wrap_model(resnet, n_mem=1, num_classes=3)
+
+
+def test_rejects_wrong_image_size():
+    m = lm.wrap_model(make_vit(), n_mem=1, num_classes=3)
+    with pytest.raises(ValueError, match="images are 48x48 but this model takes 32x32.*dynamic_img_size"):
+        m(torch.randn(1, 3, 48, 48))
+    with pytest.raises(ValueError, match="1 channels but the model takes 3"):
+        m(torch.randn(1, 1, 32, 32))
+
+
+def test_requires_num_classes():
+    with pytest.raises(ValueError, match="num_classes"):
+        lm.wrap_model(make_vit(), n_mem=1)
+    m = lm.wrap_model(make_vit(), n_mem=1, class_names=["x", "y"])
+    assert m.tasks["default"].head.out_features == 2
