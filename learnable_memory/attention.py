@@ -7,8 +7,8 @@ Memory keys/values are computed once per forward and block, ``[H, M, hd]``, and 
 over the batch. Memory makes no queries. Original tokens run exactly the base model's
 attention unless a full-mode task lets them see the memory.
 
-Each timm attention kind gets a small adapter (:class:`QKVAttention` ...) that only knows
-how to call that module's own projections; :func:`memory_attention` does the rest.
+Each timm attention kind gets a small adapter (``families/``) that only knows how to call
+that module's own projections; :func:`memory_attention` does the rest.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
 from torch import nn
 
 
@@ -41,28 +40,42 @@ class MemoryContext:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def attend_original(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool, scale: float) -> torch.Tensor:
+def attend_original(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool, scale: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Plain self-attention of the original tokens, as timm computes it.
 
-    ``q, k, v`` ``[B, H, N, hd]`` -> ``[B, H, N, hd]``.
+    ``q, k, v`` ``[B, H, N, hd]``, optional additive ``bias`` broadcastable to ``[B, H, N, N]``
+    -> ``[B, H, N, hd]``.
     """
     if fused:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     attn = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        attn = attn + bias
     return attn.softmax(dim=-1) @ v
 
 
 def attend_original_with_memory(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_m: torch.Tensor, v_m: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_m: torch.Tensor,
+    v_m: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full mode: original tokens attend to ``[tokens ; memory]`` with no mask.
 
-    ``q, k, v`` ``[B, H, N, hd]``, ``k_m, v_m`` ``[H, M, hd]`` -> ``[B, H, N, hd]``.
+    ``q, k, v`` ``[B, H, N, hd]``, ``k_m, v_m`` ``[H, M, hd]``, optional ``bias`` on the
+    token-token scores ``[..., N, N]`` (memory gets none) -> ``[B, H, N, hd]``.
     """
     b = q.shape[0]
     k = torch.cat([k, k_m.unsqueeze(0).expand(b, -1, -1, -1)], dim=2)  # [B, H, N + M, hd]
     v = torch.cat([v, v_m.unsqueeze(0).expand(b, -1, -1, -1)], dim=2)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if bias is not None:
+        bias = F.pad(bias, (0, k_m.shape[1]))  # zero bias on the memory columns
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 def attend_new(
@@ -103,34 +116,13 @@ def attend_new(
     return p[..., :n] @ v_x + p[..., n : n + k] @ v_c + p[..., n + k :] @ v_m
 
 
-class QKVAttention:
-    """timm's ``Attention``: one ``qkv`` linear, optional q/k norm, scale norm and gate."""
-
-    def qkv(self, attn: nn.Module, h: torch.Tensor, rope: Any = None) -> tuple[torch.Tensor, ...]:
-        """``h`` ``[B, T, D]`` -> q, k, v ``[B, H, T, hd]`` after q/k norm."""
-        b, t, _ = h.shape
-        q, k, v = attn.qkv(h).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return attn.q_norm(q), attn.k_norm(k), v
-
-    def out(self, attn: nn.Module, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Heads ``o`` ``[B, H, T, hd]`` (and the attention input ``h``) -> ``[B, T, D]``."""
-        b, _, t, _ = o.shape
-        o = attn.norm(o.transpose(1, 2).reshape(b, t, attn.attn_dim))
-        if attn.gate is not None:
-            o = o * attn.gate(h).sigmoid()
-        return attn.proj_drop(attn.proj(o))
-
-
-ATTENTION_KINDS: dict[type, QKVAttention] = {Attention: QKVAttention()}
-
-
 def memory_attention(
     attn: nn.Module,
     h_x: torch.Tensor,
     h_c: torch.Tensor,
     h_m: torch.Tensor,
     ctx: MemoryContext,
-    kind: QKVAttention | None = None,
+    kind: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention layer over original tokens, new class tokens and memory.
 
@@ -140,22 +132,24 @@ def memory_attention(
         h_c: ``[B, K, D]`` new class tokens, likewise.
         h_m: ``[M, D]`` this block's memory, likewise.
         ctx: The pass's :class:`MemoryContext`.
-        kind: The adapter for ``attn``'s type (looked up when not given).
+        kind: The attention-kind adapter for ``attn`` (see ``registry``).
 
     Returns:
         Attention outputs (after the output projection) ``[B, N, D]`` and ``[B, K, D]``.
     """
-    kind = kind or ATTENTION_KINDS[type(attn)]
     rope = ctx.extras.get("rope")
+    bias_x = bias_c = None
+    if hasattr(kind, "position_bias"):  # e.g. relative position bias: [.., N, N] and [.., 1, N]
+        bias_x, bias_c = kind.position_bias(attn, ctx, h_x.shape[1])
     with torch.set_grad_enabled(ctx.orig_grad):
         q_x, k_x, v_x = kind.qkv(attn, h_x, rope)
     _, k_m, v_m = (t[0] for t in kind.qkv(attn, h_m.unsqueeze(0)))  # [H, M, hd], once per pass
     with torch.set_grad_enabled(ctx.orig_grad):
         if ctx.full:
-            o_x = attend_original_with_memory(q_x, k_x, v_x, k_m, v_m, attn.scale)
+            o_x = attend_original_with_memory(q_x, k_x, v_x, k_m, v_m, attn.scale, bias_x)
         else:
-            o_x = attend_original(q_x, k_x, v_x, attn.fused_attn, attn.scale)
+            o_x = attend_original(q_x, k_x, v_x, attn.fused_attn, attn.scale, bias_x)
         a_x = kind.out(attn, o_x, h_x)
     q_c, k_c, v_c = kind.qkv(attn, h_c)
-    o_c = attend_new(q_c, k_x, v_x, k_c, v_c, k_m, v_m, ctx.new_mask, attn.scale)
+    o_c = attend_new(q_c, k_x, v_x, k_c, v_c, k_m, v_m, ctx.new_mask, attn.scale, bias_c)
     return a_x, kind.out(attn, o_c, h_c)

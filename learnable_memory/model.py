@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import families  # noqa: F401  (registers the supported timm families)
 from .attention import MemoryContext
-from .backbones import backbone_for
-from .blocks import block_kind
 from .config import TaskConfig
 from .mask import check_layout, new_token_mask
 from .memory import TaskMemory
+from .registry import backbone_for, block_kind
 
 BASE_KEY = "base"
 

@@ -1,18 +1,63 @@
-"""One adapter per timm model family: how tokens enter the blocks and leave them.
-
-An adapter calls the model's own modules (``patch_embed``, ``_pos_embed``, ``norm_pre``,
-``norm``, ``fc_norm``, ``forward_head``); it never changes the model.
-"""
+"""timm ``VisionTransformer``: its attention, its block kinds and how tokens enter and leave."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from ..attention import MemoryContext, memory_attention
+from ..registry import ATTENTION_KINDS, BACKBONES, BLOCK_KINDS, attention_kind, register
 
+
+@register(ATTENTION_KINDS, Attention)
+class QKVAttention:
+    """timm's ``Attention``: one ``qkv`` linear, optional q/k norm, scale norm and gate."""
+
+    def qkv(self, attn: nn.Module, h: torch.Tensor, rope: Any = None) -> tuple[torch.Tensor, ...]:
+        """``h`` ``[B, T, D]`` -> q, k, v ``[B, H, T, hd]`` after q/k norm."""
+        b, t, _ = h.shape
+        q, k, v = attn.qkv(h).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    def out(self, attn: nn.Module, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Heads ``o`` ``[B, H, T, hd]`` (and the attention input ``h``) -> ``[B, T, D]``."""
+        b, _, t, _ = o.shape
+        o = attn.norm(o.transpose(1, 2).reshape(b, t, attn.attn_dim))
+        if attn.gate is not None:
+            o = o * attn.gate(h).sigmoid()
+        return attn.proj_drop(attn.proj(o))
+
+
+@register(BLOCK_KINDS, Block)
+class PreNormBlock:
+    """timm ``Block``: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``."""
+
+    def attentions(self, blk: nn.Module) -> list[nn.Module]:
+        return [blk.attn]
+
+    def __call__(
+        self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]``, ``mem`` ``[M, D]`` -> new ``x``, ``c``."""
+        with torch.set_grad_enabled(ctx.orig_grad):
+            h_x = blk.norm1(x)
+        a_x, a_c = memory_attention(blk.attn, h_x, blk.norm1(c), blk.norm1(mem), ctx, attention_kind(blk.attn))
+        with torch.set_grad_enabled(ctx.orig_grad):
+            x = self._rest(blk, x, a_x)
+        return x, self._rest(blk, c, a_c)
+
+    @staticmethod
+    def _rest(blk: nn.Module, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Residual and MLP after attention, ``t`` and ``a`` ``[B, T, D]``."""
+        t = t + blk.drop_path1(blk.ls1(a))
+        return t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t))))
+
+
+@register(BACKBONES, VisionTransformer)
 class VitBackbone:
     """timm ``VisionTransformer``: class/register tokens, ``no_embed_class``, gap/map pooling,
     ``dynamic_img_size`` and ``set_input_size``."""
@@ -73,18 +118,3 @@ class VitBackbone:
     def task_features(self, model: nn.Module, c: torch.Tensor) -> torch.Tensor:
         """New class tokens after the blocks ``[B, K, D]`` -> features ``[B, K, D]`` (norm, fc_norm)."""
         return model.fc_norm(model.norm(c))
-
-
-BACKBONES: dict[type, VitBackbone] = {VisionTransformer: VitBackbone()}
-
-
-def backbone_for(model: nn.Module) -> VitBackbone:
-    """The adapter for ``model``'s exact type, or ``TypeError`` naming the supported families."""
-    adapter = BACKBONES.get(type(model))
-    if adapter is None:
-        supported = ", ".join(sorted(t.__name__ for t in BACKBONES))
-        raise TypeError(
-            f"unsupported model type {type(model).__name__}: learnable_memory wraps timm Vision Transformers "
-            f"({supported}). Build one with timm.create_model('vit_...')."
-        )
-    return adapter
