@@ -157,9 +157,12 @@ class MemoryViT(nn.Module):
         )
         with torch.set_grad_enabled(orig_grad):
             x, extras = self.backbone.embed(self.base, images)  # [B, N, D]
-        tokens = torch.stack([t.class_token for t in tasks])  # [K, D]
+        if tasks:
+            tokens = torch.stack([t.class_token for t in tasks])  # [K, D]
+            memory = torch.cat([t.memory for t in tasks], dim=1)  # [depth, M, D]
+        else:  # the base model alone
+            tokens, memory = x.new_zeros(0, x.shape[-1]), x.new_zeros(self.depth, 0, x.shape[-1])
         c = self.backbone.embed_new(self.base, tokens).unsqueeze(0).expand(x.shape[0], -1, -1)  # [B, K, D]
-        memory = torch.cat([t.memory for t in tasks], dim=1)  # [depth, M, D]
         ctx = MemoryContext(new_mask=new_mask, full=full, orig_grad=orig_grad, extras=extras)
         for kind, blk, mem in zip(self._block_kinds, self.backbone.blocks(self.base), memory, strict=True):
             x, c = kind(blk, x, c, mem, ctx)

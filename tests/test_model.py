@@ -255,3 +255,13 @@ def test_requires_num_classes():
         lm.wrap_model(make_vit(), n_mem=1)
     m = lm.wrap_model(make_vit(), n_mem=1, class_names=["x", "y"])
     assert m.tasks["default"].head.out_features == 2
+
+
+def test_model_without_tasks_serves_the_base(images):
+    vit = make_vit()
+    model = lm.MemoryViT(vit)
+    with torch.no_grad():
+        out = model.forward_all(images)
+        assert list(out) == ["base"] and torch.equal(out["base"], vit(images))
+    with pytest.raises(RuntimeError, match="no task"):
+        model(images)
