@@ -27,6 +27,8 @@ class TaskConfig:
         class_names: Optional label names, saved with the adapter.
         depends_on: For ``extension`` tasks, the ordered names of the tasks whose class tokens
             and memory this task attends to (the tasks present when it was created).
+        data_config: The preprocessing the task was trained with (timm data config: input_size,
+            mean, std, interpolation, ...), recorded in saved adapters; None = the backbone's own.
     """
 
     name: str
@@ -36,6 +38,7 @@ class TaskConfig:
     init_std: float = 0.02
     class_names: list[str] | None = None
     depends_on: list[str] = field(default_factory=list)
+    data_config: dict | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,5 +68,5 @@ class TaskConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TaskConfig:
         known = {k: d[k] for k in ("name", "n_mem", "num_classes", "mode", "init_std", "class_names",
-                                   "depends_on") if k in d}
+                                   "depends_on", "data_config") if k in d}
         return cls(**known)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from . import families  # noqa: F401  (registers the supported timm families)
 from .attention import MemoryContext
@@ -114,10 +116,11 @@ class MemoryViT(nn.Module):
         return self
 
     def data_config(self) -> dict:
-        """The base model's preprocessing (input size, mean, std, interpolation, crop)."""
-        from timm.data import resolve_data_config
+        """The base model's preprocessing for its current input size and channels (input size,
+        mean, std, interpolation, crop), from ``timm.data.resolve_input_data_config``."""
+        from timm.data import resolve_input_data_config
 
-        return resolve_data_config(model=self.base)
+        return resolve_input_data_config(self.base)
 
     # ----- forward -----
     def _closure(self, names: Sequence[str]) -> tuple[str, ...]:
@@ -141,22 +144,32 @@ class MemoryViT(nn.Module):
         """Run the blocks once for the original tokens and the class tokens of ``names``.
 
         Args:
-            images: ``[B, C, H, W]``.
+            images: ``[B, C, H, W]`` (or what else the backbone takes, e.g. a NaFlex patch dict).
             names: Tasks to compute, closed under ``depends_on``, in model order.
 
         Returns:
             Original tokens ``[B, N, D]`` and new class tokens ``[B, K, D]`` after the last block.
         """
+        x, c, _ = self._run_blocks(images, names)
+        return x, c
+
+    def _run_blocks(
+        self, images: torch.Tensor, names: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """:meth:`forward_tokens`, plus the backbone's per-pass ``extras`` (which ``base_logits``
+        may need, under ``"head_kwargs"``)."""
         self.backbone.check_input(self.base, images)
         names = tuple(names)
         tasks = [self.tasks[n] for n in names]
-        new_mask, orig_sees_mem = self._mask(names, images.device)
         full = any(t.mode == "full" for t in tasks)
         orig_grad = torch.is_grad_enabled() and (
-            full or images.requires_grad or any(p.requires_grad for p in self.base.parameters())
+            full
+            or any(t.requires_grad for t in tree_leaves(images) if isinstance(t, torch.Tensor))
+            or any(p.requires_grad for p in self.base.parameters())
         )
         with torch.set_grad_enabled(orig_grad):
             x, extras = self.backbone.embed(self.base, images)  # [B, N, D]
+        new_mask, orig_sees_mem = self._mask(names, x.device)
         if tasks:
             tokens = torch.stack([t.class_token for t in tasks])  # [K, D]
             memory = torch.cat([t.memory for t in tasks], dim=1)  # [depth, M, D]
@@ -166,7 +179,7 @@ class MemoryViT(nn.Module):
         ctx = MemoryContext(new_mask=new_mask, full=full, orig_grad=orig_grad, extras=extras)
         for kind, blk, mem in zip(self._block_kinds, self.backbone.blocks(self.base), memory, strict=True):
             x, c = kind(blk, x, c, mem, ctx)
-        return x, c
+        return x, c, extras
 
     def forward_features(self, images: torch.Tensor, tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Pre-head features of ``tasks`` (default: all), ``name -> [B, D]``, in one pass."""
@@ -184,10 +197,10 @@ class MemoryViT(nn.Module):
         each task's logits ``[B, num_classes]``. ``"base"`` is left out when a full-mode task is
         present, since its memory changes the original tokens."""
         names = tuple(self.task_names)
-        x, c = self.forward_tokens(images, names)
+        x, c, extras = self._run_blocks(images, names)
         out: dict[str, torch.Tensor] = {}
         if not any(t.mode == "full" for t in self.tasks.values()):
-            out[BASE_KEY] = self.backbone.base_logits(self.base, x)
+            out[BASE_KEY] = self.backbone.base_logits(self.base, x, **extras.get("head_kwargs", {}))
         feats = self.backbone.task_features(self.base, c)
         for i, (name, task) in enumerate(self.tasks.items()):
             out[name] = task.head(feats[:, i])

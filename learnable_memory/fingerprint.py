@@ -1,0 +1,135 @@
+"""What an adapter records about where it came from: weight fingerprints, the base model's
+identity and the preprocessing it was trained with.
+
+Fingerprint of a set of named tensors (the same rule for a backbone and for a task)::
+
+    "sha256:" + hex(sha256( for each tensor, sorted by name:
+                                "<name>|<dtype>|<shape>\\n" (UTF-8) + the tensor's raw bytes ))
+
+The raw bytes are the contiguous CPU tensor in C order, in the machine's byte order (little
+endian everywhere PyTorch runs in practice). Names, dtypes and shapes are part of the hash, so
+the same values in another dtype or layout give another fingerprint.
+
+- Backbone: every entry of ``base.state_dict()`` except the base classifier's
+  (``base.get_classifier()``), which no task uses: a backbone built with another
+  ``num_classes`` still serves the same adapters. ViT-B/16 (86M parameters) hashes in well
+  under a second; nothing is cached, since weights may change between two calls.
+- Task: its four tensors, ``memory``, ``class_token``, ``head.weight``, ``head.bias``, as
+  float32, exactly as they are written to ``adapter_model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .memory import TaskMemory
+from .registry import backbone_for
+
+
+def tensors_fingerprint(named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> str:
+    """``"sha256:<hex>"`` of named tensors (see the module docstring for the exact rule)."""
+    items = named.items() if isinstance(named, Mapping) else named
+    h = hashlib.sha256()
+    for name, t in sorted(items, key=lambda kv: kv[0]):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + h.hexdigest()
+
+
+def _classifier_prefix(base: nn.Module) -> str | None:
+    """Module path of the base classifier (``"head"`` for a ViT), or None."""
+    get = getattr(base, "get_classifier", None)
+    clf = get() if callable(get) else None
+    if not isinstance(clf, nn.Module):
+        return None
+    return next((name for name, mod in base.named_modules() if mod is clf and name), None)
+
+
+def base_fingerprint(base: nn.Module) -> str:
+    """Fingerprint of the backbone's weights, its classifier left out."""
+    prefix = _classifier_prefix(base)
+    state = base.state_dict()
+    if prefix is not None:
+        state = {k: v for k, v in state.items() if not k.startswith(prefix + ".")}
+    return tensors_fingerprint(state)
+
+
+def task_tensors(task: TaskMemory) -> dict[str, torch.Tensor]:
+    """The tensors of a task as saved: ``memory`` ``[depth, n_mem, D]``, ``class_token`` ``[D]``,
+    ``head.weight`` ``[num_classes, D]``, ``head.bias`` ``[num_classes]``; float32, CPU, contiguous."""
+    named = {
+        "memory": task.memory,
+        "class_token": task.class_token,
+        "head.weight": task.head.weight,
+        "head.bias": task.head.bias,
+    }
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in named.items()}
+
+
+def task_fingerprint(task: TaskMemory) -> str:
+    """Fingerprint of a task's four tensors, as saved."""
+    return tensors_fingerprint(task_tensors(task))
+
+
+def backbone_shape(base: nn.Module) -> dict[str, int]:
+    """``embed_dim``, ``depth`` and ``num_prefix_tokens`` of a supported timm model (``TypeError`` if
+    unsupported). Reads the model only: nothing is frozen or wrapped."""
+    adapter = backbone_for(base)
+    return {
+        "embed_dim": int(base.embed_dim),
+        "depth": len(adapter.blocks(base)),
+        "num_prefix_tokens": int(adapter.num_prefix_tokens(base)),
+    }
+
+
+def _jsonable(value: Any) -> tuple[bool, Any]:
+    """``(ok, value)`` with tuples turned into lists; ``ok`` is False for what JSON can not hold."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return True, value
+    if isinstance(value, list | tuple):
+        out = [_jsonable(v) for v in value]
+        return all(ok for ok, _ in out), [v for _, v in out]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        out_d = {k: _jsonable(v) for k, v in value.items()}
+        return all(ok for ok, _ in out_d.values()), {k: v for k, (_, v) in out_d.items()}
+    return False, None
+
+
+def base_identity(base: nn.Module) -> dict[str, Any]:
+    """What the adapter config records about the backbone (see ``adapter_io``)."""
+    cfg = dict(getattr(base, "pretrained_cfg", None) or {})
+    args, dropped = {}, []
+    for k, v in sorted((getattr(base, "_model_args", None) or {}).items()):
+        ok, jv = _jsonable(v)
+        if ok:
+            args[k] = jv
+        else:
+            dropped.append(k)
+    return {
+        "class": type(base).__name__,
+        "architecture": cfg.get("architecture"),
+        "tag": cfg.get("tag"),
+        "hf_hub_id": cfg.get("hf_hub_id"),
+        "model_args": args,
+        "model_args_not_saved": dropped,  # kwargs JSON can not hold (e.g. layer classes)
+        **backbone_shape(base),
+        "fingerprint": base_fingerprint(base),
+    }
+
+
+def preprocessing(base: nn.Module) -> dict[str, Any]:
+    """The input the backbone takes, from timm's ``resolve_input_data_config`` (which follows the
+    model's current input size and channels): ``input_size`` ``[C, H, W]``, ``mean``, ``std``,
+    ``interpolation``, ``crop_pct``, ``crop_mode``."""
+    from timm.data import resolve_input_data_config
+
+    cfg = resolve_input_data_config(base)
+    keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+    return {k: _jsonable(cfg[k])[1] for k in keys if k in cfg}

@@ -1,0 +1,200 @@
+"""``load_adapters``: put saved tasks onto a backbone and serve them all in one forward pass.
+
+Everything is read and checked before the model is touched, so a refused load changes nothing.
+Checks, each a ``ValueError`` (:class:`~learnable_memory.adapter_io.AdapterError`) naming the file:
+
+- the backbone: same width, depth and prefix tokens, and (unless ``check_fingerprint=False``)
+  the same weights, by fingerprint;
+- names: no two tasks with one name (``rename`` resolves clashes);
+- modes: a full-mode task stands alone;
+- extension tasks: the tasks they were trained on are present before them, in the same order,
+  with the same weights (task fingerprints).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter_io import AdapterError, AdapterFile, adapter_folders, read_adapter
+from .config import TaskConfig
+from .fingerprint import backbone_shape, base_fingerprint, preprocessing, task_fingerprint
+from .memory import TaskMemory
+from .model import BASE_KEY, MemoryViT
+
+Rename = Mapping[str, str] | Sequence[str | None] | None
+
+
+def _new_names(adapters: list[AdapterFile], rename: Rename) -> list[str]:
+    """Each adapter's name in the model: ``rename`` is ``{old: new}`` or one entry per adapter (None keeps)."""
+    old = [a.config.name for a in adapters]
+    if rename is None:
+        return old
+    if isinstance(rename, Mapping):
+        deps = {d for a in adapters for d in a.config.depends_on}
+        unknown = sorted(set(rename) - set(old) - deps)
+        if unknown:
+            raise AdapterError(f"rename has {unknown}, which name no task being loaded (tasks: {old})")
+        return [rename.get(n, n) for n in old]
+    if isinstance(rename, str) or len(rename) != len(adapters):
+        raise AdapterError(f"rename as a list needs one entry (a new name or None) per adapter loaded: "
+                           f"{len(adapters)} for tasks {old}")
+    return [n if r is None else r for n, r in zip(old, rename, strict=True)]
+
+
+def _check_backbone(adapters: list[AdapterFile], base: nn.Module, check_fingerprint: bool) -> None:
+    shape = backbone_shape(base)
+    here = f"{type(base).__name__} {getattr(base, 'pretrained_cfg', {}).get('architecture')}"
+    fingerprint = None
+    for a in adapters:
+        saved = a.cfg["base_model"]
+        made_for = f"{saved.get('class')} {saved.get('architecture')} (tag {saved.get('tag')})"
+        labels = {"embed_dim": "width (embed_dim)", "depth": "depth", "num_prefix_tokens": "prefix tokens"}
+        diffs = [f"{labels[k]} {saved[k]} vs {shape[k]} here" for k in labels if saved[k] != shape[k]]
+        if diffs:
+            raise AdapterError(f"{a.source}: task {a.config.name!r} was made for another backbone, {made_for}: "
+                               f"{'; '.join(diffs)} ({here}). Load it onto the backbone it was trained with.")
+        if check_fingerprint:
+            fingerprint = fingerprint or base_fingerprint(base)
+            if saved["fingerprint"] != fingerprint:
+                raise AdapterError(
+                    f"{a.source}: task {a.config.name!r} was made for a backbone of the same shape but other "
+                    f"weights ({made_for}; backbone fingerprint {saved['fingerprint']}, this one {fingerprint}). "
+                    "Load the checkpoint it was trained on; if you know the weights are equivalent, pass "
+                    "check_fingerprint=False."
+                )
+
+
+def _check_tasks(adapters: list[AdapterFile], names: list[str], existing: dict[str, TaskMemory],
+                 rename: Rename, check_fingerprint: bool) -> list[list[str]]:
+    """Check names, modes and dependencies; return each adapter's ``depends_on`` in model names."""
+    where: dict[str, str] = {n: "already in the model" for n in existing}
+    for i, (a, n) in enumerate(zip(adapters, names, strict=True)):
+        if n == BASE_KEY:
+            raise AdapterError(f"{a.source}: task name {BASE_KEY!r} is reserved for the base output; "
+                               f"load it with rename={{{BASE_KEY!r}: 'new_name'}}")
+        if n in where:
+            fix = [None] * len(adapters)
+            fix[i] = f"{n}_2"
+            raise AdapterError(f"two tasks named {n!r}: {where[n]} and {a.source}. Load one under another name, "
+                               f"e.g. rename={fix!r} (one entry per adapter) or rename={{{n!r}: '{n}_2'}}")
+        where[n] = str(a.source)
+    everything = [(n, t.config.mode, "already in the model") for n, t in existing.items()]
+    everything += [(n, a.config.mode, str(a.source)) for n, a in zip(names, adapters, strict=True)]
+    full = [f"{n!r} ({src})" for n, mode, src in everything if mode == "full"]
+    if full and len(everything) > 1:
+        raise AdapterError(f"task {', '.join(full)} was trained in mode 'full', whose memory changes the tokens "
+                           f"every task shares, so it can not be combined with other tasks (here "
+                           f"{[n for n, _, _ in everything]}). Load a full-mode adapter alone onto its backbone.")
+    fingerprints: dict[str, Any] = {n: t for n, t in existing.items()}  # TaskMemory, hashed when needed
+    seen: dict[str, str] = {}  # old -> new name of the adapters already placed in this call
+    dep_map = dict(rename) if isinstance(rename, Mapping) else {}
+    deps_out = []
+    for a, n in zip(adapters, names, strict=True):
+        before = list(fingerprints)
+        deps = [seen.get(d, dep_map.get(d, d)) for d in a.config.depends_on]
+        missing = [d for d in deps if d not in before]
+        if missing:
+            raise AdapterError(f"{a.source}: extension task {n!r} was trained on top of {deps}, in this order, but "
+                               f"{missing} {'is' if len(missing) == 1 else 'are'} not loaded before it (tasks "
+                               f"before it: {before}). Load the adapters of {deps} first, in this order.")
+        present = [d for d in before if d in deps]
+        if present != deps:
+            raise AdapterError(f"{a.source}: extension task {n!r} needs the tasks it extends in the order {deps}, "
+                               f"but they come as {present}. Load them in the order they were trained.")
+        for d, saved in zip(deps, a.cfg["depends_on"], strict=True):
+            fp = fingerprints[d]
+            fp = task_fingerprint(fp) if isinstance(fp, TaskMemory) else fp
+            if check_fingerprint and fp != saved["fingerprint"]:
+                raise AdapterError(f"{a.source}: task {d!r} here is not the one extension task {n!r} was trained "
+                                   f"on (its weights differ: fingerprint {fp}, expected {saved['fingerprint']}). "
+                                   f"Load the same adapter {d!r}; check_fingerprint=False skips this check.")
+        fingerprints[n] = a.fingerprint
+        seen[a.config.name] = n
+        deps_out.append(deps)
+    return deps_out
+
+
+def _warn_preprocessing(model: MemoryViT) -> None:
+    """Warn when tasks sharing one forward pass were trained with different preprocessing."""
+    seen: dict[str, list[str]] = {}
+    base_pre = None
+    for t in model.tasks.values():
+        pre = getattr(t.config, "data_config", None)
+        if pre is None:  # a task made in this process: the backbone's own preprocessing
+            base_pre = base_pre or preprocessing(model.base)
+            pre = base_pre
+        seen.setdefault(repr(sorted(pre.items())), []).append(t.name)
+    if len(seen) > 1:
+        warnings.warn(f"these tasks were trained with different preprocessing, but forward_all gives them "
+                      f"the same images: {list(seen.values())}", stacklevel=3)
+
+
+def _as_task(a: AdapterFile, name: str, deps: list[str], shape: dict[str, int],
+             like: torch.Tensor | None) -> TaskMemory:
+    """A ``TaskMemory`` holding the adapter's tensors, on ``like``'s device and dtype."""
+    c = a.config
+    config = TaskConfig(name=name, n_mem=c.n_mem, num_classes=c.num_classes, mode=c.mode, init_std=c.init_std,
+                        class_names=c.class_names, depends_on=deps)
+    config.data_config = dict(a.cfg["preprocessing"])  # the task's own inputs
+    with torch.random.fork_rng(devices=[]):  # the fresh init is overwritten: leave the user's RNG alone
+        task = TaskMemory(config, shape["depth"], shape["embed_dim"], torch.zeros(shape["embed_dim"]))
+    with torch.no_grad():
+        for key, param in (("memory", task.memory), ("class_token", task.class_token),
+                           ("head.weight", task.head.weight), ("head.bias", task.head.bias)):
+            param.copy_(a.tensors[key])
+    return task.to(like.device, like.dtype) if like is not None else task
+
+
+def load_adapters(
+    model: nn.Module,
+    paths: str | Path | Sequence[str | Path],
+    *,
+    trainable: bool = False,
+    rename: Rename = None,
+    check_fingerprint: bool = True,
+    cache_dir: str | Path | None = None,
+) -> MemoryViT:
+    """Load adapter folders, in order, onto a backbone; one ``forward_all`` then serves them all.
+
+    Args:
+        model: A timm ViT (frozen in place, as by ``wrap_model``) or a ``MemoryViT``, in which case
+            a new ``MemoryViT`` sharing its backbone and tasks is returned (as ``wrap_model`` does).
+        paths: Adapter folders (from ``save_adapter``), ``save_pretrained`` folders (all their
+            tasks, in order) or ``"hf-hub:owner/repo[/subfolder][@revision]"``.
+        trainable: Leave the loaded tasks trainable (to resume training); default frozen.
+        rename: ``{saved_name: new_name}``, or a list with one new name (or None) per adapter.
+        check_fingerprint: Refuse adapters whose backbone, or whose extended tasks, have other
+            weights than the ones here. Set False only when you know the weights are equivalent.
+        cache_dir: Hugging Face cache for ``hf-hub:`` paths (default: huggingface_hub's).
+
+    Returns:
+        A ``MemoryViT`` whose active task is the last one loaded.
+    """
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    folders = [f for p in paths for f in adapter_folders(p, cache_dir)]
+    if not folders:
+        raise AdapterError("no adapter to load: paths is empty")
+    adapters = [read_adapter(f) for f in folders]
+    base = model.base if isinstance(model, MemoryViT) else model
+    existing = dict(model.tasks.items()) if isinstance(model, MemoryViT) else {}
+    _check_backbone(adapters, base, check_fingerprint)
+    names = _new_names(adapters, rename)
+    deps = _check_tasks(adapters, names, existing, rename, check_fingerprint)
+
+    shape = backbone_shape(base)
+    like = next(iter(base.parameters()), None)
+    tasks = [_as_task(a, n, d, shape, like) for a, n, d in zip(adapters, names, deps, strict=True)]
+    out = MemoryViT(base)
+    for t in [*existing.values(), *tasks]:
+        out.add_task(t)
+    for t in tasks:
+        t.requires_grad_(trainable)
+    _warn_preprocessing(out)
+    return out
