@@ -43,21 +43,18 @@ def tensors_fingerprint(named: Mapping[str, torch.Tensor] | Iterable[tuple[str, 
     return "sha256:" + h.hexdigest()
 
 
-def _classifier_prefix(base: nn.Module) -> str | None:
-    """Module path of the base classifier (``"head"`` for a ViT), or None."""
+def _classifier_prefixes(base: nn.Module) -> list[str]:
+    """Module paths of the base classifier(s) (``["head"]`` for a ViT; DeiT distilled has two)."""
     get = getattr(base, "get_classifier", None)
     clf = get() if callable(get) else None
-    if not isinstance(clf, nn.Module):
-        return None
-    return next((name for name, mod in base.named_modules() if mod is clf and name), None)
+    heads = [c for c in (clf if isinstance(clf, tuple | list) else (clf,)) if isinstance(c, nn.Module)]
+    return [name for name, mod in base.named_modules() if name and any(mod is h for h in heads)]
 
 
 def base_fingerprint(base: nn.Module) -> str:
-    """Fingerprint of the backbone's weights, its classifier left out."""
-    prefix = _classifier_prefix(base)
-    state = base.state_dict()
-    if prefix is not None:
-        state = {k: v for k, v in state.items() if not k.startswith(prefix + ".")}
+    """Fingerprint of the backbone's weights, its classifier(s) left out."""
+    prefixes = tuple(p + "." for p in _classifier_prefixes(base))
+    state = {k: v for k, v in base.state_dict().items() if not (prefixes and k.startswith(prefixes))}
     return tensors_fingerprint(state)
 
 

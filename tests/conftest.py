@@ -6,6 +6,9 @@ import pytest
 import timm
 import torch
 
+# The tests run tiny models, for which one thread is fastest and least sensitive to a busy machine.
+torch.set_num_threads(1)
+
 IMG = 32
 
 # name -> kwargs for timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)

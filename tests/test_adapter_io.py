@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -254,6 +255,16 @@ def test_fingerprint_override_and_base_head(tmp_path, images):
     vit.reset_classifier(3)
     loaded = load_adapters(vit, tmp_path / "a")
     assert_same(outputs(loaded, images)["a"], outputs(model, images)["a"], exact=True)
+
+
+def test_fingerprint_leaves_out_both_distilled_heads():
+    a = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=2, num_classes=10)
+    b = copy.deepcopy(a)
+    b.reset_classifier(3)  # replaces head and head_dist
+    assert base_fingerprint(a) == base_fingerprint(b)
+    with torch.no_grad():
+        b.blocks[0].attn.qkv.weight.add_(1e-3)
+    assert base_fingerprint(a) != base_fingerprint(b)
 
 
 def test_refuses_full_mode_with_others(tmp_path):
