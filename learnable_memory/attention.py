@@ -31,7 +31,11 @@ class MemoryContext:
         full: Original tokens attend to the memory too (paper Sec. 2.1).
         orig_grad: Keep an autograd graph for the original tokens. False when nothing trainable
             touches them (non-destructive training), which saves the backbone's backward.
-        extras: Per-pass values a backbone hands to its blocks (e.g. rotary embeddings).
+        extras: Per-pass values a backbone hands to its blocks. Read here: ``"rope"``, the
+            rotary embedding of the original tokens (passed to the attention kind's ``qkv``), and
+            ``"attn_bias"``, a pair of additive biases on the scores against the original tokens,
+            ``[.., N, N]`` for the original tokens and ``[.., 1, N]`` for the new class tokens
+            (e.g. a key padding mask), added to any ``position_bias`` of the attention kind.
     """
 
     new_mask: torch.Tensor
@@ -116,6 +120,11 @@ def attend_new(
     return p[..., :n] @ v_x + p[..., n : n + k] @ v_c + p[..., n + k :] @ v_m
 
 
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """Sum of two optional additive biases."""
+    return b if a is None else a if b is None else a + b
+
+
 def memory_attention(
     attn: nn.Module,
     h_x: torch.Tensor,
@@ -138,9 +147,10 @@ def memory_attention(
         Attention outputs (after the output projection) ``[B, N, D]`` and ``[B, K, D]``.
     """
     rope = ctx.extras.get("rope")
-    bias_x = bias_c = None
+    bias_x, bias_c = ctx.extras.get("attn_bias", (None, None))  # e.g. key padding: [.., N, N], [.., 1, N]
     if hasattr(kind, "position_bias"):  # e.g. relative position bias: [.., N, N] and [.., 1, N]
-        bias_x, bias_c = kind.position_bias(attn, ctx, h_x.shape[1])
+        pos_x, pos_c = kind.position_bias(attn, ctx, h_x.shape[1])
+        bias_x, bias_c = _add(bias_x, pos_x), _add(bias_c, pos_c)
     with torch.set_grad_enabled(ctx.orig_grad):
         q_x, k_x, v_x = kind.qkv(attn, h_x, rope)
     _, k_m, v_m = (t[0] for t in kind.qkv(attn, h_m.unsqueeze(0)))  # [H, M, hd], once per pass

@@ -1,16 +1,39 @@
-"""timm ``VisionTransformer``: its attention, its block kinds and how tokens enter and leave."""
+"""timm ``VisionTransformer`` (also DeiT's ``VisionTransformerDistilled`` and the hybrid ViTs,
+whose ``HybridEmbed`` is just another patch embedding): how tokens enter and leave the blocks,
+the ``Attention`` and ``DiffAttention`` kinds, and the ``Block``, ``ResPostBlock`` and
+``ParallelThingsBlock`` kinds. The fused parallel blocks are in ``vit_parallel.py``.
+
+Every block kind runs the original tokens through exactly the base model's arithmetic, the new
+class tokens through the same modules with the Table 1 mask, and the memory only through what the
+block applies to its input before attention and the key/value projections.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.layers import Attention, DiffAttention
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Block, ParallelThingsBlock, ResPostBlock, VisionTransformer
 from torch import nn
 
 from ..attention import MemoryContext, memory_attention
 from ..registry import ATTENTION_KINDS, BACKBONES, BLOCK_KINDS, attention_kind, register
+from .heads import diff_attend_heads
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def run_attention(attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, h_m: torch.Tensor, ctx: MemoryContext) -> Pair:
+    """One attention module over original tokens ``h_x`` ``[B, N, D]``, new class tokens ``h_c``
+    ``[B, K, D]`` and memory ``h_m`` ``[M, D]`` (all after the block's pre-attention norm) ->
+    outputs ``[B, N, D]``, ``[B, K, D]``. Kinds with their own arithmetic are callable; the
+    others give their projections to :func:`memory_attention`."""
+    kind = attention_kind(attn)
+    if callable(kind):
+        return kind(attn, h_x, h_c, h_m, ctx)
+    return memory_attention(attn, h_x, h_c, h_m, ctx, kind)
 
 
 @register(ATTENTION_KINDS, Attention)
@@ -32,6 +55,42 @@ class QKVAttention:
         return attn.proj_drop(attn.proj(o))
 
 
+@register(ATTENTION_KINDS, DiffAttention)
+class DiffAttentionKind:
+    """timm's ``DiffAttention`` (Differential Transformer): ``2H`` query/key heads of size
+    ``hd``, ``H`` value heads of size ``2hd``, ``softmax(q1 k1) v - lambda * softmax(q2 k2) v``,
+    then ``sub_norm``, ``(1 - lambda_init)``, scale norm and ``proj``. The new class tokens get
+    the Table 1 mask on both softmaxes."""
+
+    def qkv(self, attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``h`` ``[B, T, D]`` -> q, k ``[B, 2H, T, hd]`` (after q/k norm), v ``[B, H, T, 2hd]``."""
+        b, t, _ = h.shape
+        q, k, v = attn.qkv(h).chunk(3, dim=2)
+        q = q.reshape(b, t, 2 * attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, 2 * attn.num_heads, attn.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, attn.num_heads, 2 * attn.head_dim).transpose(1, 2)
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    def out(self, attn: nn.Module, o: torch.Tensor) -> torch.Tensor:
+        """Heads ``o`` ``[B, H, T, 2hd]`` -> ``[B, T, D]``."""
+        b, _, t, _ = o.shape
+        o = (attn.sub_norm(o) * (1 - attn.lambda_init)).transpose(1, 2).reshape(b, t, -1)
+        return attn.proj_drop(attn.proj(attn.norm(o)))
+
+    def __call__(self, attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, h_m: torch.Tensor,
+                 ctx: MemoryContext) -> Pair:
+        """See :func:`run_attention`."""
+        with torch.set_grad_enabled(ctx.orig_grad):
+            q_x, k_x, v_x = self.qkv(attn, h_x)
+            lam = attn._compute_lambda().type_as(q_x)
+        _, k_m, v_m = (t[0] for t in self.qkv(attn, h_m.unsqueeze(0)))  # once per pass
+        q_c, k_c, v_c = self.qkv(attn, h_c)
+        o_x, o_c = diff_attend_heads(q_x, k_x, v_x, q_c, k_c, v_c, k_m, v_m, lam, ctx, attn.scale, attn.fused_attn)
+        with torch.set_grad_enabled(ctx.orig_grad):
+            a_x = self.out(attn, o_x)
+        return a_x, self.out(attn, o_c)
+
+
 @register(BLOCK_KINDS, Block)
 class PreNormBlock:
     """timm ``Block``: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``."""
@@ -41,11 +100,11 @@ class PreNormBlock:
 
     def __call__(
         self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> Pair:
         """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]``, ``mem`` ``[M, D]`` -> new ``x``, ``c``."""
         with torch.set_grad_enabled(ctx.orig_grad):
             h_x = blk.norm1(x)
-        a_x, a_c = memory_attention(blk.attn, h_x, blk.norm1(c), blk.norm1(mem), ctx, attention_kind(blk.attn))
+        a_x, a_c = run_attention(blk.attn, h_x, blk.norm1(c), blk.norm1(mem), ctx)
         with torch.set_grad_enabled(ctx.orig_grad):
             x = self._rest(blk, x, a_x)
         return x, self._rest(blk, c, a_c)
@@ -57,30 +116,93 @@ class PreNormBlock:
         return t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t))))
 
 
-@register(BACKBONES, VisionTransformer)
+@register(BLOCK_KINDS, ResPostBlock)
+class PostNormBlock:
+    """timm ``ResPostBlock``: ``x + norm1(attn(x))``, then ``x + norm2(mlp(x))``. Nothing is
+    applied before attention, so the memory enters the key/value projections as it is."""
+
+    def attentions(self, blk: nn.Module) -> list[nn.Module]:
+        return [blk.attn]
+
+    def __call__(
+        self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
+    ) -> Pair:
+        """As :class:`PreNormBlock`."""
+        a_x, a_c = run_attention(blk.attn, x, c, mem, ctx)
+        with torch.set_grad_enabled(ctx.orig_grad):
+            x = self._rest(blk, x, a_x)
+        return x, self._rest(blk, c, a_c)
+
+    @staticmethod
+    def _rest(blk: nn.Module, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        t = t + blk.drop_path1(blk.norm1(a))
+        return t + blk.drop_path2(blk.norm2(blk.mlp(t)))
+
+
+@register(BLOCK_KINDS, ParallelThingsBlock)
+class ParallelBranchesBlock:
+    """timm ``ParallelThingsBlock``: ``x + sum_i branch_i(x)`` over parallel attention branches
+    (each ``norm``, ``attn``, ``ls``, ``drop_path``), then the same over parallel MLP branches.
+    The block's memory goes through every branch's own norm and key/value projection."""
+
+    def attentions(self, blk: nn.Module) -> list[nn.Module]:
+        return [branch.attn for branch in blk.attns]
+
+    def __call__(
+        self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
+    ) -> Pair:
+        """As :class:`PreNormBlock`."""
+        outs_x, outs_c = [], []
+        for branch in blk.attns:
+            with torch.set_grad_enabled(ctx.orig_grad):
+                h_x = branch.norm(x)
+            a_x, a_c = run_attention(branch.attn, h_x, branch.norm(c), branch.norm(mem), ctx)
+            with torch.set_grad_enabled(ctx.orig_grad):
+                outs_x.append(branch.drop_path(branch.ls(a_x)))
+            outs_c.append(branch.drop_path(branch.ls(a_c)))
+        with torch.set_grad_enabled(ctx.orig_grad):
+            x = self._mlps(blk, x + torch.stack(outs_x).sum(dim=0))
+        return x, self._mlps(blk, c + torch.stack(outs_c).sum(dim=0))
+
+    @staticmethod
+    def _mlps(blk: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        return t + torch.stack([ffn(t) for ffn in blk.ffns]).sum(dim=0)
+
+
+@register(BACKBONES, VisionTransformer, VisionTransformerDistilled)
 class VitBackbone:
-    """timm ``VisionTransformer``: class/register tokens, ``no_embed_class``, gap/map pooling,
-    ``dynamic_img_size`` and ``set_input_size``."""
+    """timm ``VisionTransformer``: class/register tokens, ``no_embed_class``, token/avg/map
+    pooling, ``dynamic_img_size``, ``set_input_size``, ``PatchEmbed`` or ``HybridEmbed``.
+    DeiT's ``VisionTransformerDistilled`` adds a distillation token (a second prefix token) and
+    head; its base output is its own ``forward_head`` (the mean of both heads)."""
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.blocks)
 
     def check_input(self, model: nn.Module, images: torch.Tensor) -> None:
         """Raise ``ValueError`` for images the model can not take, saying how to fix them."""
-        if images.ndim != 4:
-            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(images.shape)}")
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"expected images [B, C, H, W], got {shape}")
         in_chans = getattr(model, "in_chans", images.shape[1])
         if images.shape[1] != in_chans:
             raise ValueError(f"images have {images.shape[1]} channels but the model takes {in_chans}")
         pe = model.patch_embed
+        size = tuple(images.shape[-2:])
         if getattr(pe, "strict_img_size", False) and pe.img_size is not None:
-            size = tuple(images.shape[-2:])
             if size != tuple(pe.img_size):
                 raise ValueError(
                     f"images are {size[0]}x{size[1]} but this model takes {pe.img_size[0]}x{pe.img_size[1]}: "
                     "resize them (timm.data.resolve_data_config(model=model.base) gives the model's "
                     "preprocessing), or build the backbone with dynamic_img_size=True, or call "
                     "base.set_input_size(img_size=...) before wrapping"
+                )
+        elif not hasattr(pe, "backbone") and not getattr(pe, "dynamic_img_pad", False):  # a PatchEmbed
+            ph, pw = pe.patch_size
+            if size[0] % ph or size[1] % pw:
+                raise ValueError(
+                    f"images are {size[0]}x{size[1]}, not a multiple of the patch size {ph}x{pw}: resize or "
+                    "crop them, or build the backbone with dynamic_img_pad=True"
                 )
 
     def embed(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -104,7 +226,7 @@ class VitBackbone:
                 tok = tok + pos[0, 0]
             return tok.detach().clone()
         if pos is None:
-            return torch.zeros(d, device=model.patch_embed.proj.weight.device)
+            return torch.zeros(d, device=next(model.parameters()).device)
         start = 0 if model.no_embed_class else model.num_prefix_tokens
         return pos[0, start:].mean(0).detach().clone()
 

@@ -1,0 +1,194 @@
+"""timm ``Eva``: EVA, EVA-02, ROPE-ViT, Perception Encoder, DINOv3, LingBot-Vision, Sapiens2.
+
+What these models add to a plain ViT, and how memory and new class tokens meet it:
+
+- Rotary position embeddings (``rope_type`` cat, mixed, dinov3, mrope) rotate the queries and
+  keys of the patch tokens only; timm's attention leaves its ``num_prefix_tokens`` class and
+  register tokens unrotated. New class tokens and memory count as prefix tokens: they are never
+  rotated (they have no position in the image). The backbone hands the rotary table to the
+  blocks in ``ctx.extras["rope"]``; RoPE-Mixed learns one table per block, handed over as
+  ``ctx.extras["block_rope"]`` (``{block: table}``) and picked by each block.
+- ``EvaAttention`` (fused ``qkv`` with ``q_bias``/``k_bias``/``v_bias``, or separate
+  ``q_proj``/``k_proj``/``v_proj``) and ``AttentionRope`` (also grouped-query attention,
+  ``num_kv_heads``): q/k norm, scale norm and the sigmoid output gate are their own modules.
+- ``EvaBlock`` (pre-norm, LayerScale ``gamma_1``/``gamma_2``, also attention-only LayerScale;
+  Mlp, GluMlp or SwiGLU) and ``EvaBlockPostNorm`` (``x + norm1(attn(x))``: memory enters the
+  attention as it is, since the block applies nothing to its input before attention).
+- Heads: the base output is ``Eva.forward_head(Eva.norm(x))`` (token, avg or map pooling). A
+  task's feature is what the model applies to a class token after the last block: ``norm``, then
+  ``fc_norm`` (attention pooling and averaging are over the original tokens and do not apply).
+
+Every architecture of ``timm.models.eva`` is supported, its base output bit-exact. The five
+Sapiens2 models can not be built with ``depth=2`` as registered (their per-block ``num_kv_heads``
+has one entry per block of the full depth); built with a matching ``num_kv_heads`` they are
+supported like the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import AttentionRope, apply_rot_embed_cat
+from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
+from torch import nn
+
+from ..attention import MemoryContext, memory_attention
+from ..registry import ATTENTION_KINDS, BACKBONES, BLOCK_KINDS, attention_kind, register
+from .vit import VitBackbone
+
+
+def fused_qkv_with_bias(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``attn.qkv`` on ``h`` ``[B, T, D]`` with the ``q_bias``/``k_bias``/``v_bias`` layout of
+    BEiT-style attention (``k_bias`` is a zero buffer) -> ``[B, T, 3 * H * hd]``."""
+    if attn.q_bias is None:
+        return attn.qkv(h)
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    if attn.qkv_bias_separate:
+        qkv = attn.qkv(h)
+        qkv += bias
+        return qkv
+    return F.linear(h, weight=attn.qkv.weight, bias=bias)
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, T, heads * hd]`` -> ``[B, heads, T, hd]``."""
+    b, n, _ = t.shape
+    return t.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+class _RotaryAttention:
+    """Shared by the rotary attention kinds: rotate patch tokens, project the heads out."""
+
+    def _projections(self, attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def qkv(self, attn: nn.Module, h: torch.Tensor, rope: Any = None) -> tuple[torch.Tensor, ...]:
+        """``h`` ``[B, T, D]`` -> q, k, v ``[B, H, T, hd]``; with ``rope`` (original tokens only)
+        the tokens after the first ``attn.num_prefix_tokens`` are rotated."""
+        q, k, v = self._projections(attn, h)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is not None:
+            n = attn.num_prefix_tokens
+            half = attn.rotate_half
+            q = torch.cat([q[:, :, :n], apply_rot_embed_cat(q[:, :, n:], rope, half=half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :n], apply_rot_embed_cat(k[:, :, n:], rope, half=half)], dim=2).type_as(v)
+        groups = getattr(attn, "num_kv_groups", 1)
+        if groups > 1:  # grouped-query attention: head i uses key/value head i // groups
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return q, k, v
+
+    def out(self, attn: nn.Module, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Heads ``o`` ``[B, H, T, hd]`` (and the attention input ``h``) -> ``[B, T, D]``."""
+        b, heads, t, hd = o.shape
+        o = attn.norm(o.transpose(1, 2).reshape(b, t, heads * hd))
+        if attn.gate is not None:
+            o = o * attn.gate(h).sigmoid()
+        return attn.proj_drop(attn.proj(o))
+
+
+@register(ATTENTION_KINDS, EvaAttention)
+class EvaAttentionKind(_RotaryAttention):
+    """``EvaAttention``: fused ``qkv`` with BEiT-style biases, or separate q/k/v projections."""
+
+    def _projections(self, attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if attn.qkv is not None:
+            b, t, _ = h.shape
+            qkv = fused_qkv_with_bias(attn, h).reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            return qkv.unbind(0)
+        return tuple(split_heads(p(h), attn.num_heads) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+
+@register(ATTENTION_KINDS, AttentionRope)
+class AttentionRopeKind(_RotaryAttention):
+    """``AttentionRope``: fused ``qkv`` linear, or separate projections with ``num_kv_heads``."""
+
+    def _projections(self, attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if attn.qkv is not None:
+            b, t, _ = h.shape
+            qkv = attn.qkv(h).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            return qkv.unbind(0)
+        return (
+            split_heads(attn.q_proj(h), attn.num_heads),
+            split_heads(attn.k_proj(h), attn.num_kv_heads),
+            split_heads(attn.v_proj(h), attn.num_kv_heads),
+        )
+
+
+def block_context(ctx: MemoryContext, blk: nn.Module) -> MemoryContext:
+    """``ctx`` with ``blk``'s own rotary table as ``"rope"`` when the backbone has one per block."""
+    per_block = ctx.extras.get("block_rope")
+    if per_block is None:
+        return ctx
+    return replace(ctx, extras={**ctx.extras, "rope": per_block[blk]})
+
+
+@register(BLOCK_KINDS, EvaBlock)
+class LayerScalePreNormBlock:
+    """``x + gamma_1 * attn(norm1(x))``, then ``x + gamma_2 * mlp(norm2(x))`` (each gamma optional)."""
+
+    def attentions(self, blk: nn.Module) -> list[nn.Module]:
+        return [blk.attn]
+
+    def __call__(
+        self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]``, ``mem`` ``[M, D]`` -> new ``x``, ``c``."""
+        ctx = block_context(ctx, blk)
+        with torch.set_grad_enabled(ctx.orig_grad):
+            h_x = blk.norm1(x)
+        a_x, a_c = memory_attention(blk.attn, h_x, blk.norm1(c), blk.norm1(mem), ctx, attention_kind(blk.attn))
+        with torch.set_grad_enabled(ctx.orig_grad):
+            x = self._rest(blk, x, a_x)
+        return x, self._rest(blk, c, a_c)
+
+    @staticmethod
+    def _rest(blk: nn.Module, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Residual and MLP after attention, ``t`` and ``a`` ``[B, T, D]``."""
+        if blk.gamma_1 is not None:
+            a = blk.gamma_1 * a
+        t = t + blk.drop_path1(a)
+        m = blk.mlp(blk.norm2(t))
+        if blk.gamma_2 is not None:
+            m = blk.gamma_2 * m
+        return t + blk.drop_path2(m)
+
+
+@register(BLOCK_KINDS, EvaBlockPostNorm)
+class PostNormBlock:
+    """``x + norm1(attn(x))``, then ``x + norm2(mlp(x))``: tokens and memory enter attention as they are."""
+
+    def attentions(self, blk: nn.Module) -> list[nn.Module]:
+        return [blk.attn]
+
+    def __call__(
+        self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]``, ``mem`` ``[M, D]`` -> new ``x``, ``c``."""
+        ctx = block_context(ctx, blk)
+        a_x, a_c = memory_attention(blk.attn, x, c, mem, ctx, attention_kind(blk.attn))
+        with torch.set_grad_enabled(ctx.orig_grad):
+            x = self._rest(blk, x, a_x)
+        return x, self._rest(blk, c, a_c)
+
+    @staticmethod
+    def _rest(blk: nn.Module, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        t = t + blk.drop_path1(blk.norm1(a))
+        return t + blk.drop_path2(blk.norm2(blk.mlp(t)))
+
+
+@register(BACKBONES, Eva)
+class EvaBackbone(VitBackbone):
+    """timm ``Eva``: as a ``VisionTransformer`` (class/register tokens, ``no_embed_class``,
+    token/avg/map pooling, ``dynamic_img_size``), plus rotary embeddings for the blocks."""
+
+    def embed(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``images`` ``[B, C, H, W]`` -> original tokens ``[B, N, D]`` and the rotary table
+        (``[N - prefix, 2 * hd]``; RoPE-Mixed: one ``[H, N - prefix, 2 * hd]`` per block)."""
+        x, rope = model._pos_embed(model.patch_embed(images))
+        x = model.norm_pre(x)
+        if rope is not None and getattr(model, "rope_mixed", False):
+            return x, {"block_rope": dict(zip(model.blocks, rope, strict=False))}
+        return x, {"rope": rope}

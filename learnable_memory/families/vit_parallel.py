@@ -1,0 +1,133 @@
+"""timm's fused parallel ViT blocks: ``ParallelScalingBlock`` (ViT-22B style) and
+``DiffParallelScalingBlock`` (the same with differential attention).
+
+One ``in_norm`` and one ``in_proj`` give the MLP input and q, k, v together; attention and MLP
+run side by side and meet in the output projection (one fused ``out_proj``, or
+``attn_out_proj`` + ``mlp_out_proj``), then ``x + drop_path(ls(y))``.
+
+Original tokens and new class tokens take the whole ``in_proj``. The memory needs only its keys
+and values: it goes through ``in_norm`` and the k/v rows of ``in_proj`` (a slice of the frozen
+weight, computed once per pass), and nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
+from torch import nn
+
+from ..attention import MemoryContext
+from ..registry import BLOCK_KINDS, register
+from .heads import attend_heads, diff_attend_heads
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def memory_kv(blk: nn.Module, mem: torch.Tensor) -> Pair:
+    """``mem`` ``[M, D]`` -> its keys and values ``[M, D]`` each: ``in_norm``, then only the
+    k/v rows of ``in_proj`` (laid out as ``[mlp ; q ; k ; v]``)."""
+    d = blk.in_split[1]
+    start = blk.in_split[0] + d
+    rows = slice(start, start + 2 * d)
+    bias = blk.in_proj.bias[rows] if blk.in_proj.bias is not None else None
+    return F.linear(blk.in_norm(mem), blk.in_proj.weight[rows], bias).chunk(2, dim=-1)
+
+
+def mlp_and_qkv(blk: nn.Module, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``t`` ``[B, T, D]`` -> MLP hidden ``[B, T, F]`` (with ``mlp_bias``) and q, k, v ``[B, T, D]``."""
+    x_mlp, q, k, v = torch.split(blk.in_proj(blk.in_norm(t)), blk.in_split, dim=-1)
+    if blk.mlp_bias is not None:
+        x_mlp = x_mlp + blk.mlp_bias
+    return x_mlp, q, k, v
+
+
+@register(BLOCK_KINDS, ParallelScalingBlock)
+class ParallelScaling:
+    """``ParallelScalingBlock``: softmax attention with optional q/k norm, ``mlp_bias``, fused or
+    separate output projection."""
+
+    def attentions(self, blk: nn.Module) -> list[nn.Module]:
+        return []  # the attention is part of the block
+
+    @staticmethod
+    def _heads(blk: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``[B, T, D]`` each -> ``[B, H, T, hd]`` after q/k norm, in timm's order."""
+        b, t, _ = q.shape
+        q = blk.q_norm(q.view(b, t, blk.num_heads, blk.head_dim)).transpose(1, 2)
+        k = blk.k_norm(k.view(b, t, blk.num_heads, blk.head_dim)).transpose(1, 2)
+        return q, k, v.view(b, t, blk.num_heads, blk.head_dim).transpose(1, 2)
+
+    @staticmethod
+    def _out(blk: nn.Module, t: torch.Tensor, o: torch.Tensor, x_mlp: torch.Tensor) -> torch.Tensor:
+        """Residual of ``t`` ``[B, T, D]`` with heads ``o`` ``[B, H, T, hd]`` and MLP hidden ``x_mlp``."""
+        b, _, n, _ = o.shape
+        x_attn = o.transpose(1, 2).reshape(b, n, -1)
+        x_mlp = blk.mlp_drop(blk.mlp_act(x_mlp))
+        if blk.out_proj is not None:
+            y = blk.out_proj(torch.cat((x_attn, x_mlp), dim=-1))
+        else:
+            y = blk.attn_out_proj(x_attn) + blk.mlp_out_proj(x_mlp)
+        return t + blk.drop_path(blk.ls(y))
+
+    def __call__(
+        self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
+    ) -> Pair:
+        """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]``, ``mem`` ``[M, D]`` -> new ``x``, ``c``."""
+        with torch.set_grad_enabled(ctx.orig_grad):
+            mlp_x, *qkv_x = mlp_and_qkv(blk, x)
+            q_x, k_x, v_x = self._heads(blk, *qkv_x)
+        mlp_c, *qkv_c = mlp_and_qkv(blk, c)
+        q_c, k_c, v_c = self._heads(blk, *qkv_c)
+        k_m, v_m = memory_kv(blk, mem)  # [M, D], once per pass
+        k_m = blk.k_norm(k_m.view(-1, blk.num_heads, blk.head_dim)).transpose(0, 1)  # [H, M, hd]
+        v_m = v_m.view(-1, blk.num_heads, blk.head_dim).transpose(0, 1)
+        o_x, o_c = attend_heads(q_x, k_x, v_x, q_c, k_c, v_c, k_m, v_m, ctx, blk.scale, blk.fused_attn)
+        with torch.set_grad_enabled(ctx.orig_grad):
+            x = self._out(blk, x, o_x, mlp_x)
+        return x, self._out(blk, c, o_c, mlp_c)
+
+
+@register(BLOCK_KINDS, DiffParallelScalingBlock)
+class DiffParallelScaling:
+    """``DiffParallelScalingBlock``: differential attention (``2H`` q/k heads of size ``hd``,
+    ``H`` value heads of size ``2hd``, ``sub_norm``, ``(1 - lambda_init)``), fused ``out_proj``.
+    New class tokens get the Table 1 mask on both softmaxes."""
+
+    def attentions(self, blk: nn.Module) -> list[nn.Module]:
+        return []
+
+    @staticmethod
+    def _heads(blk: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``[B, T, D]`` each -> q, k ``[B, 2H, T, hd]`` (after q/k norm), v ``[B, H, T, 2hd]``."""
+        b, t, _ = q.shape
+        q = q.reshape(b, t, 2 * blk.num_heads, blk.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, 2 * blk.num_heads, blk.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, blk.num_heads, 2 * blk.head_dim).transpose(1, 2)
+        return blk.q_norm(q), blk.k_norm(k), v
+
+    @staticmethod
+    def _out(blk: nn.Module, t: torch.Tensor, o: torch.Tensor, x_mlp: torch.Tensor) -> torch.Tensor:
+        """Residual of ``t`` ``[B, T, D]`` with heads ``o`` ``[B, H, T, 2hd]`` and MLP hidden ``x_mlp``."""
+        b, _, n, _ = o.shape
+        x_attn = (blk.sub_norm(o) * (1 - blk.lambda_init)).transpose(1, 2).reshape(b, n, -1)
+        y = blk.out_proj(torch.cat((x_attn, blk.mlp_drop(blk.mlp_act(x_mlp))), dim=-1))
+        return t + blk.drop_path(blk.ls(y))
+
+    def __call__(
+        self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
+    ) -> Pair:
+        """As :class:`ParallelScaling`."""
+        with torch.set_grad_enabled(ctx.orig_grad):
+            mlp_x, *qkv_x = mlp_and_qkv(blk, x)
+            q_x, k_x, v_x = self._heads(blk, *qkv_x)
+            lam = blk._compute_lambda().type_as(q_x)
+        mlp_c, *qkv_c = mlp_and_qkv(blk, c)
+        q_c, k_c, v_c = self._heads(blk, *qkv_c)
+        k_m, v_m = memory_kv(blk, mem)  # [M, D], once per pass
+        k_m = blk.k_norm(k_m.reshape(-1, 2 * blk.num_heads, blk.head_dim).transpose(0, 1))  # [2H, M, hd]
+        v_m = v_m.reshape(-1, blk.num_heads, 2 * blk.head_dim).transpose(0, 1)  # [H, M, 2hd]
+        o_x, o_c = diff_attend_heads(q_x, k_x, v_x, q_c, k_c, v_c, k_m, v_m, lam, ctx, blk.scale, blk.fused_attn)
+        with torch.set_grad_enabled(ctx.orig_grad):
+            x = self._out(blk, x, o_x, mlp_x)
+        return x, self._out(blk, c, o_c, mlp_c)

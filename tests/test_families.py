@@ -1,0 +1,270 @@
+"""The family sweep: every architecture of timm's ViT modules, built at ``depth=2`` with random weights.
+
+Each architecture is built with a 3x3 patch grid where it allows ``img_size`` (all of them do),
+with its LayerScale-like constants (``init_values`` ~1e-5, which would hide every difference
+between blocks) set to 1, and then held to the guarantees:
+
+1. wrapping leaves the base output bit-identical (``forward_all(x)["base"]`` vs ``base(x)``);
+2. two tasks made separately on the backbone (random parameters stand in for training), then
+   concatenated, each give the output they give alone;
+3. a training step gives gradients to the new task's memory (every block), class token and head,
+   to nothing else, and leaves the base output and the earlier tasks as they were;
+4. ``save_pretrained`` then ``load_adapters`` onto a fresh copy of the backbone gives the same outputs.
+
+An architecture may fail to wrap only with the ``TypeError`` of a matching entry of
+``learnable_memory.families.UNSUPPORTED``, and every such entry must really refuse.
+
+The default run checks :data:`SAMPLE`, one architecture per family and per block, attention,
+embedding and backbone kind (and the features listed there). ``-m slow`` checks every
+architecture and that the sample has each of its kinds. ``benchmarks/family_sweep.py`` runs the
+slow sweep and writes the README's table from the properties recorded here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import learnable_memory as lm
+from learnable_memory.families import UNSUPPORTED
+from learnable_memory.registry import BACKBONES, BLOCK_KINDS
+from tests.conftest import randomize
+
+MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "eva", "beit", "naflexvit")
+MODULE_OF = {arch: module for module in MODULES for arch in timm.list_models(module=module)}
+GRID = 3  # patches per side
+BATCH = 2
+
+# timm can not build these at depth=2 as registered (their num_kv_heads has one entry per block of
+# the full depth): built with one full-attention block and one grouped-query block, as the full model has.
+DEPTH2_KWARGS = {
+    "vit_base_patch16_sapiens2": {"num_kv_heads": (12, 6)},
+    "vit_large_patch16_sapiens2": {"num_kv_heads": (16, 8)},
+    "vit_huge_patch16_sapiens2": {"num_kv_heads": (16, 8)},
+    "vit_giant_patch16_sapiens2": {"num_kv_heads": (24, 12)},
+    "vit_5b_patch16_sapiens2": {"num_kv_heads": (32, 16)},
+}
+
+# The default run: architecture -> what it stands for.
+SAMPLE = {
+    # vision_transformer
+    "test_vit": "Block + Attention, class token, dynamic_img_size",
+    "test_vit3": "attention pooling (map), LayerScale",
+    "vit_xsmall_patch16_clip_224": "CLIP: pre-norm (norm_pre)",
+    "vit_small_patch14_reg4_dinov2": "4 register tokens, no_embed_class, LayerScale",
+    "beit3_base_patch16_224": "Attention with scale_norm",
+    "vit_base_patch16_rpn_224": "ResPostBlock (post-norm), no class token, avg pooling",
+    "vit_pwee_patch16_reg1_gap_256": "ParallelScalingBlock with qkv bias, separate out projections, gap",
+    "vit_base_patch16_xp_224": "ParallelScalingBlock with qk_norm and mlp_bias",
+    "vit_dpwee_patch16_reg1_gap_256": "DiffParallelScalingBlock (differential attention, fused out_proj)",
+    "vit_dwee_patch16_reg1_gap_256": "Block + DiffAttention",
+    "vit_small_patch16_18x2_224": "ParallelThingsBlock (two attention and two MLP branches)",
+    # deit
+    "deit_tiny_distilled_patch16_224": "VisionTransformerDistilled: distillation token and head",
+    "deit3_small_patch16_224": "DeiT III: no_embed_class, LayerScale",
+    # vision_transformer_hybrid
+    "vit_tiny_r_s16_p8_224": "HybridEmbed (ResNet stem)",
+    # eva
+    "eva02_tiny_patch14_224": "Eva + EvaBlock + EvaAttention, RoPE",
+    "vit_pe_core_tiny_patch16_384": "Eva + AttentionRope, map pooling",
+    "eva02_enormous_patch14_clip_224": "EvaBlockPostNorm",
+    "vit_base_patch16_sapiens2": "grouped-query attention (num_kv_heads)",
+    # beit
+    "beit_base_patch16_224": "Beit: relative position bias",
+    # naflexvit
+    "naflexvit_base_patch16_gap": "NaFlexVit + NaFlexEmbeds",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than two, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(arch: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
+    """``arch`` at depth 2 with random weights and a small input, and images for it."""
+    kwargs = {"pretrained": False, "depth": 2, **DEPTH2_KWARGS.get(arch, {})}
+    with torch.device("meta"):  # find the patch size cheaply
+        probe = timm.create_model(arch, **kwargs)
+    embed = getattr(probe, "patch_embed", None) or probe.embeds
+    size = GRID * (embed.feat_ratio() if hasattr(embed, "feat_ratio") else max(embed.patch_size))
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, img_size=size, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # LayerScale gammas and post-norm weights made with init_values
+            v = p.reshape(-1)[0]
+            if p.numel() > 1 and 0 < abs(v) < 0.1 and bool((p == v).all()):
+                p.fill_(1.0)
+    images = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    return model, images
+
+
+def kind_name(obj: object) -> str:
+    """``type(obj)`` as ``"<timm module>.<class>"``, e.g. ``"beit.Block"`` or ``"attention.Attention"``."""
+    cls = type(obj)
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
+def kinds(model: torch.nn.Module) -> set[str]:
+    """Backbone, embedding, block and attention types of ``model``, as ``"<group>:<kind_name>"``."""
+    out = {f"backbone:{kind_name(model)}"}
+    embed = getattr(model, "patch_embed", None) or getattr(model, "embeds", None)
+    if embed is not None:
+        out.add(f"embed:{kind_name(embed)}")
+    for blk in model.blocks:
+        out.add(f"block:{kind_name(blk)}")
+        kind = BLOCK_KINDS.get(type(blk))
+        if kind is not None:
+            try:
+                out.update(f"attention:{kind_name(a)}" for a in kind.attentions(blk))
+            except TypeError:  # a refused block kind
+                pass
+    return out
+
+
+def unsupported_reasons(arch: str, model: torch.nn.Module) -> list[str]:
+    """The UNSUPPORTED entries that match ``arch`` or a module class in ``model``."""
+    names = {arch} | {type(m).__name__ for m in model.modules()}
+    return [reason for key, reason in UNSUPPORTED.items() if key in names]
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Equal up to float32 rounding, which grows with the scale of the logits (wide models,
+    random heads): 1e-5 relative to the largest logit."""
+    atol = 1e-5 * max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got, want, atol=atol, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+def check_architecture(arch: str, tmp_path, record_property) -> set[str]:
+    """The four guarantees (module docstring) for one architecture, or its documented refusal.
+    Returns the architecture's :func:`kinds`."""
+    base, x = build(arch)
+    found = kinds(base)
+    record_property("module", MODULE_OF[arch])
+    record_property("kinds", ",".join(sorted(found)))
+    fresh = copy.deepcopy(base)
+    with torch.no_grad():
+        want = base(x)
+    reasons = unsupported_reasons(arch, base)
+    try:
+        alone = {}
+        for i, (name, n_mem, classes) in enumerate([("a", 2, 3), ("b", 3, 4)]):
+            alone[name] = lm.wrap_model(base, n_mem=n_mem, num_classes=classes, task=name)
+            randomize(alone[name], seed=10 + i)
+    except TypeError as e:
+        assert reasons, f"{arch} is refused but not documented in UNSUPPORTED: {e}"
+        assert any(r in str(e) for r in reasons), f"{arch}: {e} does not give the documented reason {reasons}"
+        record_property("status", f"unsupported: {reasons[0]}")
+        return found
+    assert not reasons, f"{arch} is listed in UNSUPPORTED ({reasons}) but wraps"
+    record_property("status", "supported")
+
+    # 1 + 2: base output unchanged, each concatenated task equals the task alone
+    merged = lm.MemoryViT(base)
+    with torch.no_grad():
+        want_tasks = {n: m(x) for n, m in alone.items()}
+        for m in alone.values():
+            merged.add_task(m.tasks[m.active_task])
+        out = merged.forward_all(x)
+    assert torch.equal(out["base"], want), f"base output changed by {(out['base'] - want).abs().max()}"
+    for n in alone:
+        assert_close(out[n], want_tasks[n], f"task {n} concatenated vs alone")
+
+    # 3: a training step reaches the new task's memory (every block), class token and head only
+    model = lm.wrap_model(merged, n_mem=2, num_classes=3, task="t")
+    model.train()
+    task = model.tasks["t"]
+    opt = torch.optim.SGD(task.parameters(), lr=0.5)
+    loss = torch.nn.functional.cross_entropy(model.forward_all(x)["t"], torch.arange(BATCH) % 3)
+    loss.backward()
+    for layer in range(model.depth):
+        assert task.memory.grad[layer].abs().sum() > 0, f"no gradient reaches block {layer}'s memory"
+    assert task.class_token.grad.abs().sum() > 0 and task.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.base.parameters()), "gradient reached the backbone"
+    assert all(p.grad is None for n in ("a", "b") for p in model.tasks[n].parameters()), "earlier tasks got gradients"
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = model.forward_all(x)
+    assert torch.equal(after["base"], want)
+    for n in alone:
+        assert_close(after[n], out[n], f"task {n} after training another task")
+
+    # 4: save and load onto a fresh copy of the backbone
+    merged.save_pretrained(tmp_path / "adapters")
+    loaded = lm.load_adapters(fresh, [tmp_path / "adapters"])
+    assert loaded.task_names == ["a", "b"]
+    with torch.no_grad():
+        reloaded = loaded.forward_all(x)
+    assert reloaded.keys() == out.keys()
+    for k in out:
+        assert torch.equal(reloaded[k], out[k]), f"output {k!r} differs after save and load"
+    return found
+
+
+@pytest.mark.parametrize("arch", sorted(SAMPLE))
+def test_sample_architecture(arch, tmp_path, record_property):
+    check_architecture(arch, tmp_path, record_property)
+
+
+def test_sample_spans_every_family():
+    assert {MODULE_OF[a] for a in SAMPLE} == set(MODULES)
+
+
+@pytest.fixture(scope="module")
+def sample_kinds() -> set[str]:
+    """The kinds the default sample checks (types only, so the models are built on the meta device)."""
+    found: set[str] = set()
+    for arch in SAMPLE:
+        with torch.device("meta"):
+            found |= kinds(timm.create_model(arch, pretrained=False, depth=2, **DEPTH2_KWARGS.get(arch, {})))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(MODULE_OF))
+def test_every_architecture(arch, tmp_path, record_property, sample_kinds):
+    missing = check_architecture(arch, tmp_path, record_property) - sample_kinds
+    assert not missing, f"{arch} has kinds the default sample does not check: {sorted(missing)}; add it to SAMPLE"
+
+
+def test_unsupported_entries_refuse():
+    """Every class-level entry of UNSUPPORTED is registered as a refusal."""
+    refused = {t.__name__ for table in (BACKBONES, BLOCK_KINDS) for t, k in table.items() if hasattr(k, "reason")}
+    classes = {k for k in UNSUPPORTED if k not in MODULE_OF}
+    assert classes <= refused, f"UNSUPPORTED lists {sorted(classes - refused)} but nothing refuses them"
+
+
+def test_refused_kinds_raise_documented_type_error():
+    """The refusal mechanism itself, on a block type and a backbone type made up for the test."""
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    from learnable_memory.families.unsupported import refuse
+
+    class OddBlock(Block):
+        pass
+
+    class OddViT(VisionTransformer):
+        pass
+
+    try:
+        refuse(BLOCK_KINDS, OddBlock, "odd blocks change the tokens in ways memory can not follow")
+        refuse(BACKBONES, OddViT, "odd backbones mix the tokens before the blocks")
+        vit = timm.create_model("test_vit", pretrained=False, depth=2, block_fn=OddBlock)
+        with pytest.raises(TypeError, match="OddBlock is not supported by learnable_memory: odd blocks change"):
+            lm.wrap_model(vit, n_mem=1, num_classes=2)
+        assert unsupported_reasons("test_vit", vit) == [UNSUPPORTED["OddBlock"]]
+        odd = OddViT(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)
+        with pytest.raises(TypeError, match="OddViT is not supported by learnable_memory: odd backbones mix"):
+            lm.wrap_model(odd, n_mem=1, num_classes=2)
+    finally:
+        for table, cls in ((BLOCK_KINDS, OddBlock), (BACKBONES, OddViT)):
+            table.pop(cls, None)
+            UNSUPPORTED.pop(cls.__name__, None)
