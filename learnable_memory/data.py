@@ -20,11 +20,11 @@ import gzip
 import os
 import re
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import timm
-import torch
 from PIL import Image
 from timm.data import create_transform, resolve_input_data_config
 from torch import nn
@@ -275,9 +275,15 @@ def load_dataset(source: str, split: str, config: dict, classes: Sequence[str] |
         if folder is None:
             raise FileNotFoundError(f"{source} has no {split} split: add a '{'train' if split == 'train' else 'val'}'"
                                     " sub-directory, or hold out part of the training images")
-        ds = ImageFolder(str(folder), transform=transform, loader=lambda p: Image.open(p).convert(mode))
+        ds = ImageFolder(str(folder), transform=transform, loader=partial(open_image, mode=mode))
     subset = parse_class_subset(classes, ds.classes)
     return select_classes(ds, subset) if subset is not None else ds
+
+
+def open_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+    """Read an image file in PIL ``mode`` ("L" or "RGB")."""
+    with Image.open(path) as img:
+        return img.convert(mode)
 
 
 def load_demo_base(path: str | Path | None = None) -> nn.Module:
@@ -301,8 +307,3 @@ def label_names(model: nn.Module) -> list[str] | None:
         names = [names[k] for k in sorted(names, key=int)]
     return list(names) if names else None
 
-
-def collate_images(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``(image, label)`` pairs into ``images [B, C, H, W]`` and ``labels [B]``."""
-    xs, ys = zip(*batch)
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)

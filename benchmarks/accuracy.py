@@ -1,0 +1,320 @@
+"""The paper's accuracy table in miniature, on real images.
+
+Base model: the small timm ViT shipped with the package (``learnable_memory.data.load_demo_base``),
+pretrained on Fashion-MNIST classes 0-4. Downstream tasks:
+
+- ``fmnist_5_9``: Fashion-MNIST classes 5-9 (30,000 training images, 5,000 test);
+- ``digits``: scikit-learn's 8x8 digits, upsampled to 28x28 (1,200 training, 597 test);
+- ``fmnist_10``: all 10 Fashion-MNIST classes (60,000 training, 10,000 test).
+
+Methods, all trained by ``learnable_memory.train.fit`` with the same step budget, batch 128, SGD with
+momentum 0.9, gradient clipping at 1, 5% linear warm-up and cosine decay:
+
+- ``full_ft``: a copy of the base, every parameter trainable, new head;
+- ``head_only``: a linear probe on the frozen base's features;
+- ``head_cls``: head + class token (a memory task with ``n_mem=0``);
+- ``nd_m{1,5,10,20}`` / ``full_m{1,5,10,20}``: memory in non-destructive / full mode;
+- ``lora_r4``: peft LoRA r=4 on ``qkv`` (plus a new head).
+
+Learning rates: with ``--tune`` (on in ``--full``), each method and task tries every rate of its grid
+(``LR_GRID``) on seed 0, trained on 90% of the training set and scored on the other 10%; the best
+rate is then used for every seed, which trains on the same 90% and is scored on the test set.
+Without ``--tune`` the rates of ``DEFAULT_LR`` are used (the winners of such a sweep).
+
+After training, every non-destructive adapter of a seed (all tasks, all m) is added to ONE
+``MemoryViT``; its single ``forward_all`` pass must give each task the same test accuracy (and logits)
+as the task's own model, and the base model's own output unchanged.
+
+Settings:
+
+    python benchmarks/accuracy.py            # quick setting: < 15 min on 2 CPU cores (see QUICK)
+    python benchmarks/accuracy.py --full     # whole grid: 11 methods x 3 tasks x 3 seeds, 1000 steps,
+                                             # learning rates tuned (hours on CPU; for a GPU)
+    python benchmarks/accuracy.py --quick    # smoke test: 3 steps on a few hundred images
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+from learnable_memory import MemoryViT, wrap_model  # noqa: E402
+from learnable_memory.baselines import HeadOnly, full_finetune, lora  # noqa: E402
+from learnable_memory.data import data_config, load_dataset, load_demo_base  # noqa: E402
+from learnable_memory.train import count_trainable, evaluate, fit  # noqa: E402
+
+TASKS = {"fmnist_5_9": ("fashion-mnist", "5-9"), "digits": ("digits", None), "fmnist_10": ("fashion-mnist", None)}
+MEMORY_SIZES = (1, 5, 10, 20)
+METHODS = (["full_ft", "head_only", "head_cls"] + [f"nd_m{m}" for m in MEMORY_SIZES]
+           + [f"full_m{m}" for m in MEMORY_SIZES] + ["lora_r4"])
+LR_GRID = {"full_ft": [0.003, 0.01, 0.03], "lora_r4": [0.03, 0.1, 0.3]}
+LR_GRID_DEFAULT = [0.03, 0.1, 0.3]
+DEFAULT_LR = {"full_ft": 0.01, "lora_r4": 0.1}
+DEFAULT_LR_OTHER = 0.1
+#: The quick setting (the default): what it runs.
+QUICK = dict(steps=150, seeds=[0], tasks=list(TASKS),
+             methods=["full_ft", "head_only", "head_cls", "nd_m1", "nd_m5", "nd_m10", "full_m5", "lora_r4"])
+FULL = dict(steps=1000, seeds=[0, 1, 2], tasks=list(TASKS), methods=METHODS)
+
+
+def lr_grid(method: str) -> list[float]:
+    return LR_GRID.get(method, LR_GRID_DEFAULT)
+
+
+def default_lr(method: str) -> float:
+    return DEFAULT_LR.get(method, DEFAULT_LR_OTHER)
+
+
+# ----- data -----
+def materialize(ds, limit: int | None = None, seed: int = 0) -> TensorDataset:
+    """Preprocess a dataset once into tensors ``[N, C, H, W]`` and labels ``[N]`` (optionally a fixed subset)."""
+    idx = np.arange(len(ds))
+    if limit is not None and limit < len(ds):
+        idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[:limit])
+    xs, ys = zip(*(ds[int(i)] for i in idx), strict=True)
+    return TensorDataset(torch.stack(xs), torch.tensor(ys, dtype=torch.long))
+
+
+def split_tensors(source: str, split: str, classes: str | None, cfg: dict, limit: int | None,
+                  cache: dict) -> TensorDataset:
+    """Preprocessed tensors of a task's split. All of a source is preprocessed once; a class range
+    ``"a-b"`` is then picked out of it and relabelled ``0..`` in order, as ``load_dataset`` would."""
+    key = (source, split)
+    if key not in cache:
+        cache[key] = materialize(load_dataset(source, split, cfg), limit)
+    x, y = cache[key].tensors
+    if classes is None:
+        return TensorDataset(x, y)
+    lo, hi = (int(v) for v in classes.split("-"))
+    keep = (y >= lo) & (y <= hi)
+    return TensorDataset(x[keep], y[keep] - lo)
+
+
+def load_task(task: str, cfg: dict, limit: int | None, cache: dict) -> dict[str, TensorDataset | int]:
+    """Train (90%), validation (10%) and test tensors of ``task``, and its class count."""
+    source, classes = TASKS[task]
+    train = split_tensors(source, "train", classes, cfg, limit, cache)
+    test = split_tensors(source, "test", classes, cfg, limit, cache)
+    order = torch.from_numpy(np.random.default_rng(0).permutation(len(train)))
+    n_val = max(1, len(train) // 10)
+    x, y = train.tensors
+    num_classes = 10 if classes is None else int(classes.split("-")[1]) - int(classes.split("-")[0]) + 1
+    return {"train": TensorDataset(x[order[n_val:]], y[order[n_val:]]),
+            "val": TensorDataset(x[order[:n_val]], y[order[:n_val]]), "test": test, "num_classes": num_classes}
+
+
+# ----- methods -----
+def build(method: str, base: nn.Module, num_classes: int, name: str) -> nn.Module:
+    """A trainable model of ``method`` on ``base`` (``base`` itself is only frozen, never changed)."""
+    if method == "full_ft":
+        return full_finetune(base, num_classes)
+    if method == "head_only":
+        return HeadOnly(base, num_classes)
+    if method == "head_cls":
+        return wrap_model(base, n_mem=0, num_classes=num_classes, task=name)
+    if method.startswith(("nd_m", "full_m")):
+        mode, m = method.split("_m")
+        return wrap_model(base, n_mem=int(m), num_classes=num_classes, task=name,
+                          mode="non_destructive" if mode == "nd" else "full")
+    if method == "lora_r4":
+        return lora(base, num_classes, r=4)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def train_one(method: str, base: nn.Module, data: dict, lr: float, seed: int, steps: int, batch: int,
+              eval_on: str, name: str) -> tuple[nn.Module, dict]:
+    torch.manual_seed(seed)
+    model = build(method, base, data["num_classes"], name)
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(data["train"], batch_size=batch, shuffle=True, generator=g, drop_last=True)
+    start = time.perf_counter()
+    fit(model, loader, steps=steps, lr=lr, optimizer="sgd", momentum=0.9, warmup=0.05, clip=1.0, seed=seed,
+        progress=False)
+    seconds = time.perf_counter() - start
+    res = evaluate(model, DataLoader(data[eval_on], batch_size=512))
+    return model, {"accuracy": res["accuracy"], "seconds": seconds, "trainable_params": count_trainable(model)}
+
+
+# ----- concatenation -----
+@torch.no_grad()
+def check_concatenation(base: nn.Module, adapters: dict[str, tuple[nn.Module, str, float]],
+                        datas: dict[str, dict]) -> dict:
+    """Merge every non-destructive adapter into one model; compare each task's accuracy and logits."""
+    merged = MemoryViT(base)
+    for model, _, _ in adapters.values():
+        merged.add_task(model.tasks[model.active_task])
+    merged.eval()
+    rows, base_diff = [], 0.0
+    for name, (model, task, acc_alone) in adapters.items():
+        x, y = datas[task]["test"].tensors
+        correct, same, max_diff = 0, 0, 0.0
+        for i in range(0, len(x), 512):
+            xb = x[i:i + 512]
+            out, alone = merged.forward_all(xb), model(xb)
+            correct += int((out[name].argmax(-1) == y[i:i + 512]).sum())
+            same += int((out[name].argmax(-1) == alone.argmax(-1)).sum())
+            max_diff = max(max_diff, float((out[name] - alone).abs().max()))
+            base_diff = max(base_diff, float((out["base"] - base(xb)).abs().max()))
+        acc = correct / len(x)
+        # unchanged: every test prediction is the same, so the accuracy is too (up to float32 rounding of
+        # torchmetrics' value, hence the half-an-image tolerance)
+        rows.append({"adapter": name, "task": task, "accuracy_alone": acc_alone, "accuracy_merged": acc,
+                     "same_predictions": same / len(x), "max_logit_diff": max_diff,
+                     "unchanged": same == len(x) and abs(acc - acc_alone) < 0.5 / len(x)})
+    return {"tasks_in_model": len(adapters), "adapters": rows, "base_max_logit_diff": base_diff,
+            "all_unchanged": all(r["unchanged"] for r in rows)}
+
+
+def plot(results: dict, tasks: list[str], methods: list[str], path: Path) -> None:
+    fig, axes = common.new_figure(len(tasks), width=5.0, height=4.0)
+    for ax, task in zip(axes, tasks, strict=True):
+        means = [results[task][m]["mean"] for m in methods]
+        stds = [results[task][m]["std"] for m in methods]
+        colors = ["C3" if m == "full_ft" else "C7" if m.startswith("head") else "C2" if m.startswith("lora")
+                  else "C0" if m.startswith("nd") else "C1" for m in methods]
+        ax.bar(methods, means, yerr=stds, capsize=3, color=colors)
+        lo = min(means) - 0.05
+        ax.set_ylim(max(0.0, lo), min(1.0, max(means) + 0.03))
+        ax.set_title(task)
+        ax.set_ylabel("test accuracy")
+        ax.tick_params(axis="x", rotation=60, labelsize=8)
+    common.save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 2 methods, a few hundred images")
+    p.add_argument("--full", action="store_true", help="the whole grid with tuned learning rates (for a GPU)")
+    p.add_argument("--out", type=Path, default=common.DEFAULT_OUT)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS))
+    p.add_argument("--methods", nargs="+", choices=METHODS)
+    p.add_argument("--tune", action="store_true", help="tune each method's learning rate on a validation split")
+    p.add_argument("--limit", type=int, help="use at most this many training and test images per task")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice); 1 is faster for this "
+                   "small model on a busy CPU, where every small parallel op waits for a descheduled thread")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    setting = dict(FULL if args.full else QUICK)
+    if args.quick:
+        setting.update(steps=3, seeds=[0], tasks=["fmnist_5_9", "digits"], methods=["head_only", "nd_m1", "full_ft"])
+        args.limit = args.limit or 256
+        args.batch = 32
+    for key in ("steps", "seeds", "tasks", "methods"):
+        if getattr(args, key) is not None:
+            setting[key] = getattr(args, key)
+    tune = args.tune or args.full
+    steps, seeds, tasks, methods = setting["steps"], setting["seeds"], setting["tasks"], setting["methods"]
+
+    machine = common.machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+          f"({machine['torch_threads']} threads), load {machine['load_average']}", flush=True)
+    print(f"setting: {steps} steps x batch {args.batch}, seeds {seeds}, tasks {tasks}, methods {methods}, "
+          f"learning rates {'tuned' if tune else 'fixed'}", flush=True)
+    start = time.perf_counter()
+    base = load_demo_base()
+    cfg = data_config(base)
+    cache: dict = {}
+    datas = {t: load_task(t, cfg, args.limit, cache) for t in tasks}
+    print(f"data ready ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    lrs: dict[str, dict[str, float]] = {t: {} for t in tasks}
+    tuning: dict[str, dict[str, dict[str, float]]] = {t: {} for t in tasks}
+    for task in tasks:
+        for method in methods:
+            if not tune:
+                lrs[task][method] = default_lr(method)
+                continue
+            scores = {}
+            for lr in lr_grid(method):
+                _, r = train_one(method, base, datas[task], lr, seeds[0], steps, args.batch, "val", f"{task}_{method}")
+                scores[str(lr)] = r["accuracy"]
+            best = max(scores, key=scores.get)
+            lrs[task][method], tuning[task][method] = float(best), scores
+            print(f"  tune {task} {method}: {scores} -> lr {best}", flush=True)
+
+    results: dict[str, dict[str, dict]] = {t: {} for t in tasks}
+    concat: dict[str, dict] = {}
+    for seed in seeds:
+        adapters: dict[str, tuple[nn.Module, str, float]] = {}
+        for task in tasks:
+            for method in methods:
+                name = f"{task}_{method}"
+                model, r = train_one(method, base, datas[task], lrs[task][method], seed, steps, args.batch, "test",
+                                     name)
+                entry = results[task].setdefault(method, {"lr": lrs[task][method], "accuracies": [], "seconds": []})
+                entry["accuracies"].append(r["accuracy"])
+                entry["seconds"].append(r["seconds"])
+                entry["trainable_params"] = r["trainable_params"]
+                if method.startswith("nd_m") or method == "head_cls":
+                    adapters[name] = (model, task, r["accuracy"])
+                print(f"  seed {seed} {task:10s} {method:9s} lr {lrs[task][method]:<6g} acc {r['accuracy']:.4f} "
+                      f"({r['seconds']:.0f} s; total {time.perf_counter() - start:.0f} s)", flush=True)
+        if adapters:
+            concat[str(seed)] = check_concatenation(base, adapters, datas)
+            print(f"  seed {seed}: {len(adapters)} non-destructive adapters in one model, accuracies unchanged: "
+                  f"{concat[str(seed)]['all_unchanged']}", flush=True)
+
+    for task in tasks:
+        for entry in results[task].values():
+            a = entry["accuracies"]
+            entry["mean"] = statistics.fmean(a)
+            entry["std"] = statistics.stdev(a) if len(a) > 1 else 0.0
+        r = results[task]
+        if "head_only" in r and "full_ft" in r:
+            gap = r["full_ft"]["mean"] - r["head_only"]["mean"]
+            for method, entry in r.items():
+                if method not in ("head_only", "full_ft"):
+                    entry["gap_closed"] = (entry["mean"] - r["head_only"]["mean"]) / gap if gap > 0 else None
+
+    machine["load_average_end"] = common.load_average()
+    result = {"benchmark": "accuracy", "command": common.command_line(), "machine": machine,
+              "settings": {"steps": steps, "batch": args.batch, "seeds": seeds, "tasks": tasks, "methods": methods,
+                           "tuned": tune, "limit": args.limit,
+                           "optimizer": "SGD momentum 0.9, clip 1, 5% warm-up, cosine",
+                           "base": "learnable_memory.data.load_demo_base()"},
+              "learning_rates": lrs, "tuning": tuning, "results": results, "concatenation": concat,
+              "seconds": time.perf_counter() - start}
+    args.out.mkdir(parents=True, exist_ok=True)
+    common.write_json(args.out / "accuracy.json", result)
+    plot(results, tasks, methods, args.out / "accuracy.png")
+
+    print()
+    headers = ["method", "params"] + [f"{t} acc" for t in tasks] + [f"{t} gap closed" for t in tasks]
+    rows = []
+    for method in methods:
+        row = [method, f"{results[tasks[0]][method]['trainable_params']:,}"]
+        for t in tasks:
+            e = results[t][method]
+            row.append(f"{e['mean']:.4f} ± {e['std']:.4f}")
+        for t in tasks:
+            g = results[t][method].get("gap_closed")
+            row.append(f"{g:.2f}" if g is not None else "-")
+        rows.append(row)
+    print(common.format_table(headers, rows))
+    for seed, c in concat.items():
+        worst = max(r["max_logit_diff"] for r in c["adapters"])
+        print(f"concatenation (seed {seed}): {c['tasks_in_model']} adapters in one model, accuracy unchanged "
+              f"for all: {'PASS' if c['all_unchanged'] else 'MISS'} (max logit diff {worst:.2e}, "
+              f"base {c['base_max_logit_diff']:.2e})")
+    print(f"\nwrote {args.out / 'accuracy.json'} and {args.out / 'accuracy.png'} in {result['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,291 @@
+"""Shared helpers of the benchmark scripts: interleaved timing, median/IQR, peak memory in a
+fresh process, machine description, JSON/PNG writing and table printing.
+
+Timing: every method is warmed up, then each repetition runs every method once, in a fixed
+order (A B C D, A B C D, ...), so slow drifts of a shared machine hit all methods alike. Ratios
+are taken per repetition (method / reference of the same repetition) and reported as the median
+with the interquartile range.
+
+Peak memory: a fresh subprocess builds the models, resets the kernel's RSS high-water mark
+(``/proc/self/clear_refs``), notes its RSS, runs the method, and reads the high-water mark
+(``VmHWM``). The difference is what running the method adds on top of holding the models (torch's
+CPU allocations are invisible to ``tracemalloc``, but not to RSS); the absolute peak is reported
+too. Where the mark can not be reset, ``ru_maxrss`` is used and the build's own peak may hide part
+of the method's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out"
+
+
+def add_repo_root_to_path() -> None:
+    """Make ``learnable_memory`` and ``tests.dense_reference`` importable when run as a script."""
+    root = str(REPO_ROOT)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+# ----- timing -----
+def time_call(fn: Callable[[], Any]) -> float:
+    """Wall time of one call, seconds."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_times(
+    methods: dict[str, Callable[[], Any]],
+    reps: int,
+    warmup: int = 1,
+    reps_of: dict[str, int] | None = None,
+    warmups: dict[str, Callable[[], Any]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
+    """Time ``methods`` in interleaved repetitions.
+
+    Args:
+        methods: ``name -> fn``, run in this order within every repetition.
+        reps: Repetitions.
+        warmup: Untimed calls of every method before the first repetition.
+        reps_of: Fewer repetitions for some (slow) methods: they run in the first ``reps_of[name]``
+            repetitions only, still interleaved with the others.
+        warmups: Cheaper warm-up calls for some methods (e.g. one of K identical forwards).
+        progress: Called with a short line after every repetition.
+
+    Returns:
+        ``name -> [seconds per repetition]``.
+    """
+    reps_of = reps_of or {}
+    warmups = warmups or {}
+    for _ in range(warmup):
+        for name, fn in methods.items():
+            warmups.get(name, fn)()
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for r in range(reps):
+        for name, fn in methods.items():
+            if r < reps_of.get(name, reps):
+                times[name].append(time_call(fn))
+        if progress is not None:
+            progress(f"rep {r + 1}/{reps}")
+    return times
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(q1, median, q3) of ``values`` (inclusive method; a single value gives three equal numbers)."""
+    v = sorted(values)
+    if len(v) == 1:
+        return v[0], v[0], v[0]
+    q1, q2, q3 = statistics.quantiles(v, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """``{"median", "q1", "q3", "iqr", "n"}`` of ``values``."""
+    q1, med, q3 = quartiles(values)
+    return {"median": med, "q1": q1, "q3": q3, "iqr": q3 - q1, "n": len(values)}
+
+
+def ratio_summary(num: Sequence[float], den: Sequence[float]) -> dict[str, float]:
+    """Median/IQR of per-repetition ratios ``num[r] / den[r]`` (paired by repetition index)."""
+    n = min(len(num), len(den))
+    if n == 0:
+        raise ValueError("no repetition has both timings")
+    return summary([num[r] / den[r] for r in range(n)])
+
+
+# ----- peak memory -----
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float:
+    """Current resident set size, MiB."""
+    value = _status_mb("VmRSS")
+    return value if value is not None else max_rss_mb()
+
+
+def max_rss_mb() -> float:
+    """This process's RSS high-water mark, MiB (``VmHWM``, else ``ru_maxrss``, which Linux gives in KiB)."""
+    value = _status_mb("VmHWM")
+    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the RSS high-water mark to the current RSS (Linux >= 4.0); False if not possible."""
+    import gc
+
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_of(fn: Callable[[], Any], calls: int = 2) -> dict[str, float]:
+    """Run ``fn`` ``calls`` times; ``{"baseline_mb", "peak_mb", "extra_mb", "reset"}``: RSS before, the
+    high-water mark after, their difference, and whether the mark could be reset first."""
+    reset = reset_peak_rss()
+    before = rss_mb() if reset else max_rss_mb()
+    for _ in range(calls):
+        fn()
+    peak = max_rss_mb()
+    return {"baseline_mb": before, "peak_mb": peak, "extra_mb": peak - before, "reset": reset}
+
+
+def measure_in_subprocess(script: Path, args: Sequence[str], timeout: float = 1800) -> dict:
+    """Run ``python script *args`` in a fresh process and parse the JSON on its last stdout line."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----- machine -----
+def load_average() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """CPU model, cores, threads, library versions and the load average at call time."""
+    import timm
+
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average": load_average(),
+    }
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def command_line() -> str:
+    """The command that ran this script, relative to the repository root when possible."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(REPO_ROOT)
+    except ValueError:
+        pass
+    return " ".join(["python", str(script), *sys.argv[1:]])
+
+
+# ----- output -----
+def write_json(path: Path, data: dict) -> Path:
+    """Write ``data`` as indented JSON (atomically: a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+    """A matplotlib (Agg) figure with ``ncols`` axes side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table (also readable in a terminal)."""
+    cells = [[_cell(c) for c in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def ratio_text(s: dict[str, float]) -> str:
+    """``"1.07x [1.05-1.09]"``: median and interquartile range of a ratio summary."""
+    return f"{s['median']:.3f}x [{s['q1']:.3f}-{s['q3']:.3f}]"
+
+
+def target_row(name: str, stat: dict[str, float], op: str, limit: float) -> dict:
+    """A target check on a median: ``op`` is ``"<="`` or ``">="``."""
+    value = stat["median"]
+    ok = value <= limit if op == "<=" else value >= limit
+    return {"target": name, "median": value, "q1": stat["q1"], "q3": stat["q3"], "n": stat["n"], "op": op,
+            "limit": limit, "pass": bool(ok)}
+
+
+def print_targets(targets: Sequence[dict]) -> None:
+    rows = [[t["target"], f"{t['median']:.3f} [{t['q1']:.3f}-{t['q3']:.3f}]", f"{t['op']} {t['limit']}",
+             "PASS" if t["pass"] else "MISS"] for t in targets]
+    print(format_table(["target", "median [IQR]", "limit", "result"], rows))
