@@ -108,16 +108,16 @@ def attend_new(
     Returns:
         ``[B, H, K, hd]``.
     """
-    n, k = k_x.shape[2], k_c.shape[2]
-    q = q_c * scale
-    s_x = q @ k_x.transpose(-2, -1)  # [B, H, K, N]
-    if bias_x is not None:
-        s_x = s_x + bias_x
-    s_c = q @ k_c.transpose(-2, -1)  # [B, H, K, K]
-    s_m = q @ k_m.transpose(-2, -1)  # [B, H, K, M], memory broadcast over the batch
-    s_new = torch.cat([s_c, s_m], dim=-1).masked_fill(~new_mask, float("-inf"))
-    p = torch.cat([s_x, s_new], dim=-1).softmax(dim=-1).to(v_x.dtype)  # [B, H, K, N + K + M]
-    return p[..., :n] @ v_x + p[..., n : n + k] @ v_c + p[..., n + k :] @ v_m
+    b, k = q_c.shape[0], q_c.shape[2]
+    keys = torch.cat([k_x, k_c, k_m.unsqueeze(0).expand(b, -1, -1, -1)], dim=2)  # [B, H, N + K + M, hd]
+    values = torch.cat([v_x, v_c, v_m.unsqueeze(0).expand(b, -1, -1, -1)], dim=2)
+    sees_orig = new_mask.new_ones(k, k_x.shape[2])  # every new class token sees every original token
+    mask = torch.cat([sees_orig, new_mask], dim=1)  # [K, N + K + M], a row of Table 1 per class token
+    if bias_x is not None:  # additive: the bias on the original columns, -inf where Table 1 masks
+        bias_x = bias_x.to(q_c.dtype).expand(*bias_x.shape[:-2], k, k_x.shape[2])
+        rest = torch.zeros(new_mask.shape, dtype=q_c.dtype, device=q_c.device).masked_fill_(~new_mask, float("-inf"))
+        mask = torch.cat([bias_x, rest.expand(*bias_x.shape[:-2], *rest.shape)], dim=-1)
+    return F.scaled_dot_product_attention(q_c, keys, values, attn_mask=mask, scale=scale)
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
