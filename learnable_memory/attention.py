@@ -151,14 +151,26 @@ def memory_attention(
     if hasattr(kind, "position_bias"):  # e.g. relative position bias: [.., N, N] and [.., 1, N]
         pos_x, pos_c = kind.position_bias(attn, ctx, h_x.shape[1])
         bias_x, bias_c = _add(bias_x, pos_x), _add(bias_c, pos_c)
+    n, b = h_x.shape[1], h_x.shape[0]
+    # Full mode without rotary embeddings: the memory rows ride along with the original tokens through
+    # the projection, so their keys/values already end in the memory's and need no concatenation.
+    memory_in_sequence = ctx.full and rope is None
     with torch.set_grad_enabled(ctx.orig_grad):
-        q_x, k_x, v_x = kind.qkv(attn, h_x, rope)
-    _, k_m, v_m = (t[0] for t in kind.qkv(attn, h_m.unsqueeze(0)))  # [H, M, hd], once per pass
-    with torch.set_grad_enabled(ctx.orig_grad):
-        if ctx.full:
-            o_x = attend_original_with_memory(q_x, k_x, v_x, k_m, v_m, attn.scale, bias_x)
+        if memory_in_sequence:
+            q, k, v = kind.qkv(attn, torch.cat([h_x, h_m.unsqueeze(0).expand(b, -1, -1)], dim=1))  # N + M
+            bias = None if bias_x is None else F.pad(bias_x, (0, h_m.shape[0]))  # no bias on memory
+            o_x = F.scaled_dot_product_attention(q[:, :, :n], k, v, attn_mask=bias, scale=attn.scale)
+            k_x, v_x, k_m, v_m = k[:, :, :n], v[:, :, :n], k[0, :, n:], v[0, :, n:]
         else:
-            o_x = attend_original(q_x, k_x, v_x, attn.fused_attn, attn.scale, bias_x)
+            q_x, k_x, v_x = kind.qkv(attn, h_x, rope)
+    if not memory_in_sequence:
+        _, k_m, v_m = (t[0] for t in kind.qkv(attn, h_m.unsqueeze(0)))  # [H, M, hd], once per pass
+        with torch.set_grad_enabled(ctx.orig_grad):
+            if ctx.full:
+                o_x = attend_original_with_memory(q_x, k_x, v_x, k_m, v_m, attn.scale, bias_x)
+            else:
+                o_x = attend_original(q_x, k_x, v_x, attn.fused_attn, attn.scale, bias_x)
+    with torch.set_grad_enabled(ctx.orig_grad):
         a_x = kind.out(attn, o_x, h_x)
     q_c, k_c, v_c = kind.qkv(attn, h_c)
     o_c = attend_new(q_c, k_x, v_x, k_c, v_c, k_m, v_m, ctx.new_mask, attn.scale, bias_c)
