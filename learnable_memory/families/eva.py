@@ -37,7 +37,7 @@ from torch import nn
 
 from ..attention import MemoryContext, memory_attention
 from ..registry import ATTENTION_KINDS, BACKBONES, BLOCK_KINDS, attention_kind, register
-from .vit import VitBackbone
+from .vit import PostNormBlock, VitBackbone
 
 
 def fused_qkv_with_bias(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -157,26 +157,15 @@ class LayerScalePreNormBlock:
 
 
 @register(BLOCK_KINDS, EvaBlockPostNorm)
-class PostNormBlock:
-    """``x + norm1(attn(x))``, then ``x + norm2(mlp(x))``: tokens and memory enter attention as they are."""
-
-    def attentions(self, blk: nn.Module) -> list[nn.Module]:
-        return [blk.attn]
+class EvaPostNormBlock(PostNormBlock):
+    """``EvaBlockPostNorm``: as timm's ``ResPostBlock`` (tokens and memory enter attention as they
+    are), with this block's rotary table."""
 
     def __call__(
         self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]``, ``mem`` ``[M, D]`` -> new ``x``, ``c``."""
-        ctx = block_context(ctx, blk)
-        a_x, a_c = memory_attention(blk.attn, x, c, mem, ctx, attention_kind(blk.attn))
-        with torch.set_grad_enabled(ctx.orig_grad):
-            x = self._rest(blk, x, a_x)
-        return x, self._rest(blk, c, a_c)
-
-    @staticmethod
-    def _rest(blk: nn.Module, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        t = t + blk.drop_path1(blk.norm1(a))
-        return t + blk.drop_path2(blk.norm2(blk.mlp(t)))
+        return super().__call__(blk, x, c, mem, block_context(ctx, blk))
 
 
 @register(BACKBONES, Eva)
