@@ -19,7 +19,9 @@ momentum 0.9, gradient clipping at 1, 5% linear warm-up and cosine decay:
 Learning rates: with ``--tune`` (on in ``--full``), each method and task tries every rate of its grid
 (``LR_GRID``) on seed 0, trained on 90% of the training set and scored on the other 10%; the best
 rate is then used for every seed, which trains on the same 90% and is scored on the test set.
-Without ``--tune`` the rates of ``DEFAULT_LR`` are used (the winners of such a sweep).
+Without ``--tune`` the fixed rates of ``DEFAULT_LR`` are used: SGD 0.6 for the memory, class-token and
+head methods (the best of a 0.03-1.0 sweep for memory on the demo base, see ``learnable_memory.train``),
+0.01 for full fine-tuning and 0.1 for LoRA. They are not tuned per task.
 
 After training, every non-destructive adapter of a seed (all tasks, all m) is added to ONE
 ``MemoryViT``; its single ``forward_all`` pass must give each task the same test accuracy (and logits)
@@ -61,7 +63,7 @@ METHODS = (["full_ft", "head_only", "head_cls"] + [f"nd_m{m}" for m in MEMORY_SI
 LR_GRID = {"full_ft": [0.003, 0.01, 0.03], "lora_r4": [0.03, 0.1, 0.3]}
 LR_GRID_DEFAULT = [0.03, 0.1, 0.3]
 DEFAULT_LR = {"full_ft": 0.01, "lora_r4": 0.1}
-DEFAULT_LR_OTHER = 0.1
+DEFAULT_LR_OTHER = 0.6
 #: The quick setting (the default): what it runs.
 QUICK = dict(steps=150, seeds=[0], tasks=list(TASKS),
              methods=["full_ft", "head_only", "head_cls", "nd_m1", "nd_m5", "nd_m10", "full_m5", "lora_r4"])
