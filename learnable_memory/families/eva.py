@@ -35,9 +35,9 @@ from timm.layers import AttentionRope, apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import nn
 
-from ..attention import MemoryContext, memory_attention
-from ..registry import ATTENTION_KINDS, BACKBONES, BLOCK_KINDS, attention_kind, register
-from .vit import PostNormBlock, VitBackbone
+from ..attention import MemoryContext
+from ..registry import ATTENTION_KINDS, BACKBONES, BLOCK_KINDS, register
+from .vit import PostNormBlock, PreNormBlock, VitBackbone
 
 
 def fused_qkv_with_bias(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -126,23 +126,15 @@ def block_context(ctx: MemoryContext, blk: nn.Module) -> MemoryContext:
 
 
 @register(BLOCK_KINDS, EvaBlock)
-class LayerScalePreNormBlock:
-    """``x + gamma_1 * attn(norm1(x))``, then ``x + gamma_2 * mlp(norm2(x))`` (each gamma optional)."""
-
-    def attentions(self, blk: nn.Module) -> list[nn.Module]:
-        return [blk.attn]
+class LayerScalePreNormBlock(PreNormBlock):
+    """``x + gamma_1 * attn(norm1(x))``, then ``x + gamma_2 * mlp(norm2(x))`` (each gamma optional),
+    with this block's rotary table."""
 
     def __call__(
         self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]``, ``mem`` ``[M, D]`` -> new ``x``, ``c``."""
-        ctx = block_context(ctx, blk)
-        with torch.set_grad_enabled(ctx.orig_grad):
-            h_x = blk.norm1(x)
-        a_x, a_c = memory_attention(blk.attn, h_x, blk.norm1(c), blk.norm1(mem), ctx, attention_kind(blk.attn))
-        with torch.set_grad_enabled(ctx.orig_grad):
-            x = self._rest(blk, x, a_x)
-        return x, self._rest(blk, c, a_c)
+        return super().__call__(blk, x, c, mem, block_context(ctx, blk))
 
     @staticmethod
     def _rest(blk: nn.Module, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
