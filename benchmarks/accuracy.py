@@ -16,12 +16,13 @@ momentum 0.9, gradient clipping at 1, 5% linear warm-up and cosine decay:
 - ``nd_m{1,5,10,20}`` / ``full_m{1,5,10,20}``: memory in non-destructive / full mode;
 - ``lora_r4``: peft LoRA r=4 on ``qkv`` (plus a new head).
 
-Learning rates: with ``--tune`` (on in ``--full``), each method and task tries every rate of its grid
-(``LR_GRID``) on seed 0, trained on 90% of the training set and scored on the other 10%; the best
-rate is then used for every seed, which trains on the same 90% and is scored on the test set.
-Without ``--tune`` the fixed rates of ``DEFAULT_LR`` are used: SGD 0.6 for the memory, class-token and
-head methods (the best of a 0.03-1.0 sweep for memory on the demo base, see ``learnable_memory.train``),
-0.01 for full fine-tuning and 0.1 for LoRA. They are not tuned per task.
+Learning rates are tuned: each method and task tries the 4 settings of its grid (``LR_GRID``; for the
+memory methods, 2 learning rates x 2 scales of the memory tokens' own rate, ``fit(memory_lr_scale=)``)
+on seed 0, trained on 90% of the training set (at most 300 images fewer for small tasks, see ``VAL_MIN``)
+and scored on the rest; the best setting is then used for every seed, which trains on the same images
+and is scored on the test set. ``--fixed-lr`` skips tuning and uses ``DEFAULT_LR``: SGD 0.6 for the memory,
+class-token and head methods (``learnable_memory.train.DEFAULTS``), 0.01 for full fine-tuning and 0.1
+for LoRA.
 
 After training, every non-destructive adapter of a seed (all tasks, all m) is added to ONE
 ``MemoryViT``; its single ``forward_all`` pass must give each task the same test accuracy (and logits)
@@ -29,10 +30,12 @@ as the task's own model, and the base model's own output unchanged.
 
 Settings:
 
-    python benchmarks/accuracy.py            # quick setting: < 15 min on 2 CPU cores (see QUICK)
-    python benchmarks/accuracy.py --full     # whole grid: 11 methods x 3 tasks x 3 seeds, 1000 steps,
-                                             # learning rates tuned (hours on CPU; for a GPU)
-    python benchmarks/accuracy.py --quick    # smoke test: 3 steps on a few hundred images
+    python benchmarks/accuracy.py                 # default setting (DEFAULT): 6 methods x 2 tasks, 1 seed,
+                                                  # 200 steps, tuned: about 10 min on 2 CPU cores
+    python benchmarks/accuracy.py --full --steps 300  # whole grid: 12 methods x 3 tasks x 3 seeds, tuned
+                                                  # (about 1 h 15 min on 2 CPU cores; RESULTS.md)
+    python benchmarks/accuracy.py --full          # the same with 1000 steps (for a GPU)
+    python benchmarks/accuracy.py --quick         # smoke test: 3 steps on a few hundred images
 """
 
 from __future__ import annotations
@@ -58,24 +61,37 @@ from learnable_memory.train import count_trainable, evaluate, fit  # noqa: E402
 
 TASKS = {"fmnist_5_9": ("fashion-mnist", "5-9"), "digits": ("digits", None), "fmnist_10": ("fashion-mnist", None)}
 MEMORY_SIZES = (1, 5, 10, 20)
+#: Validation images held out of a task's training set: 10%, but at least this many (up to a quarter), so
+#: that tuning on a small task (digits: 1,200 training images) is not decided by a handful of images.
+VAL_MIN = 300
 METHODS = (["full_ft", "head_only", "head_cls"] + [f"nd_m{m}" for m in MEMORY_SIZES]
            + [f"full_m{m}" for m in MEMORY_SIZES] + ["lora_r4"])
-LR_GRID = {"full_ft": [0.003, 0.01, 0.03], "lora_r4": [0.03, 0.1, 0.3]}
-LR_GRID_DEFAULT = [0.03, 0.1, 0.3]
-DEFAULT_LR = {"full_ft": 0.01, "lora_r4": 0.1}
-DEFAULT_LR_OTHER = 0.6
-#: The quick setting (the default): what it runs.
-QUICK = dict(steps=150, seeds=[0], tasks=list(TASKS),
-             methods=["full_ft", "head_only", "head_cls", "nd_m1", "nd_m5", "nd_m10", "full_m5", "lora_r4"])
+#: Tuning grids: (learning rate, memory learning-rate scale) pairs per method; the scale only
+#: matters for methods with memory tokens (``learnable_memory.train.parameter_groups``).
+LR_GRID = {"full_ft": [(0.003, 1.0), (0.01, 1.0), (0.03, 1.0), (0.1, 1.0)],
+           "lora_r4": [(0.03, 1.0), (0.1, 1.0), (0.3, 1.0), (1.0, 1.0)],
+           "head_only": [(0.1, 1.0), (0.3, 1.0), (0.6, 1.0), (1.0, 1.0)],
+           "head_cls": [(0.1, 1.0), (0.3, 1.0), (0.6, 1.0), (1.0, 1.0)]}
+LR_GRID_MEMORY = [(0.3, 1.0), (0.6, 1.0), (0.3, 10.0), (0.6, 10.0)]
+DEFAULT_LR = {"full_ft": (0.01, 1.0), "lora_r4": (0.1, 1.0)}
+DEFAULT_LR_OTHER = (0.6, 1.0)
+#: The default setting: what a run without --full runs.
+DEFAULT = dict(steps=200, seeds=[0], tasks=["fmnist_5_9", "digits"],
+             methods=["full_ft", "head_only", "head_cls", "nd_m5", "full_m5", "lora_r4"])
 FULL = dict(steps=1000, seeds=[0, 1, 2], tasks=list(TASKS), methods=METHODS)
 
 
-def lr_grid(method: str) -> list[float]:
-    return LR_GRID.get(method, LR_GRID_DEFAULT)
+def lr_grid(method: str) -> list[tuple[float, float]]:
+    return LR_GRID.get(method, LR_GRID_MEMORY)
 
 
-def default_lr(method: str) -> float:
+def default_lr(method: str) -> tuple[float, float]:
     return DEFAULT_LR.get(method, DEFAULT_LR_OTHER)
+
+
+def lr_name(lr: tuple[float, float]) -> str:
+    """``"lr 0.6"``, or ``"lr 0.6 x10"`` when the memory learning rate is scaled."""
+    return f"lr {lr[0]:g}" + (f" x{lr[1]:g}" if lr[1] != 1.0 else "")
 
 
 # ----- data -----
@@ -109,7 +125,7 @@ def load_task(task: str, cfg: dict, limit: int | None, cache: dict) -> dict[str,
     train = split_tensors(source, "train", classes, cfg, limit, cache)
     test = split_tensors(source, "test", classes, cfg, limit, cache)
     order = torch.from_numpy(np.random.default_rng(0).permutation(len(train)))
-    n_val = max(1, len(train) // 10)
+    n_val = max(1, len(train) // 10, min(VAL_MIN, len(train) // 4))
     x, y = train.tensors
     num_classes = 10 if classes is None else int(classes.split("-")[1]) - int(classes.split("-")[0]) + 1
     return {"train": TensorDataset(x[order[n_val:]], y[order[n_val:]]),
@@ -134,15 +150,16 @@ def build(method: str, base: nn.Module, num_classes: int, name: str) -> nn.Modul
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def train_one(method: str, base: nn.Module, data: dict, lr: float, seed: int, steps: int, batch: int,
+def train_one(method: str, base: nn.Module, data: dict, lr: tuple[float, float], seed: int, steps: int, batch: int,
               eval_on: str, name: str) -> tuple[nn.Module, dict]:
+    """Train ``method`` with ``lr = (learning rate, memory learning-rate scale)``; score it on ``data[eval_on]``."""
     torch.manual_seed(seed)
     model = build(method, base, data["num_classes"], name)
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(data["train"], batch_size=batch, shuffle=True, generator=g, drop_last=True)
     start = time.perf_counter()
-    fit(model, loader, steps=steps, lr=lr, optimizer="sgd", momentum=0.9, warmup=0.05, clip=1.0, seed=seed,
-        progress=False)
+    fit(model, loader, steps=steps, lr=lr[0], memory_lr_scale=lr[1], optimizer="sgd", momentum=0.9, warmup=0.05,
+        clip=1.0, seed=seed, progress=False)
     seconds = time.perf_counter() - start
     res = evaluate(model, DataLoader(data[eval_on], batch_size=512))
     return model, {"accuracy": res["accuracy"], "seconds": seconds, "trainable_params": count_trainable(model)}
@@ -197,14 +214,14 @@ def plot(results: dict, tasks: list[str], methods: list[str], path: Path) -> Non
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 2 methods, a few hundred images")
-    p.add_argument("--full", action="store_true", help="the whole grid with tuned learning rates (for a GPU)")
+    p.add_argument("--full", action="store_true", help="the whole grid, 3 seeds, 1000 steps (for a GPU)")
     p.add_argument("--out", type=Path, default=common.DEFAULT_OUT)
     p.add_argument("--steps", type=int)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS))
     p.add_argument("--methods", nargs="+", choices=METHODS)
-    p.add_argument("--tune", action="store_true", help="tune each method's learning rate on a validation split")
+    p.add_argument("--fixed-lr", action="store_true", help="skip tuning: use each method's default learning rate")
     p.add_argument("--limit", type=int, help="use at most this many training and test images per task")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice); 1 is faster for this "
                    "small model on a busy CPU, where every small parallel op waits for a descheduled thread")
@@ -212,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    setting = dict(FULL if args.full else QUICK)
+    setting = dict(FULL if args.full else DEFAULT)
     if args.quick:
         setting.update(steps=3, seeds=[0], tasks=["fmnist_5_9", "digits"], methods=["head_only", "nd_m1", "full_ft"])
         args.limit = args.limit or 256
@@ -220,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("steps", "seeds", "tasks", "methods"):
         if getattr(args, key) is not None:
             setting[key] = getattr(args, key)
-    tune = args.tune or args.full
+    tune = not args.fixed_lr
     steps, seeds, tasks, methods = setting["steps"], setting["seeds"], setting["tasks"], setting["methods"]
 
     machine = common.machine_info()
@@ -235,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     datas = {t: load_task(t, cfg, args.limit, cache) for t in tasks}
     print(f"data ready ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    lrs: dict[str, dict[str, float]] = {t: {} for t in tasks}
+    lrs: dict[str, dict[str, tuple[float, float]]] = {t: {} for t in tasks}
     tuning: dict[str, dict[str, dict[str, float]]] = {t: {} for t in tasks}
     for task in tasks:
         for method in methods:
@@ -245,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
             scores = {}
             for lr in lr_grid(method):
                 _, r = train_one(method, base, datas[task], lr, seeds[0], steps, args.batch, "val", f"{task}_{method}")
-                scores[str(lr)] = r["accuracy"]
-            best = max(scores, key=scores.get)
-            lrs[task][method], tuning[task][method] = float(best), scores
-            print(f"  tune {task} {method}: {scores} -> lr {best}", flush=True)
+                scores[lr_name(lr)] = r["accuracy"]
+            best = max(lr_grid(method), key=lambda lr: scores[lr_name(lr)])  # first of equals: the grid's order
+            lrs[task][method], tuning[task][method] = best, scores
+            print(f"  tune {task} {method}: {scores} -> {lr_name(best)} "
+                  f"(total {time.perf_counter() - start:.0f} s)", flush=True)
 
     results: dict[str, dict[str, dict]] = {t: {} for t in tasks}
     concat: dict[str, dict] = {}
@@ -259,13 +277,15 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"{task}_{method}"
                 model, r = train_one(method, base, datas[task], lrs[task][method], seed, steps, args.batch, "test",
                                      name)
-                entry = results[task].setdefault(method, {"lr": lrs[task][method], "accuracies": [], "seconds": []})
+                lr, scale = lrs[task][method]
+                entry = results[task].setdefault(method, {"lr": lr, "memory_lr_scale": scale, "accuracies": [],
+                                                          "seconds": []})
                 entry["accuracies"].append(r["accuracy"])
                 entry["seconds"].append(r["seconds"])
                 entry["trainable_params"] = r["trainable_params"]
                 if method.startswith("nd_m") or method == "head_cls":
                     adapters[name] = (model, task, r["accuracy"])
-                print(f"  seed {seed} {task:10s} {method:9s} lr {lrs[task][method]:<6g} acc {r['accuracy']:.4f} "
+                print(f"  seed {seed} {task:10s} {method:9s} {lr_name(lrs[task][method]):12s} acc {r['accuracy']:.4f} "
                       f"({r['seconds']:.0f} s; total {time.perf_counter() - start:.0f} s)", flush=True)
         if adapters:
             concat[str(seed)] = check_concatenation(base, adapters, datas)

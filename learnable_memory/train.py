@@ -33,7 +33,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from tqdm.auto import tqdm
 
 #: Default hyper-parameters of :func:`fit` for memory fine-tuning.
-DEFAULTS = dict(optimizer="sgd", lr=0.6, momentum=0.9, weight_decay=0.0, warmup=0.05, clip=1.0)
+DEFAULTS = dict(optimizer="sgd", lr=0.6, momentum=0.9, weight_decay=0.0, warmup=0.05, clip=1.0, memory_lr_scale=1.0)
 
 
 @dataclass
@@ -64,9 +64,21 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in trainable_parameters(model))
 
 
-def make_optimizer(params: Iterable[nn.Parameter], name: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
-                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper's choice) or AdamW."""
+def parameter_groups(model: nn.Module, lr: float, memory_lr_scale: float = 1.0) -> list[dict]:
+    """Optimizer groups of the trainable parameters: memory tokens (parameters named ``memory``, see
+    :class:`~learnable_memory.TaskMemory`) at ``lr * memory_lr_scale``, everything else at ``lr``.
+    Empty groups are left out."""
+    memory, other = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.numel() > 0:
+            (memory if name.rsplit(".", 1)[-1] == "memory" else other).append(p)
+    groups = [{"params": other, "lr": lr}, {"params": memory, "lr": lr * memory_lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(params: Iterable[nn.Parameter] | Iterable[dict], name: str = "sgd", lr: float = 0.1,
+                   momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's choice) or AdamW, on parameters or parameter groups."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
@@ -145,7 +157,8 @@ def _device_of(model) -> torch.device:
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None = None, *,
         steps: int | None = None, epochs: int | None = None, lr: float = DEFAULTS["lr"],
         optimizer: str = DEFAULTS["optimizer"], momentum: float = DEFAULTS["momentum"],
-        weight_decay: float = DEFAULTS["weight_decay"], warmup: int | float = DEFAULTS["warmup"],
+        weight_decay: float = DEFAULTS["weight_decay"], memory_lr_scale: float = DEFAULTS["memory_lr_scale"],
+        warmup: int | float = DEFAULTS["warmup"],
         clip: float | None = DEFAULTS["clip"], bf16: bool = False, accelerator: Accelerator | None = None,
         seed: int | None = None, progress: bool = True, desc: str = "train",
         log: Callable[[str], None] | None = None) -> FitResult:
@@ -158,6 +171,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
         steps, epochs: Length of training (exactly one of them). An epoch is one pass over
             ``train_loader`` (per process under ``accelerate launch``); ``steps`` may span several.
         lr, optimizer, momentum, weight_decay: See :func:`make_optimizer`.
+        memory_lr_scale: The memory tokens' peak learning rate is ``lr * memory_lr_scale`` (see
+            :func:`parameter_groups`); the warm-up and cosine decay scale every group alike.
         warmup: Warm-up steps (int) or fraction of the total (float < 1).
         clip: Max global gradient norm (None: no clipping).
         bf16: Run forward passes under bf16 autocast.
@@ -176,7 +191,9 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
     if seed is not None:
         set_seed(seed)
     accelerator = accelerator or Accelerator()
-    opt = make_optimizer(params, optimizer, lr, momentum, weight_decay)
+    if memory_lr_scale <= 0:
+        raise ValueError(f"memory_lr_scale must be > 0, got {memory_lr_scale}")
+    opt = make_optimizer(parameter_groups(model, lr, memory_lr_scale), optimizer, lr, momentum, weight_decay)
     if val_loader is not None:
         model, opt, train_loader, val_loader = accelerator.prepare(model, opt, train_loader, val_loader)
     else:

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from learnable_memory import wrap_model
-from learnable_memory.train import count_trainable, evaluate, fit, make_optimizer, warmup_cosine
+from learnable_memory.train import count_trainable, evaluate, fit, make_optimizer, parameter_groups, warmup_cosine
 from tests.conftest import IMG, make_vit
 
 
@@ -45,6 +45,40 @@ def test_make_optimizer():
     assert isinstance(make_optimizer(p, "adamw", lr=1e-3), torch.optim.AdamW)
     with pytest.raises(ValueError, match="optimizer"):
         make_optimizer(p, "lion")
+
+
+def test_parameter_groups_give_memory_its_own_rate():
+    model = wrap_model(make_vit(), n_mem=2, num_classes=3, task="t")
+    groups = parameter_groups(model, lr=0.5, memory_lr_scale=4.0)
+    assert [g["lr"] for g in groups] == [0.5, 2.0]
+    assert groups[1]["params"] == [model.tasks["t"].memory]
+    assert len(groups[0]["params"]) == 3  # class token, head weight, head bias
+    # no memory tokens (head + class token): one group; a plain module: one group
+    assert len(parameter_groups(wrap_model(make_vit(), n_mem=0, num_classes=3, task="t"), 0.5, 4.0)) == 1
+    assert len(parameter_groups(nn.Linear(2, 2), 0.5, 4.0)) == 1
+
+
+def test_fit_scales_only_the_memory_step():
+    """One plain SGD step (no momentum): the memory moves ``memory_lr_scale`` times as far, the rest alike."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, IMG, IMG, generator=g), torch.randint(0, 3, (8,), generator=g))
+    base = make_vit()
+    deltas = []
+    for scale in (1.0, 10.0):
+        torch.manual_seed(0)
+        model = wrap_model(base, n_mem=2, num_classes=3, task="t")
+        task = model.tasks["t"]
+        before = {k: v.clone() for k, v in task.state_dict().items()}
+        fit(model, DataLoader(data, batch_size=8), steps=1, lr=0.1, momentum=0.0, memory_lr_scale=scale,
+            progress=False)
+        deltas.append({k: v - before[k] for k, v in task.state_dict().items()})
+    one, ten = deltas
+    assert one["memory"].abs().max() > 0
+    torch.testing.assert_close(ten["memory"], 10 * one["memory"])
+    for k in ("class_token", "head.weight", "head.bias"):
+        torch.testing.assert_close(ten[k], one[k])
+    with pytest.raises(ValueError, match="memory_lr_scale"):
+        fit(model, DataLoader(data, batch_size=8), steps=1, memory_lr_scale=0.0, progress=False)
 
 
 def test_fit_learns_and_validates_every_epoch():
