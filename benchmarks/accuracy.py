@@ -1,7 +1,9 @@
 """The paper's accuracy table in miniature, on real images.
 
 Base model: the small timm ViT shipped with the package (``learnable_memory.data.load_demo_base``),
-pretrained on Fashion-MNIST classes 0-4. Downstream tasks:
+pretrained on Fashion-MNIST classes 0-4, or any timm ViT given with ``--model`` (``--pretrained`` for
+its hub weights, ``--checkpoint FILE`` for local ones; images are resized to its input by its own timm
+preprocessing). Downstream tasks:
 
 - ``fmnist_5_9``: Fashion-MNIST classes 5-9 (30,000 training images, 5,000 test);
 - ``digits``: scikit-learn's 8x8 digits, upsampled to 28x28 (1,200 training, 597 test);
@@ -17,12 +19,13 @@ momentum 0.9, gradient clipping at 1, 5% linear warm-up and cosine decay:
 - ``lora_r4``: peft LoRA r=4 on ``qkv`` (plus a new head).
 
 Learning rates are tuned: each method and task tries the 4 settings of its grid (``LR_GRID``; for the
-memory methods, 2 learning rates x 2 scales of the memory tokens' own rate, ``fit(memory_lr_scale=)``)
-on seed 0, trained on 90% of the training set (at most 300 images fewer for small tasks, see ``VAL_MIN``)
-and scored on the rest; the best setting is then used for every seed, which trains on the same images
-and is scored on the test set. ``--fixed-lr`` skips tuning and uses ``DEFAULT_LR``: SGD 0.6 for the memory,
-class-token and head methods (``learnable_memory.train.DEFAULTS``), 0.01 for full fine-tuning and 0.1
-for LoRA.
+memory methods, 2 learning rates x 2 scales of the memory tokens' own rate, ``fit(memory_lr_scale=)``),
+and up to ``MAX_EXTRA`` more beyond an edge of the grid that came out best. Tuning uses seed 0, trains on
+90% of the training set (a quarter at most, to keep at least ``VAL_MIN`` images for scoring on small
+tasks) and scores on the rest; the best setting is then used for every seed, which trains on the same
+images and is scored on the test set. ``--fixed-lr`` skips tuning and uses ``DEFAULT_LR``: SGD 0.6 for
+the memory, class-token and head methods (``learnable_memory.train.DEFAULTS``), 0.01 for full
+fine-tuning and 0.1 for LoRA.
 
 After training, every non-destructive adapter of a seed (all tasks, all m) is added to ONE
 ``MemoryViT``; its single ``forward_all`` pass must give each task the same test accuracy (and logits)
@@ -36,27 +39,33 @@ Settings:
                                                   # (about 1 h 15 min on 2 CPU cores; RESULTS.md)
     python benchmarks/accuracy.py --full          # the same with 1000 steps (for a GPU)
     python benchmarks/accuracy.py --quick         # smoke test: 3 steps on a few hundred images
+    python benchmarks/accuracy.py --full --model vit_base_patch32_224.augreg_in21k --pretrained --workers 8
+                                                  # the paper's backbone (GPU, weights in the HF cache)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
 from learnable_memory import MemoryViT, wrap_model  # noqa: E402
 from learnable_memory.baselines import HeadOnly, full_finetune, lora  # noqa: E402
-from learnable_memory.data import data_config, load_dataset, load_demo_base  # noqa: E402
+from learnable_memory.cli.base import create_base  # noqa: E402
+from learnable_memory.data import data_config, load_dataset, subsample  # noqa: E402
 from learnable_memory.train import count_trainable, evaluate, fit  # noqa: E402
 
 TASKS = {"fmnist_5_9": ("fashion-mnist", "5-9"), "digits": ("digits", None), "fmnist_10": ("fashion-mnist", None)}
@@ -64,15 +73,21 @@ MEMORY_SIZES = (1, 5, 10, 20)
 #: Validation images held out of a task's training set: 10%, but at least this many (up to a quarter), so
 #: that tuning on a small task (digits: 1,200 training images) is not decided by a handful of images.
 VAL_MIN = 300
+#: Images with at most this many values are preprocessed once into tensors (else loaded lazily).
+MATERIALIZE_MAX = 64 * 64 * 3
+EVAL_BATCH = 512
 METHODS = (["full_ft", "head_only", "head_cls"] + [f"nd_m{m}" for m in MEMORY_SIZES]
            + [f"full_m{m}" for m in MEMORY_SIZES] + ["lora_r4"])
 #: Tuning grids: (learning rate, memory learning-rate scale) pairs per method; the scale only
 #: matters for methods with memory tokens (``learnable_memory.train.parameter_groups``).
-LR_GRID = {"full_ft": [(0.003, 1.0), (0.01, 1.0), (0.03, 1.0), (0.1, 1.0)],
+LR_GRID = {"full_ft": [(0.01, 1.0), (0.03, 1.0), (0.1, 1.0), (0.3, 1.0)],
            "lora_r4": [(0.03, 1.0), (0.1, 1.0), (0.3, 1.0), (1.0, 1.0)],
-           "head_only": [(0.1, 1.0), (0.3, 1.0), (0.6, 1.0), (1.0, 1.0)],
-           "head_cls": [(0.1, 1.0), (0.3, 1.0), (0.6, 1.0), (1.0, 1.0)]}
-LR_GRID_MEMORY = [(0.3, 1.0), (0.6, 1.0), (0.3, 10.0), (0.6, 10.0)]
+           "head_only": [(0.1, 1.0), (0.3, 1.0), (1.0, 1.0), (3.0, 1.0)],
+           "head_cls": [(0.1, 1.0), (0.3, 1.0), (1.0, 1.0), (3.0, 1.0)]}
+LR_GRID_MEMORY = [(0.2, 1.0), (0.6, 1.0), (0.2, 10.0), (0.6, 10.0)]
+#: While the best learning rate is the largest or smallest tried (at its memory scale), tuning also tries
+#: the next one beyond it (x3 or /3), at most this many times, so the optimum is not an edge of the grid.
+MAX_EXTRA = 2
 DEFAULT_LR = {"full_ft": (0.01, 1.0), "lora_r4": (0.1, 1.0)}
 DEFAULT_LR_OTHER = (0.6, 1.0)
 #: The default setting: what a run without --full runs.
@@ -87,6 +102,26 @@ def lr_grid(method: str) -> list[tuple[float, float]]:
 
 def default_lr(method: str) -> tuple[float, float]:
     return DEFAULT_LR.get(method, DEFAULT_LR_OTHER)
+
+
+def tune_lr(score: Callable[[tuple[float, float]], float], grid: list[tuple[float, float]],
+            max_extra: int = MAX_EXTRA) -> tuple[tuple[float, float], dict[tuple[float, float], float]]:
+    """The best ``(lr, memory scale)`` by ``score``: the grid, extended while its best rate is an edge.
+
+    Returns the best setting (the first of equals, in the order tried) and every score.
+    """
+    scores = {lr: score(lr) for lr in grid}
+    for _ in range(max_extra):
+        best = max(scores, key=scores.get)
+        rates = sorted(lr for lr, scale in scores if scale == best[1])
+        if best[0] == rates[-1]:
+            nxt = (round(best[0] * 3, 6), best[1])
+        elif best[0] == rates[0]:
+            nxt = (round(best[0] / 3, 6), best[1])
+        else:
+            break
+        scores[nxt] = score(nxt)
+    return max(scores, key=scores.get), scores
 
 
 def lr_name(lr: tuple[float, float]) -> str:
@@ -119,17 +154,24 @@ def split_tensors(source: str, split: str, classes: str | None, cfg: dict, limit
     return TensorDataset(x[keep], y[keep] - lo)
 
 
-def load_task(task: str, cfg: dict, limit: int | None, cache: dict) -> dict[str, TensorDataset | int]:
-    """Train (90%), validation (10%) and test tensors of ``task``, and its class count."""
+def load_task(task: str, cfg: dict, limit: int | None, cache: dict) -> dict[str, Dataset | int]:
+    """Train (90%), validation (10%) and test data of ``task``, and its class count.
+
+    Small inputs (up to ``MATERIALIZE_MAX`` values per image, e.g. the demo base's 28x28) are preprocessed
+    once into tensors; larger ones (a 224 px model) are loaded and transformed lazily, image by image.
+    """
     source, classes = TASKS[task]
-    train = split_tensors(source, "train", classes, cfg, limit, cache)
-    test = split_tensors(source, "test", classes, cfg, limit, cache)
-    order = torch.from_numpy(np.random.default_rng(0).permutation(len(train)))
+    if math.prod(cfg["input_size"]) <= MATERIALIZE_MAX:
+        train = split_tensors(source, "train", classes, cfg, limit, cache)
+        test = split_tensors(source, "test", classes, cfg, limit, cache)
+    else:
+        train, test = (subsample(load_dataset(source, split, cfg, classes=classes), limit)
+                       for split in ("train", "test"))
+    order = np.random.default_rng(0).permutation(len(train))
     n_val = max(1, len(train) // 10, min(VAL_MIN, len(train) // 4))
-    x, y = train.tensors
     num_classes = 10 if classes is None else int(classes.split("-")[1]) - int(classes.split("-")[0]) + 1
-    return {"train": TensorDataset(x[order[n_val:]], y[order[n_val:]]),
-            "val": TensorDataset(x[order[:n_val]], y[order[:n_val]]), "test": test, "num_classes": num_classes}
+    return {"train": Subset(train, order[n_val:].tolist()), "val": Subset(train, order[:n_val].tolist()),
+            "test": test, "num_classes": num_classes}
 
 
 # ----- methods -----
@@ -150,25 +192,26 @@ def build(method: str, base: nn.Module, num_classes: int, name: str) -> nn.Modul
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def train_one(method: str, base: nn.Module, data: dict, lr: tuple[float, float], seed: int, steps: int, batch: int,
-              eval_on: str, name: str) -> tuple[nn.Module, dict]:
+def train_one(method: str, base: nn.Module, data: dict, lr: tuple[float, float], seed: int, steps: int,
+              batch: int, eval_on: str, name: str, workers: int = 0) -> tuple[nn.Module, dict]:
     """Train ``method`` with ``lr = (learning rate, memory learning-rate scale)``; score it on ``data[eval_on]``."""
     torch.manual_seed(seed)
     model = build(method, base, data["num_classes"], name)
     g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(data["train"], batch_size=batch, shuffle=True, generator=g, drop_last=True)
+    loader = DataLoader(data["train"], batch_size=batch, shuffle=True, generator=g, drop_last=True,
+                        num_workers=workers)
     start = time.perf_counter()
     fit(model, loader, steps=steps, lr=lr[0], memory_lr_scale=lr[1], optimizer="sgd", momentum=0.9, warmup=0.05,
         clip=1.0, seed=seed, progress=False)
     seconds = time.perf_counter() - start
-    res = evaluate(model, DataLoader(data[eval_on], batch_size=512))
+    res = evaluate(model, DataLoader(data[eval_on], batch_size=EVAL_BATCH, num_workers=workers))
     return model, {"accuracy": res["accuracy"], "seconds": seconds, "trainable_params": count_trainable(model)}
 
 
 # ----- concatenation -----
 @torch.no_grad()
 def check_concatenation(base: nn.Module, adapters: dict[str, tuple[nn.Module, str, float]],
-                        datas: dict[str, dict]) -> dict:
+                        datas: dict[str, dict], workers: int = 0) -> dict:
     """Merge every non-destructive adapter into one model; compare each task's accuracy and logits."""
     merged = MemoryViT(base)
     for model, _, _ in adapters.values():
@@ -176,38 +219,46 @@ def check_concatenation(base: nn.Module, adapters: dict[str, tuple[nn.Module, st
     merged.eval()
     rows, base_diff = [], 0.0
     for name, (model, task, acc_alone) in adapters.items():
-        x, y = datas[task]["test"].tensors
+        test = datas[task]["test"]
+        n = len(test)
         correct, same, max_diff = 0, 0, 0.0
-        for i in range(0, len(x), 512):
-            xb = x[i:i + 512]
+        for xb, yb in DataLoader(test, batch_size=EVAL_BATCH, num_workers=workers):
             out, alone = merged.forward_all(xb), model(xb)
-            correct += int((out[name].argmax(-1) == y[i:i + 512]).sum())
+            correct += int((out[name].argmax(-1) == yb).sum())
             same += int((out[name].argmax(-1) == alone.argmax(-1)).sum())
             max_diff = max(max_diff, float((out[name] - alone).abs().max()))
             base_diff = max(base_diff, float((out["base"] - base(xb)).abs().max()))
-        acc = correct / len(x)
+        acc = correct / n
         # unchanged: every test prediction is the same, so the accuracy is too (up to float32 rounding of
         # torchmetrics' value, hence the half-an-image tolerance)
         rows.append({"adapter": name, "task": task, "accuracy_alone": acc_alone, "accuracy_merged": acc,
-                     "same_predictions": same / len(x), "max_logit_diff": max_diff,
-                     "unchanged": same == len(x) and abs(acc - acc_alone) < 0.5 / len(x)})
+                     "same_predictions": same / n, "max_logit_diff": max_diff,
+                     "unchanged": same == n and abs(acc - acc_alone) < 0.5 / n})
     return {"tasks_in_model": len(adapters), "adapters": rows, "base_max_logit_diff": base_diff,
             "all_unchanged": all(r["unchanged"] for r in rows)}
 
 
 def plot(results: dict, tasks: list[str], methods: list[str], path: Path) -> None:
+    """Per task: test accuracy against m for both memory modes (mean ± std), the other methods as lines."""
     fig, axes = common.new_figure(len(tasks), width=5.0, height=4.0)
+    baselines = {"head_only": ("head only", "C7", ":"), "head_cls": ("head + class token", "C7", "--"),
+                 "lora_r4": ("LoRA r=4", "C2", "-."), "full_ft": ("full fine-tuning", "C3", "-")}
     for ax, task in zip(axes, tasks, strict=True):
-        means = [results[task][m]["mean"] for m in methods]
-        stds = [results[task][m]["std"] for m in methods]
-        colors = ["C3" if m == "full_ft" else "C7" if m.startswith("head") else "C2" if m.startswith("lora")
-                  else "C0" if m.startswith("nd") else "C1" for m in methods]
-        ax.bar(methods, means, yerr=stds, capsize=3, color=colors)
-        lo = min(means) - 0.05
-        ax.set_ylim(max(0.0, lo), min(1.0, max(means) + 0.03))
-        ax.set_title(task)
+        r = results[task]
+        for prefix, label, color in (("nd_m", "memory, non-destructive", "C0"), ("full_m", "memory, full", "C1")):
+            ms = [m for m in MEMORY_SIZES if f"{prefix}{m}" in methods]
+            if ms:
+                ax.errorbar(ms, [r[f"{prefix}{m}"]["mean"] for m in ms], yerr=[r[f"{prefix}{m}"]["std"] for m in ms],
+                            marker="o", capsize=3, color=color, label=label)
+        for method, (label, color, style) in baselines.items():
+            if method in methods:
+                ax.axhline(r[method]["mean"], color=color, linestyle=style, label=label)
+        ax.set_xscale("log")
+        ax.set_xticks(list(MEMORY_SIZES), [str(m) for m in MEMORY_SIZES])
+        ax.set_xlabel("memory tokens per block (m)")
         ax.set_ylabel("test accuracy")
-        ax.tick_params(axis="x", rotation=60, labelsize=8)
+        ax.set_title(task)
+        ax.legend(fontsize=7)
     common.save_figure(fig, path)
 
 
@@ -223,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=METHODS)
     p.add_argument("--fixed-lr", action="store_true", help="skip tuning: use each method's default learning rate")
     p.add_argument("--limit", type=int, help="use at most this many training and test images per task")
+    p.add_argument("--model", help="base model instead of the shipped one: a timm name (with --pretrained or "
+                   "--checkpoint), an hf-hub:/local-dir: spec, or a timm export directory")
+    p.add_argument("--pretrained", action="store_true", help="load the --model's pretrained timm weights")
+    p.add_argument("--checkpoint", help="local weights file (.safetensors/.pth) for --model")
+    p.add_argument("--model-kwargs", help="JSON object of extra timm.create_model arguments")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes (for lazily loaded images)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice); 1 is faster for this "
                    "small model on a busy CPU, where every small parallel op waits for a descheduled thread")
     args = p.parse_args(argv)
@@ -246,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"setting: {steps} steps x batch {args.batch}, seeds {seeds}, tasks {tasks}, methods {methods}, "
           f"learning rates {'tuned' if tune else 'fixed'}", flush=True)
     start = time.perf_counter()
-    base = load_demo_base()
+    spec = dict(model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                model_kwargs=json.loads(args.model_kwargs) if args.model_kwargs else None)
+    base = create_base(**spec)
     cfg = data_config(base)
     cache: dict = {}
     datas = {t: load_task(t, cfg, args.limit, cache) for t in tasks}
@@ -259,14 +318,16 @@ def main(argv: list[str] | None = None) -> int:
             if not tune:
                 lrs[task][method] = default_lr(method)
                 continue
-            scores = {}
-            for lr in lr_grid(method):
-                _, r = train_one(method, base, datas[task], lr, seeds[0], steps, args.batch, "val", f"{task}_{method}")
-                scores[lr_name(lr)] = r["accuracy"]
-            best = max(lr_grid(method), key=lambda lr: scores[lr_name(lr)])  # first of equals: the grid's order
-            lrs[task][method], tuning[task][method] = best, scores
-            print(f"  tune {task} {method}: {scores} -> {lr_name(best)} "
-                  f"(total {time.perf_counter() - start:.0f} s)", flush=True)
+            def score(lr, task=task, method=method):
+                _, r = train_one(method, base, datas[task], lr, seeds[0], steps, args.batch, "val",
+                                 f"{task}_{method}", args.workers)
+                return r["accuracy"]
+
+            best, scores = tune_lr(score, lr_grid(method))
+            lrs[task][method] = best
+            tuning[task][method] = {lr_name(lr): acc for lr, acc in scores.items()}
+            print(f"  tune {task} {method}: " + ", ".join(f"{lr_name(lr)}: {acc:.4f}" for lr, acc in scores.items())
+                  + f" -> {lr_name(best)} (total {time.perf_counter() - start:.0f} s)", flush=True)
 
     results: dict[str, dict[str, dict]] = {t: {} for t in tasks}
     concat: dict[str, dict] = {}
@@ -276,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             for method in methods:
                 name = f"{task}_{method}"
                 model, r = train_one(method, base, datas[task], lrs[task][method], seed, steps, args.batch, "test",
-                                     name)
+                                     name, args.workers)
                 lr, scale = lrs[task][method]
                 entry = results[task].setdefault(method, {"lr": lr, "memory_lr_scale": scale, "accuracies": [],
                                                           "seconds": []})
@@ -288,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  seed {seed} {task:10s} {method:9s} {lr_name(lrs[task][method]):12s} acc {r['accuracy']:.4f} "
                       f"({r['seconds']:.0f} s; total {time.perf_counter() - start:.0f} s)", flush=True)
         if adapters:
-            concat[str(seed)] = check_concatenation(base, adapters, datas)
+            concat[str(seed)] = check_concatenation(base, adapters, datas, args.workers)
             print(f"  seed {seed}: {len(adapters)} non-destructive adapters in one model, accuracies unchanged: "
                   f"{concat[str(seed)]['all_unchanged']}", flush=True)
 
@@ -309,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {"steps": steps, "batch": args.batch, "seeds": seeds, "tasks": tasks, "methods": methods,
                            "tuned": tune, "limit": args.limit,
                            "optimizer": "SGD momentum 0.9, clip 1, 5% warm-up, cosine",
-                           "base": "learnable_memory.data.load_demo_base()"},
+                           "base": {k: v for k, v in spec.items() if v} or "learnable_memory.data.load_demo_base()"},
               "learning_rates": lrs, "tuning": tuning, "results": results, "concatenation": concat,
               "seconds": time.perf_counter() - start}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -329,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             row.append(f"{g:.2f}" if g is not None else "-")
         rows.append(row)
     print(common.format_table(headers, rows))
+    print(f"\nlearning rates ({'tuned on seed 0' if tune else 'fixed'}; xS: memory tokens at S times the rate)")
+    print(common.format_table(["method"] + tasks, [[m] + [lr_name(lrs[t][m]) for t in tasks] for m in methods]))
     for seed, c in concat.items():
         worst = max(r["max_logit_diff"] for r in c["adapters"])
         print(f"concatenation (seed {seed}): {c['tasks_in_model']} adapters in one model, accuracy unchanged "

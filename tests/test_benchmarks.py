@@ -56,3 +56,34 @@ def test_quick_run_writes_results(name: str, tmp_path: Path) -> None:
         assert concat["base_max_logit_diff"] < 1e-4
         for task in data["settings"]["tasks"]:
             assert set(data["results"][task]) == set(data["settings"]["methods"])
+
+
+def test_accuracy_tuning_moves_past_an_edge_of_the_grid() -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.accuracy import tune_lr
+
+    tried = []
+
+    def score(lr):  # peaks at lr 2.7 without memory scale, lower with it
+        tried.append(lr)
+        return -abs(lr[0] - 2.7) - (lr[1] > 1)
+
+    best, scores = tune_lr(score, [(0.1, 1.0), (0.3, 1.0), (0.1, 10.0)], max_extra=3)
+    assert best == (2.7, 1.0)
+    assert tried == [(0.1, 1.0), (0.3, 1.0), (0.1, 10.0), (0.9, 1.0), (2.7, 1.0), (8.1, 1.0)]
+    assert set(scores) == set(tried)
+    # an interior best stops at once; a best at the low edge goes down
+    assert tune_lr(lambda lr: -abs(lr[0] - 0.3), [(0.1, 1.0), (0.3, 1.0), (1.0, 1.0)])[1].keys() == {
+        (0.1, 1.0), (0.3, 1.0), (1.0, 1.0)}
+    assert tune_lr(lambda lr: -lr[0], [(0.3, 1.0), (1.0, 1.0)], max_extra=1)[0] == (0.1, 1.0)
+
+
+def test_accuracy_runs_on_a_timm_backbone_with_lazily_loaded_images(tmp_path: Path) -> None:
+    """``--model``: a 3-channel 96 px timm ViT, so Fashion-MNIST and digits are resized and loaded lazily."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--out", str(tmp_path),
+                           "--model", "vit_tiny_patch16_224", "--model-kwargs", '{"depth": 1, "img_size": 96}'],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "accuracy.json").read_text())
+    assert data["settings"]["base"]["model"] == "vit_tiny_patch16_224"
+    assert data["concatenation"]["0"]["all_unchanged"]

@@ -129,12 +129,6 @@ def base_for_adapters(args: argparse.Namespace, adapters: Sequence[str]) -> nn.M
     return create_base(**info.get("base", {}))
 
 
-def load_task_adapters(base: nn.Module, paths: Sequence[str], trainable: bool = False):
-    from ..loading import load_adapters
-
-    return load_adapters(base, list(paths), trainable=trainable)
-
-
 def make_accelerator():
     """accelerate's ``Accelerator``; on a machine without GPUs, one that runs distributed on CPU (gloo)
     when started by ``accelerate launch --multi_gpu --num_processes N`` or ``torchrun``."""

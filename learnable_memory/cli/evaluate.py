@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from .. import data as D
-from .base import base_for_adapters, load_task_adapters, make_accelerator, read_training_info
+from ..loading import load_adapters
+from .base import base_for_adapters, make_accelerator, read_training_info
 
 
 def _parse_data_map(items: Sequence[str] | None) -> dict[str, str]:
@@ -53,7 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     accelerator = make_accelerator()
     base = base_for_adapters(args, args.adapters)
-    model = load_task_adapters(base, args.adapters)
+    model = load_adapters(base, args.adapters)
     mapping = _parse_data_map(args.data)
     config = D.data_config(base)
     infos = {}
@@ -91,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     base = base_for_adapters(args, args.adapter)
-    model = load_task_adapters(base, args.adapter)
+    model = load_adapters(base, args.adapter)
     config = D.data_config(base)
     transform, mode = D.model_transform(config), D.pil_mode(config)
     images = []

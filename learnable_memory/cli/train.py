@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from .. import data as D
-from .base import TRAINING_FILE, base_spec, create_base, load_task_adapters, make_accelerator, read_training_info
+from ..loading import load_adapters
+from .base import TRAINING_FILE, base_spec, create_base, make_accelerator, read_training_info
 
 
 def _default_task_name(source: str, subset: str | None) -> str:
@@ -40,8 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             spec = info.get("base", spec)
         extend = extend or info.get("extends", [])
         base = create_base(**spec)
-        start = load_task_adapters(base, extend) if extend else base  # earlier tasks stay frozen
-        model = load_task_adapters(start, [args.resume], trainable=True)
+        start = load_adapters(base, extend) if extend else base  # earlier tasks stay frozen
+        model = load_adapters(start, [args.resume], trainable=True)
         task = model.task_names[-1]
         cfg = model.tasks[task].config
         for opt, have in (("n_mem", cfg.n_mem), ("mode", cfg.mode)):
@@ -80,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not args.resume:
         n_mem = args.n_mem if args.n_mem is not None else 5
-        start = load_task_adapters(base, extend) if extend else base
+        start = load_adapters(base, extend) if extend else base
         model = wrap_model(start, n_mem=n_mem, task=task, mode=args.mode or "non_destructive",
                            class_names=class_names)
     elif len(class_names) != model.tasks[task].config.num_classes:
@@ -96,8 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       f"{f', {len(val_ds)} validation images' if val_ds else ''}; "
                       f"{count_trainable(model):,} trainable parameters; {accelerator.num_processes} process(es)")
     result = fit(model, train_loader, val_loader, steps=args.steps, epochs=args.epochs, lr=args.lr,
-                 memory_lr_scale=args.memory_lr_scale,
-                 optimizer=args.optimizer, weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip,
+                 memory_lr_scale=args.memory_lr_scale, optimizer=args.optimizer, weight_decay=args.weight_decay,
+                 warmup=args.warmup, clip=args.clip,
                  bf16=args.bf16, accelerator=accelerator, seed=args.seed, progress=not args.no_progress,
                  desc=task, log=accelerator.print)
     if accelerator.is_main_process:
