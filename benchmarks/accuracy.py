@@ -34,9 +34,9 @@ as the task's own model, and the base model's own output unchanged.
 Settings:
 
     python benchmarks/accuracy.py                 # default setting (DEFAULT): 6 methods x 2 tasks, 1 seed,
-                                                  # 200 steps, tuned: about 10 min on 2 CPU cores
+                                                  # 200 steps, tuned: 10.5 min on 2 CPU cores
     python benchmarks/accuracy.py --full --steps 300  # whole grid: 12 methods x 3 tasks x 3 seeds, tuned
-                                                  # (about 1 h 15 min on 2 CPU cores; RESULTS.md)
+                                                  # (74 min on 2 CPU cores; RESULTS.md)
     python benchmarks/accuracy.py --full          # the same with 1000 steps (for a GPU)
     python benchmarks/accuracy.py --quick         # smoke test: 3 steps on a few hundred images
     python benchmarks/accuracy.py --full --model vit_base_patch32_224.augreg_in21k --pretrained --workers 8
