@@ -46,7 +46,6 @@ Settings:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -64,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from learnable_memory import MemoryViT, wrap_model  # noqa: E402
 from learnable_memory.baselines import HeadOnly, full_finetune, lora  # noqa: E402
-from learnable_memory.cli.base import create_base  # noqa: E402
+from learnable_memory.cli.base import add_model_options, base_spec, create_base  # noqa: E402
 from learnable_memory.data import data_config, load_dataset, subsample  # noqa: E402
 from learnable_memory.train import count_trainable, evaluate, fit  # noqa: E402
 
@@ -274,11 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=METHODS)
     p.add_argument("--fixed-lr", action="store_true", help="skip tuning: use each method's default learning rate")
     p.add_argument("--limit", type=int, help="use at most this many training and test images per task")
-    p.add_argument("--model", help="base model instead of the shipped one: a timm name (with --pretrained or "
-                   "--checkpoint), an hf-hub:/local-dir: spec, or a timm export directory")
-    p.add_argument("--pretrained", action="store_true", help="load the --model's pretrained timm weights")
-    p.add_argument("--checkpoint", help="local weights file (.safetensors/.pth) for --model")
-    p.add_argument("--model-kwargs", help="JSON object of extra timm.create_model arguments")
+    add_model_options(p, "base model (default: the shipped Fashion-MNIST ViT)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes (for lazily loaded images)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice); 1 is faster for this "
                    "small model on a busy CPU, where every small parallel op waits for a descheduled thread")
@@ -303,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"setting: {steps} steps x batch {args.batch}, seeds {seeds}, tasks {tasks}, methods {methods}, "
           f"learning rates {'tuned' if tune else 'fixed'}", flush=True)
     start = time.perf_counter()
-    spec = dict(model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                model_kwargs=json.loads(args.model_kwargs) if args.model_kwargs else None)
+    spec = base_spec(args)
     base = create_base(**spec)
     cfg = data_config(base)
     cache: dict = {}

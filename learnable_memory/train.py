@@ -57,9 +57,13 @@ class FitResult:
     val: dict = field(default_factory=dict)
 
 
+def _is_trainable(p: nn.Parameter) -> bool:
+    return p.requires_grad and p.numel() > 0
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters :func:`fit` optimizes: those with ``requires_grad`` and at least one element."""
-    return [p for p in model.parameters() if p.requires_grad and p.numel() > 0]
+    return [p for p in model.parameters() if _is_trainable(p)]
 
 
 def count_trainable(model: nn.Module) -> int:
@@ -73,7 +77,7 @@ def parameter_groups(model: nn.Module, lr: float, memory_lr_scale: float = 1.0) 
     Empty groups are left out."""
     memory, other = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad and p.numel() > 0:
+        if _is_trainable(p):
             (memory if name.rsplit(".", 1)[-1] == "memory" else other).append(p)
     groups = [{"params": other, "lr": lr}, {"params": memory, "lr": lr * memory_lr_scale}]
     return [g for g in groups if g["params"]]
@@ -188,15 +192,16 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
         raise ValueError("give exactly one of steps or epochs")
     if (steps is not None and steps < 1) or (epochs is not None and epochs < 1):
         raise ValueError(f"steps/epochs must be >= 1, got steps={steps} epochs={epochs}")
-    params = trainable_parameters(model)
-    if not params:
+    if memory_lr_scale <= 0:
+        raise ValueError(f"memory_lr_scale must be > 0, got {memory_lr_scale}")
+    groups = parameter_groups(model, lr, memory_lr_scale)
+    if not groups:
         raise ValueError("the model has no trainable parameters")
+    params = [p for g in groups for p in g["params"]]
     if seed is not None:
         set_seed(seed)
     accelerator = accelerator or Accelerator()
-    if memory_lr_scale <= 0:
-        raise ValueError(f"memory_lr_scale must be > 0, got {memory_lr_scale}")
-    opt = make_optimizer(parameter_groups(model, lr, memory_lr_scale), optimizer, lr, momentum, weight_decay)
+    opt = make_optimizer(groups, optimizer, lr, momentum, weight_decay)
     if val_loader is not None:
         model, opt, train_loader, val_loader = accelerator.prepare(model, opt, train_loader, val_loader)
     else:

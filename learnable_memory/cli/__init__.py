@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from ..config import MODES
 from ..train import DEFAULTS
-from .base import TRAINING_FILE, create_base, read_training_info
+from .base import TRAINING_FILE, add_model_options, create_base, read_training_info
 from .evaluate import cmd_eval, cmd_predict
 from .inspect import cmd_inspect
 from .train import cmd_train
@@ -34,15 +34,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(out=args.out, quick=args.quick, steps=args.steps, seed=args.seed)
     return 0
-
-
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group(
-        "base model (default: the one the adapter was trained on, else the shipped Fashion-MNIST ViT)")
-    g.add_argument("--model", help="timm model name, hf-hub:/local-dir: spec, or a timm export directory")
-    g.add_argument("--pretrained", action="store_true", help="load the timm model's pretrained weights")
-    g.add_argument("--checkpoint", help="local weights file (.safetensors/.pth) for --model")
-    g.add_argument("--model-kwargs", help="JSON object of extra timm.create_model arguments")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="fashion-mnist, digits or an ImageFolder directory")
     p.add_argument("--class-subset", help="classes to train on: indices, ranges or names, e.g. 5-9 or Sandal,Bag")
     p.add_argument("--task", help="task name (default: from the data)")
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--n-mem", type=int, help="memory tokens per block (default 5; 0 = head + class token)")
     p.add_argument("--mode", choices=MODES, help="attention regime (default non_destructive)")
     p.add_argument("--extend", nargs="+", metavar="ADAPTER", help="earlier adapters loaded frozen first "
@@ -102,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate on a fixed random subset of at most this many images per task")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--json", action="store_true", help="print JSON")
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", parents=[debug], help="top-k labels of every task in one forward pass (JSON)",
@@ -112,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", nargs="+", required=True, help="adapter folders")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("inspect", parents=[debug], help="describe a saved adapter",

@@ -90,6 +90,17 @@ def _create_from_checkpoint(name: str, path: Path, kwargs: dict) -> nn.Module:
     return model
 
 
+def add_model_options(p: argparse.ArgumentParser, title: str = "base model (default: the one the adapter was "
+                      "trained on, else the shipped Fashion-MNIST ViT)") -> None:
+    """The ``--model``, ``--pretrained``, ``--checkpoint`` and ``--model-kwargs`` options that
+    :func:`base_spec` reads."""
+    g = p.add_argument_group(title)
+    g.add_argument("--model", help="timm model name, hf-hub:/local-dir: spec, or a timm export directory")
+    g.add_argument("--pretrained", action="store_true", help="load the timm model's pretrained weights")
+    g.add_argument("--checkpoint", help="local weights file (.safetensors/.pth) for --model")
+    g.add_argument("--model-kwargs", help="JSON object of extra timm.create_model arguments")
+
+
 def base_spec(args: argparse.Namespace) -> dict:
     """The model options of ``args`` as a dict (paths made absolute)."""
     model = args.model
