@@ -9,6 +9,13 @@ attention unless a full-mode task lets them see the memory.
 
 Each timm attention kind gets a small adapter (``families/``) that only knows how to call
 that module's own projections; :func:`memory_attention` does the rest.
+
+Two layouts of a pass. Split: original tokens ``[B, N, D]`` and new class tokens ``[B, K, D]``
+are separate tensors, so that non-destructive training keeps no autograd graph through the
+backbone. Packed (inference, and whenever both need a graph): the new class tokens ride behind
+the original tokens as ``[B, N + K, D]``, so they share one call of every norm, projection and MLP
+(small kernels on K rows cost nearly as much as on N), and only :func:`packed_attention` tells
+them apart.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+PER_TOKEN_EXTRAS = frozenset({"rope", "block_rope", "attn_bias"})  # extras that rule out a packed pass
 
 
 @dataclass
@@ -31,6 +40,10 @@ class MemoryContext:
         full: Original tokens attend to the memory too (paper Sec. 2.1).
         orig_grad: Keep an autograd graph for the original tokens. False when nothing trainable
             touches them (non-destructive training), which saves the backbone's backward.
+        packed: The pass runs packed: the last ``packed`` rows of the original-token tensor are
+            the new class tokens, which then share every row-wise op (norms, projections, MLP)
+            with the original tokens, and the class-token tensor is empty ``[B, 0, D]``. Only the
+            attention tells them apart (:func:`packed_attention`). 0: separate tensors.
         extras: Per-pass values a backbone hands to its blocks. Read here: ``"rope"``, the
             rotary embedding of the original tokens (passed to the attention kind's ``qkv``), and
             ``"attn_bias"``, a pair of additive biases on the scores against the original tokens,
@@ -41,6 +54,7 @@ class MemoryContext:
     new_mask: torch.Tensor
     full: bool
     orig_grad: bool
+    packed: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -175,3 +189,31 @@ def memory_attention(
     q_c, k_c, v_c = kind.qkv(attn, h_c)
     o_c = attend_new(q_c, k_x, v_x, k_c, v_c, k_m, v_m, ctx.new_mask, attn.scale, bias_c)
     return a_x, kind.out(attn, o_c, h_c)
+
+
+def packed_attention(
+    attn: nn.Module, h: torch.Tensor, h_m: torch.Tensor, ctx: MemoryContext, kind: Any
+) -> torch.Tensor:
+    """:func:`memory_attention` for a packed pass (``ctx.packed`` = K new class tokens).
+
+    One ``qkv`` and one output projection serve the original tokens and the new class tokens
+    together; the attention itself is split as in Table 1. For attention kinds with no rotary
+    embedding or score bias.
+
+    Args:
+        h: ``[B, N + K, D]``, original tokens then new class tokens, after the pre-attention norm.
+        h_m: ``[M, D]`` this block's memory, likewise.
+
+    Returns:
+        ``[B, N + K, D]`` attention outputs after the output projection.
+    """
+    n = h.shape[1] - ctx.packed
+    q, k, v = kind.qkv(attn, h)  # [B, H, N + K, hd]
+    _, k_m, v_m = (t[0] for t in kind.qkv(attn, h_m.unsqueeze(0)))  # [H, M, hd], once per pass
+    q_x, k_x, v_x = q[:, :, :n], k[:, :, :n], v[:, :, :n]
+    if ctx.full:
+        o_x = attend_original_with_memory(q_x, k_x, v_x, k_m, v_m, attn.scale)
+    else:
+        o_x = attend_original(q_x, k_x, v_x, attn.fused_attn, attn.scale)
+    o_c = attend_new(q[:, :, n:], k_x, v_x, k[:, :, n:], v[:, :, n:], k_m, v_m, ctx.new_mask, attn.scale)
+    return kind.out(attn, torch.cat([o_x, o_c], dim=2), h)  # heads [B, H, N + K, hd] -> [B, N + K, D]

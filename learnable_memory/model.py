@@ -11,13 +11,30 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from . import families  # noqa: F401  (registers the supported timm families)
-from .attention import MemoryContext
+from .attention import PER_TOKEN_EXTRAS, MemoryContext
 from .config import TaskConfig
 from .mask import check_layout, new_token_mask
 from .memory import TaskMemory
-from .registry import backbone_for, block_kind
+from .registry import attention_kind, backbone_for, block_kind
 
 BASE_KEY = "base"
+
+
+def _packable(kind: Any, blk: nn.Module) -> bool:
+    """Whether block ``blk`` (run by ``kind``) can serve a packed pass (see ``MemoryContext.packed``)."""
+    attns = kind.attentions(blk)
+    return getattr(kind, "packable", False) and all(getattr(attention_kind(a), "packable", False) for a in attns)
+
+
+def _with_layout(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied into the memory layout (order of dims in memory) of ``like``.
+
+    A packed pass keeps the original tokens laid out as the base model lays them out (timm's patch
+    embedding can leave them ``[B, D, N]`` in memory), so that every op, down to the pooling's
+    reduction, sums in the same order and the base output stays bit-identical."""
+    order = sorted(range(like.dim()), key=lambda i: -like.stride(i))  # outermost dim first
+    out = t.new_empty([t.shape[i] for i in order]).permute([order.index(i) for i in range(t.dim())])
+    return out.copy_(t)
 
 
 class MemoryViT(nn.Module):
@@ -33,6 +50,8 @@ class MemoryViT(nn.Module):
         super().__init__()
         self.backbone = backbone_for(base)
         self._block_kinds = [block_kind(b) for b in self.backbone.blocks(base)]
+        blocks = self.backbone.blocks(base)
+        self._packable = all(_packable(k, b) for k, b in zip(self._block_kinds, blocks, strict=True))
         base.requires_grad_(False)
         base.eval()
         self.base = base
@@ -176,9 +195,18 @@ class MemoryViT(nn.Module):
         else:  # the base model alone
             tokens, memory = x.new_zeros(0, x.shape[-1]), x.new_zeros(self.depth, 0, x.shape[-1])
         c = self.backbone.embed_new(self.base, tokens).unsqueeze(0).expand(x.shape[0], -1, -1)  # [B, K, D]
-        ctx = MemoryContext(new_mask=new_mask, full=full, orig_grad=orig_grad, extras=extras)
+        # Pack the new class tokens behind the original tokens when both want the same autograd treatment
+        # (inference, or a graph for both) and no per-token extras (rotary, score bias) need the split.
+        n = x.shape[1]
+        pack = self._packable and (orig_grad or not torch.is_grad_enabled()) and not PER_TOKEN_EXTRAS & extras.keys()
+        if pack:  # [B, N + K, D], [B, 0, D]
+            x, c = _with_layout(x, torch.cat([x, c], dim=1)), c[:, :0]
+        ctx = MemoryContext(new_mask=new_mask, full=full, orig_grad=orig_grad, packed=len(tasks) if pack else 0,
+                            extras=extras)
         for kind, blk, mem in zip(self._block_kinds, self.backbone.blocks(self.base), memory, strict=True):
             x, c = kind(blk, x, c, mem, ctx)
+        if pack:
+            x, c = _with_layout(x, x[:, :n]), x[:, n:]
         return x, c, extras
 
     def forward_features(self, images: torch.Tensor, tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:

@@ -154,6 +154,84 @@ def test_gradients_reach_memory_class_token_and_head_only(mode, images):
     assert all(o.requires_grad == (mode == "full") for o in orig)
 
 
+
+def count_packed_blocks(monkeypatch) -> list[int]:
+    """Count the attention layers that run a packed pass (see ``MemoryContext.packed``)."""
+    import learnable_memory.families.vit as vit_family
+
+    calls = []
+    real = vit_family.packed_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vit_family, "packed_attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("variant", sorted(VIT_VARIANTS))
+@pytest.mark.parametrize("layout", ["concat", "extension"])
+def test_packed_pass_equals_split_pass(variant, layout, images, monkeypatch):
+    """Inference packs the new class tokens behind the original tokens; training a non-destructive
+    task keeps them apart (no graph through the backbone). Both give the same outputs, and the
+    base output stays bit-identical to the base model's."""
+    vit = make_vit(**VIT_VARIANTS[variant])
+    model = build(vit, LAYOUTS[layout])
+    randomize(model)
+    for t in model.tasks.values():
+        t.requires_grad_(True)
+    calls = count_packed_blocks(monkeypatch)
+    with torch.no_grad():
+        packed = model.forward_all(images)
+        want_base = vit(images)
+    assert len(calls) == model.depth, "inference did not run packed"
+    split = {k: v.detach() for k, v in model.forward_all(images).items()}  # grad on: split
+    assert len(calls) == model.depth, "a non-destructive training pass ran packed"
+    assert torch.equal(packed["base"], want_base) and torch.equal(split["base"], want_base)
+    assert_outputs_close(packed, split)
+
+
+
+def test_packed_base_output_bit_identical_at_full_size():
+    """The packed pass at a real size (ViT-S/16, 224 px, 12 blocks), where the kernels that run the
+    original tokens' rows differ from the tiny models' ones."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    model = build(vit, [(f"t{i}", 10, "non_destructive") for i in range(4)])
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(model.forward_all(x)["base"], vit(x))
+
+def test_full_mode_training_runs_packed_with_the_dense_gradients(images, monkeypatch):
+    """Full mode keeps a graph through the original tokens anyway, so training runs packed; its
+    gradients are those of the dense masked formulation."""
+    vit = make_vit()
+    model = build(vit, LAYOUTS["full"])
+    randomize(model)
+    task = model.tasks["a"]
+    task.requires_grad_(True)
+    weights = torch.randn(3, 5, generator=torch.Generator().manual_seed(7))
+    calls = count_packed_blocks(monkeypatch)
+    grads = []
+    for forward in (model.forward_all, lambda x: dense_forward_all(model, x)):
+        task.zero_grad()
+        (forward(images)["a"] * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in task.named_parameters()})
+    assert len(calls) == model.depth, "full-mode training did not run packed"
+    for n in grads[1]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4, msg=f"gradient of {n}")
+
+
+def test_attention_with_rotary_embeddings_is_not_packed(images, monkeypatch):
+    """EVA's rotary embeddings rotate only the original patch tokens: such passes stay split."""
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=2, img_size=28).eval()
+    model = lm.wrap_model(eva, n_mem=2, num_classes=3)
+    calls = count_packed_blocks(monkeypatch)
+    with torch.no_grad():
+        out = model.forward_all(torch.randn(2, 3, 28, 28))
+    assert not calls and out["default"].shape == (2, 3)
+
 def test_adding_a_task_freezes_earlier_ones():
     vit = make_vit()
     m1 = lm.wrap_model(vit, n_mem=2, num_classes=3, task="a")

@@ -18,7 +18,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, ParallelThingsBlock, ResPostBlock, VisionTransformer
 from torch import nn
 
-from ..attention import MemoryContext, memory_attention
+from ..attention import MemoryContext, memory_attention, packed_attention
 from ..registry import ATTENTION_KINDS, BACKBONES, BLOCK_KINDS, attention_kind, register
 from .heads import diff_attend_heads
 
@@ -31,6 +31,8 @@ def run_attention(attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, h_m: to
     outputs ``[B, N, D]``, ``[B, K, D]``. Kinds with their own arithmetic are callable; the
     others give their projections to :func:`memory_attention`."""
     kind = attention_kind(attn)
+    if ctx.packed:  # the new class tokens are the last rows of h_x; h_c is empty
+        return packed_attention(attn, h_x, h_m, ctx, kind), h_c
     if callable(kind):
         return kind(attn, h_x, h_c, h_m, ctx)
     return memory_attention(attn, h_x, h_c, h_m, ctx, kind)
@@ -39,6 +41,8 @@ def run_attention(attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, h_m: to
 @register(ATTENTION_KINDS, Attention)
 class QKVAttention:
     """timm's ``Attention``: one ``qkv`` linear, optional q/k norm, scale norm and gate."""
+
+    packable = True  # row-wise projections and no score bias: can serve a packed pass
 
     def qkv(self, attn: nn.Module, h: torch.Tensor, rope: Any = None) -> tuple[torch.Tensor, ...]:
         """``h`` ``[B, T, D]`` -> q, k, v ``[B, H, T, hd]`` after q/k norm."""
@@ -95,6 +99,8 @@ class DiffAttentionKind:
 class PreNormBlock:
     """timm ``Block``: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``."""
 
+    packable = True  # row-wise outside attention, which goes through run_attention
+
     def attentions(self, blk: nn.Module) -> list[nn.Module]:
         return [blk.attn]
 
@@ -121,6 +127,8 @@ class PostNormBlock:
     """timm ``ResPostBlock``: ``x + norm1(attn(x))``, then ``x + norm2(mlp(x))``. Nothing is
     applied before attention, so the memory enters the key/value projections as it is."""
 
+    packable = True  # row-wise outside attention, which goes through run_attention
+
     def attentions(self, blk: nn.Module) -> list[nn.Module]:
         return [blk.attn]
 
@@ -144,6 +152,8 @@ class ParallelBranchesBlock:
     """timm ``ParallelThingsBlock``: ``x + sum_i branch_i(x)`` over parallel attention branches
     (each ``norm``, ``attn``, ``ls``, ``drop_path``), then the same over parallel MLP branches.
     The block's memory goes through every branch's own norm and key/value projection."""
+
+    packable = True  # row-wise outside attention, which goes through run_attention
 
     def attentions(self, blk: nn.Module) -> list[nn.Module]:
         return [branch.attn for branch in blk.attns]
