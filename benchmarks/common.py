@@ -6,6 +6,11 @@ order (A B C D, A B C D, ...), so slow drifts of a shared machine hit all method
 are taken per repetition (method / reference of the same repetition) and reported as the median
 with the interquartile range.
 
+Allocator: glibc's malloc hands large freed blocks back to the system by default, so a pass may
+fault fresh pages in again, by an amount that depends on the exact order of allocations, not on
+the work done. :func:`keep_freed_memory` turns that off (as jemalloc or tcmalloc, which PyTorch's
+CPU performance guide recommends, do); scripts record which setting a run used.
+
 Peak memory: a fresh subprocess builds the models, resets the kernel's RSS high-water mark
 (``/proc/self/clear_refs``), notes its RSS, runs the method, and reads the high-water mark
 (``VmHWM``). The difference is what running the method adds on top of holding the models (torch's
@@ -16,6 +21,8 @@ of the method's.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
@@ -182,6 +189,21 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse: no trimming of the heap, heap (not
+    ``mmap``) for blocks up to 32 MiB. Returns False where this is not glibc (nothing changes)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # from glibc's malloc.h
+    return all(
+        mallopt(option, value) == 1
+        for option, value in ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 1 << 30), (m_top_pad, 64 << 20))
+    )
 
 
 def machine_info() -> dict:

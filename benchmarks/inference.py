@@ -19,7 +19,11 @@ repetitions. Within a repetition every method runs once, in a fixed order; in th
 has its own ``plain`` run, and ratios are per repetition against the ``plain`` of the same group.
 The JSON is rewritten after every phase, so a run cut short keeps what it finished.
 
-Peak memory: each method runs in a fresh process (see ``benchmarks/common.py``).
+Allocator: the timings run with glibc keeping freed memory (``common.keep_freed_memory``), so that
+they measure work, not where glibc's page returns happen to fall; ``--malloc default`` times with
+glibc's defaults. The setting is printed and recorded in the JSON.
+
+Peak memory: each method runs in a fresh process (see ``benchmarks/common.py``), with glibc's defaults.
 
     python benchmarks/inference.py            # default grid, ~15-20 min on 2 cores
     python benchmarks/inference.py --quick    # tiny model, 1 repetition (smoke test)
@@ -254,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-reps", type=int, default=5)
     p.add_argument("--target-slow-reps", type=int, default=3, help="target repetitions of the separate passes")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="keep: glibc keeps freed memory (common.keep_freed_memory), default: glibc's defaults")
     p.add_argument("--measure-memory", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--k", type=int, help=argparse.SUPPRESS)
@@ -273,8 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     tm = TARGET_M if TARGET_M in args.ms else args.ms[-1]
 
     machine = common.machine_info()
+    machine["malloc"] = "keep freed memory" if args.malloc == "keep" and common.keep_freed_memory() else "default"
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
-          f"({machine['torch_threads']} threads), load {machine['load_average']}", flush=True)
+          f"({machine['torch_threads']} threads), load {machine['load_average']}, malloc: {machine['malloc']}",
+          flush=True)
     start = time.perf_counter()
     rows: list[dict] = []
     targets: list[dict] = []
@@ -336,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             ["model", "method", "K", "m", "extra MiB", "peak MiB"],
             [[r["model"], r["method"], r["k"], r["m"], f"{r['extra_mb']:.0f}", f"{r['peak_mb']:.0f}"] for r in memory]))
     print()
-    print(f"targets ({args.target_model}, batch {args.batch}, {args.target_reps} interleaved repetitions):")
+    print(f"targets ({args.target_model}, batch {args.batch}, {args.target_reps} interleaved repetitions, "
+          f"malloc: {machine['malloc']}):")
     common.print_targets(targets)
     print(f"\nwrote {args.out / 'inference.json'} and {args.out / 'inference.png'} "
           f"in {result['seconds']:.0f} s")

@@ -207,13 +207,21 @@ def packed_attention(
     Returns:
         ``[B, N + K, D]`` attention outputs after the output projection.
     """
-    n = h.shape[1] - ctx.packed
+    n, b, k_new = h.shape[1] - ctx.packed, h.shape[0], ctx.packed
     q, k, v = kind.qkv(attn, h)  # [B, H, N + K, hd]
     _, k_m, v_m = (t[0] for t in kind.qkv(attn, h_m.unsqueeze(0)))  # [H, M, hd], once per pass
-    q_x, k_x, v_x = q[:, :, :n], k[:, :, :n], v[:, :, :n]
-    if ctx.full:
-        o_x = attend_original_with_memory(q_x, k_x, v_x, k_m, v_m, attn.scale)
+    q_x, q_c = q[:, :, :n], q[:, :, n:]
+    if ctx.full:  # one [originals ; memory ; new] key/value tensor: the originals see its first N + M rows
+        m = k_m.shape[1]
+        keys, values = (torch.cat([t[:, :, :n], t_m.expand(b, -1, -1, -1), t[:, :, n:]], dim=2)
+                        for t, t_m in ((k, k_m), (v, v_m)))  # [B, H, N + M + K, hd]
+        o_x = F.scaled_dot_product_attention(q_x, keys[:, :, : n + m], values[:, :, : n + m], scale=attn.scale)
+        sees = ctx.new_mask  # [K, K + M]: columns new class tokens, then memory
+        mask = torch.cat([sees.new_ones(k_new, n), sees[:, k_new:], sees[:, :k_new]], dim=1)  # [K, N + M + K]
+        o_c = F.scaled_dot_product_attention(q_c, keys, values, attn_mask=mask, scale=attn.scale)
     else:
-        o_x = attend_original(q_x, k_x, v_x, attn.fused_attn, attn.scale)
-    o_c = attend_new(q[:, :, n:], k_x, v_x, k[:, :, n:], v[:, :, n:], k_m, v_m, ctx.new_mask, attn.scale)
-    return kind.out(attn, torch.cat([o_x, o_c], dim=2), h)  # heads [B, H, N + K, hd] -> [B, N + K, D]
+        o_x = attend_original(q_x, k[:, :, :n], v[:, :, :n], attn.fused_attn, attn.scale)
+        o_c = attend_new(q_c, k[:, :, :n], v[:, :, :n], k[:, :, n:], v[:, :, n:], k_m, v_m, ctx.new_mask, attn.scale)
+    # laid out [B, N + K, H, hd], so that the output projection's head merge is a view (one copy, as in timm)
+    o = torch.cat([o_x.transpose(1, 2), o_c.transpose(1, 2)], dim=1).transpose(1, 2)  # [B, H, N + K, hd]
+    return kind.out(attn, o, h)  # [B, N + K, D]
