@@ -12,7 +12,7 @@ that module's own projections; :func:`memory_attention` does the rest.
 
 Two layouts of a pass. Split: original tokens ``[B, N, D]`` and new class tokens ``[B, K, D]``
 are separate tensors, so that non-destructive training keeps no autograd graph through the
-backbone. Packed (inference, and whenever both need a graph): the new class tokens ride behind
+backbone. Packed (inference, no autograd): the new class tokens ride behind
 the original tokens as ``[B, N + K, D]``, so they share one call of every norm, projection and MLP
 (small kernels on K rows cost nearly as much as on N), and only :func:`packed_attention` tells
 them apart.

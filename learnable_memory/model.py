@@ -195,10 +195,11 @@ class MemoryViT(nn.Module):
         else:  # the base model alone
             tokens, memory = x.new_zeros(0, x.shape[-1]), x.new_zeros(self.depth, 0, x.shape[-1])
         c = self.backbone.embed_new(self.base, tokens).unsqueeze(0).expand(x.shape[0], -1, -1)  # [B, K, D]
-        # Pack the new class tokens behind the original tokens when both want the same autograd treatment
-        # (inference, or a graph for both) and no per-token extras (rotary, score bias) need the split.
+        # Inference packs the new class tokens behind the original tokens (see MemoryContext.packed), unless
+        # per-token extras (rotary, score bias) need them apart. Training keeps them apart: non-destructive
+        # training must keep no graph through the backbone, and full-mode steps measured slower packed.
         n = x.shape[1]
-        pack = self._packable and (orig_grad or not torch.is_grad_enabled()) and not PER_TOKEN_EXTRAS & extras.keys()
+        pack = self._packable and not torch.is_grad_enabled() and not PER_TOKEN_EXTRAS & extras.keys()
         if pack:  # [B, N + K, D], [B, 0, D]
             x, c = _with_layout(x, torch.cat([x, c], dim=1)), c[:, :0]
         ctx = MemoryContext(new_mask=new_mask, full=full, orig_grad=orig_grad, packed=len(tasks) if pack else 0,
