@@ -25,7 +25,7 @@ glibc's defaults. The setting is printed and recorded in the JSON.
 
 Peak memory: each method runs in a fresh process (see ``benchmarks/common.py``), with glibc's defaults.
 
-    python benchmarks/inference.py            # default grid, ~15-20 min on 2 cores
+    python benchmarks/inference.py            # targets + default grid, ~9 min on 2 quiet cores
     python benchmarks/inference.py --quick    # tiny model, 1 repetition (smoke test)
 """
 

@@ -10,12 +10,11 @@ attention unless a full-mode task lets them see the memory.
 Each timm attention kind gets a small adapter (``families/``) that only knows how to call
 that module's own projections; :func:`memory_attention` does the rest.
 
-Two layouts of a pass. Split: original tokens ``[B, N, D]`` and new class tokens ``[B, K, D]``
-are separate tensors, so that non-destructive training keeps no autograd graph through the
-backbone. Packed (inference, no autograd): the new class tokens ride behind
-the original tokens as ``[B, N + K, D]``, so they share one call of every norm, projection and MLP
-(small kernels on K rows cost nearly as much as on N), and only :func:`packed_attention` tells
-them apart.
+Two layouts of a pass. Split (training): original tokens ``[B, N, D]`` and new class tokens
+``[B, K, D]`` are separate tensors, so that non-destructive training keeps no autograd graph
+through the backbone. Packed (inference): the new class tokens ride behind the original tokens as
+``[B, N + K, D]`` and share one call of every norm, projection and MLP (a kernel on K rows costs
+nearly as much as on N); only :func:`packed_attention` tells them apart.
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ class MemoryViT(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.backbone = backbone_for(base)
-        self._block_kinds = [block_kind(b) for b in self.backbone.blocks(base)]
         blocks = self.backbone.blocks(base)
+        self._block_kinds = [block_kind(b) for b in blocks]
         self._packable = all(_packable(k, b) for k, b in zip(self._block_kinds, blocks, strict=True))
         base.requires_grad_(False)
         base.eval()
@@ -199,7 +199,7 @@ class MemoryViT(nn.Module):
         # per-token extras (rotary, score bias) need them apart. Training keeps them apart: non-destructive
         # training must keep no graph through the backbone, and full-mode steps measured slower packed.
         n = x.shape[1]
-        pack = self._packable and not torch.is_grad_enabled() and not PER_TOKEN_EXTRAS & extras.keys()
+        pack = bool(tasks) and self._packable and not torch.is_grad_enabled() and not PER_TOKEN_EXTRAS & extras.keys()
         if pack:  # [B, N + K, D], [B, 0, D]
             x, c = _with_layout(x, torch.cat([x, c], dim=1)), c[:, :0]
         ctx = MemoryContext(new_mask=new_mask, full=full, orig_grad=orig_grad, packed=len(tasks) if pack else 0,

@@ -6,6 +6,7 @@ They check that the scripts still run against the package; the numbers of a quic
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,8 @@ def test_quick_run_writes_results(name: str, tmp_path: Path) -> None:
         assert methods == {"plain", "one_pass", "one_pass_full", "dense", "separate", "lora"}
         assert len(data["targets"]) == 5 and all(isinstance(t["pass"], bool) for t in data["targets"])
         assert all(r["extra_mb"] >= 0 for r in data["memory"])
+        glibc = platform.libc_ver()[0] == "glibc"
+        assert data["machine"]["malloc"] == ("keep freed memory" if glibc else "default")
     elif name == "train_step":
         by = {r["method"]: r for r in data["methods"]}
         assert set(by) == {"memory_nd", "memory_full", "head_only", "head_cls", "full_ft", "lora"}
