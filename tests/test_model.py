@@ -154,7 +154,6 @@ def test_gradients_reach_memory_class_token_and_head_only(mode, images):
     assert all(o.requires_grad == (mode == "full") for o in orig)
 
 
-
 def count_packed_blocks(monkeypatch) -> list[int]:
     """Count the attention layers that run a packed pass (see ``MemoryContext.packed``)."""
     import learnable_memory.families.vit as vit_family
@@ -192,7 +191,6 @@ def test_packed_pass_equals_split_pass(variant, layout, images, monkeypatch):
     assert_outputs_close(packed, split)
 
 
-
 def test_packed_base_output_bit_identical_at_full_size():
     """The packed pass at a real size (ViT-S/16, 224 px, 12 blocks), where the kernels that run the
     original tokens' rows differ from the tiny models' ones."""
@@ -202,6 +200,7 @@ def test_packed_base_output_bit_identical_at_full_size():
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         assert torch.equal(model.forward_all(x)["base"], vit(x))
+
 
 def test_full_mode_training_runs_split_with_the_dense_gradients(images, monkeypatch):
     """Training never packs (a full-mode step measured slower packed); the full-mode gradients
@@ -226,14 +225,15 @@ def test_full_mode_training_runs_split_with_the_dense_gradients(images, monkeypa
     assert len(calls) == model.depth
 
 
-def test_attention_with_rotary_embeddings_is_not_packed(images, monkeypatch):
-    """EVA's rotary embeddings rotate only the original patch tokens: such passes stay split."""
+def test_attention_with_rotary_embeddings_is_not_packed(monkeypatch):
+    """EVA's attention kinds rotate only the original patch tokens, so EVA passes stay split."""
     eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=2, img_size=28).eval()
     model = lm.wrap_model(eva, n_mem=2, num_classes=3)
     calls = count_packed_blocks(monkeypatch)
     with torch.no_grad():
         out = model.forward_all(torch.randn(2, 3, 28, 28))
     assert not calls and out["default"].shape == (2, 3)
+
 
 def test_adding_a_task_freezes_earlier_ones():
     vit = make_vit()

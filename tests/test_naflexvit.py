@@ -119,6 +119,19 @@ def test_naflex_save_and_load(tmp_path):
     check_save_load(make(arch, kwargs), make(arch, kwargs), patch_dict(), tmp_path / "adapters")
 
 
+def test_padded_batches_run_unpacked(monkeypatch):
+    """NaFlexViT's blocks can run packed, but a padded batch brings a key-padding bias for the
+    original tokens: that pass keeps the new class tokens apart; an unpadded one packs."""
+    from tests.test_model import count_packed_blocks
+
+    model = build(make(*NAFLEX_VARIANTS["gap_reg"]), LAYOUTS["concat"])
+    calls = count_packed_blocks(monkeypatch)
+    with torch.no_grad():
+        model.forward_all(patch_dict())
+        assert not calls
+        model.forward_all(images_for(32))
+    assert len(calls) == model.depth
+
 def test_new_class_tokens_ignore_padding():
     """What sits in the padding patches changes no output."""
     model = build(make(*NAFLEX_VARIANTS["rope_axial"]), LAYOUTS["extension"])
