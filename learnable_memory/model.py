@@ -26,15 +26,21 @@ def _packable(kind: Any, blk: nn.Module) -> bool:
     return getattr(kind, "packable", False) and all(getattr(attention_kind(a), "packable", False) for a in attns)
 
 
-def _with_layout(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``t`` copied into the memory layout (order of dims in memory) of ``like``.
+def _cat_with_layout(like: torch.Tensor, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``parts`` ``[B, T_i, D]`` joined along the tokens, in one copy, into the memory layout (order of
+    dims in memory) of ``like``.
 
     A packed pass keeps the original tokens laid out as the base model lays them out (timm's patch
     embedding can leave them ``[B, D, N]`` in memory), so that every op, down to the pooling's
     reduction, sums in the same order and the base output stays bit-identical."""
+    shape = [parts[0].shape[0], sum(p.shape[1] for p in parts), parts[0].shape[2]]
     order = sorted(range(like.dim()), key=lambda i: -like.stride(i))  # outermost dim first
-    out = t.new_empty([t.shape[i] for i in order]).permute([order.index(i) for i in range(t.dim())])
-    return out.copy_(t)
+    out = like.new_empty([shape[i] for i in order]).permute([order.index(i) for i in range(like.dim())])
+    start = 0
+    for p in parts:
+        out[:, start : start + p.shape[1]] = p
+        start += p.shape[1]
+    return out
 
 
 class MemoryViT(nn.Module):
@@ -201,13 +207,13 @@ class MemoryViT(nn.Module):
         n = x.shape[1]
         pack = bool(tasks) and self._packable and not torch.is_grad_enabled() and not PER_TOKEN_EXTRAS & extras.keys()
         if pack:  # [B, N + K, D], [B, 0, D]
-            x, c = _with_layout(x, torch.cat([x, c], dim=1)), c[:, :0]
+            x, c = _cat_with_layout(x, [x, c]), c[:, :0]
         ctx = MemoryContext(new_mask=new_mask, full=full, orig_grad=orig_grad, packed=len(tasks) if pack else 0,
                             extras=extras)
         for kind, blk, mem in zip(self._block_kinds, self.backbone.blocks(self.base), memory, strict=True):
             x, c = kind(blk, x, c, mem, ctx)
         if pack:
-            x, c = _with_layout(x, x[:, :n]), x[:, n:]
+            x, c = _cat_with_layout(x, [x[:, :n]]), x[:, n:]
         return x, c, extras
 
     def forward_features(self, images: torch.Tensor, tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
