@@ -216,23 +216,27 @@ def check_concatenation(base: nn.Module, adapters: dict[str, tuple[nn.Module, st
     for model, _, _ in adapters.values():
         merged.add_task(model.tasks[model.active_task])
     merged.eval()
-    rows, base_diff = [], 0.0
-    for name, (model, task, acc_alone) in adapters.items():
-        test = datas[task]["test"]
-        n = len(test)
-        correct, same, max_diff = 0, 0, 0.0
-        for xb, yb in DataLoader(test, batch_size=EVAL_BATCH, num_workers=workers):
-            out, alone = merged.forward_all(xb), model(xb)
-            correct += int((out[name].argmax(-1) == yb).sum())
-            same += int((out[name].argmax(-1) == alone.argmax(-1)).sum())
-            max_diff = max(max_diff, float((out[name] - alone).abs().max()))
+    stats = {name: {"correct": 0, "same": 0, "max_diff": 0.0} for name in adapters}
+    base_diff = 0.0
+    for task in dict.fromkeys(task for _, task, _ in adapters.values()):  # one merged pass per test batch
+        mine = {name: model for name, (model, t, _) in adapters.items() if t == task}
+        for xb, yb in DataLoader(datas[task]["test"], batch_size=EVAL_BATCH, num_workers=workers):
+            out = merged.forward_all(xb)
             base_diff = max(base_diff, float((out["base"] - base(xb)).abs().max()))
-        acc = correct / n
+            for name, model in mine.items():
+                alone, st = model(xb), stats[name]
+                st["correct"] += int((out[name].argmax(-1) == yb).sum())
+                st["same"] += int((out[name].argmax(-1) == alone.argmax(-1)).sum())
+                st["max_diff"] = max(st["max_diff"], float((out[name] - alone).abs().max()))
+    rows = []
+    for name, (_, task, acc_alone) in adapters.items():
+        n, st = len(datas[task]["test"]), stats[name]
+        acc = st["correct"] / n
         # unchanged: every test prediction is the same, so the accuracy is too (up to float32 rounding of
         # torchmetrics' value, hence the half-an-image tolerance)
         rows.append({"adapter": name, "task": task, "accuracy_alone": acc_alone, "accuracy_merged": acc,
-                     "same_predictions": same / n, "max_logit_diff": max_diff,
-                     "unchanged": same == n and abs(acc - acc_alone) < 0.5 / n})
+                     "same_predictions": st["same"] / n, "max_logit_diff": st["max_diff"],
+                     "unchanged": st["same"] == n and abs(acc - acc_alone) < 0.5 / n})
     return {"tasks_in_model": len(adapters), "adapters": rows, "base_max_logit_diff": base_diff,
             "all_unchanged": all(r["unchanged"] for r in rows)}
 
