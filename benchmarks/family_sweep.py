@@ -105,7 +105,7 @@ def shown(kind: str, ambiguous: set[str]) -> str:
 def markdown(table: dict[str, dict], seconds: float, summary_line: str, machine: dict, quick: bool) -> str:
     """The README section (between the markers)."""
     common.add_repo_root_to_path()
-    from learnable_memory.families import UNSUPPORTED
+    from learnable_memory.registry import UNSUPPORTED
     from tests.test_families import DEPTH2_KWARGS, SAMPLE
 
     command = "python -m pytest tests/test_families.py" + ("" if quick else " -m slow")

@@ -4,13 +4,14 @@ Wrap a frozen timm ViT, add per-task memory tokens, class tokens and heads, and 
 base model and every task in one forward pass.
 """
 
-from .adapter_io import AdapterError, inspect_adapter, save_adapter, save_pretrained
+from .adapters import AdapterError, inspect_adapter, save_adapter, save_pretrained
 from .config import MODES, TaskConfig
-from .loading import load_adapters
 from .mask import build_attention_mask
 from .memory import TaskMemory
-from .model import MemoryViT, wrap_model
+from .model import MemoryViT, load_adapters, wrap_model
 from .plotting import plot_attention_mask
+from .registry import UnsupportedModelError
+from .version import __version__ as __version__
 
 __all__ = [
     "MODES",
@@ -18,6 +19,7 @@ __all__ = [
     "MemoryViT",
     "TaskConfig",
     "TaskMemory",
+    "UnsupportedModelError",
     "build_attention_mask",
     "inspect_adapter",
     "load_adapters",
@@ -26,4 +28,3 @@ __all__ = [
     "save_pretrained",
     "wrap_model",
 ]
-__version__ = "0.1.0"

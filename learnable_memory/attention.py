@@ -7,8 +7,8 @@ Memory keys/values are computed once per forward and block, ``[H, M, hd]``, and 
 over the batch. Memory makes no queries. Original tokens run exactly the base model's
 attention unless a full-mode task lets them see the memory.
 
-Each timm attention kind gets a small adapter (``families/``) that only knows how to call
-that module's own projections; :func:`memory_attention` does the rest.
+Each timm attention type gets an attention kind (:class:`~learnable_memory.kinds.AttentionKind`)
+that only knows how to call that module's own projections; :func:`memory_attention` does the rest.
 
 Two layouts of a pass. Split (training): original tokens ``[B, N, D]`` and new class tokens
 ``[B, K, D]`` are separate tensors, so that non-destructive training keeps no autograd graph
@@ -19,42 +19,25 @@ nearly as much as on N); only :func:`packed_attention` tells them apart.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-PER_TOKEN_EXTRAS = frozenset({"rope", "block_rope", "attn_bias"})  # extras that rule out a packed pass
+from .context import PassContext
+
+Bias = torch.Tensor | None
 
 
-@dataclass
-class MemoryContext:
-    """What every block needs to know about the current pass.
+class Projections(Protocol):
+    """What the arithmetic here needs of an attention kind (see :class:`~learnable_memory.kinds.AttentionKind`)."""
 
-    Attributes:
-        new_mask: ``[K, K + M]`` bool, which new class tokens and memory each new class token
-            sees (from :func:`learnable_memory.mask.new_token_mask`).
-        full: Original tokens attend to the memory too (paper Sec. 2.1).
-        orig_grad: Keep an autograd graph for the original tokens. False when nothing trainable
-            touches them (non-destructive training), which saves the backbone's backward.
-        packed: The pass runs packed: the last ``packed`` rows of the original-token tensor are
-            the new class tokens, which then share every row-wise op (norms, projections, MLP)
-            with the original tokens, and the class-token tensor is empty ``[B, 0, D]``. Only the
-            attention tells them apart (:func:`packed_attention`). 0: separate tensors.
-        extras: Per-pass values a backbone hands to its blocks. Read here: ``"rope"``, the
-            rotary embedding of the original tokens (passed to the attention kind's ``qkv``), and
-            ``"attn_bias"``, a pair of additive biases on the scores against the original tokens,
-            ``[.., N, N]`` for the original tokens and ``[.., 1, N]`` for the new class tokens
-            (e.g. a key padding mask), added to any ``position_bias`` of the attention kind.
-    """
+    def qkv(self, attn: nn.Module, h: torch.Tensor, rope: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]: ...
 
-    new_mask: torch.Tensor
-    full: bool
-    orig_grad: bool
-    packed: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
+    def out(self, attn: nn.Module, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor: ...
+
+    def position_bias(self, attn: nn.Module, ctx: PassContext, n_tokens: int) -> tuple[Bias, Bias]: ...
 
 
 def attend_original(
@@ -143,8 +126,8 @@ def memory_attention(
     h_x: torch.Tensor,
     h_c: torch.Tensor,
     h_m: torch.Tensor,
-    ctx: MemoryContext,
-    kind: Any,
+    ctx: PassContext,
+    kind: Projections,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention layer over original tokens, new class tokens and memory.
 
@@ -153,17 +136,16 @@ def memory_attention(
         h_x: ``[B, N, D]`` original tokens after the block's pre-attention norm.
         h_c: ``[B, K, D]`` new class tokens, likewise.
         h_m: ``[M, D]`` this block's memory, likewise.
-        ctx: The pass's :class:`MemoryContext`.
-        kind: The attention-kind adapter for ``attn`` (see ``registry``).
+        ctx: The pass's :class:`~learnable_memory.context.PassContext`.
+        kind: The attention kind of ``attn``.
 
     Returns:
         Attention outputs (after the output projection) ``[B, N, D]`` and ``[B, K, D]``.
     """
-    rope = ctx.extras.get("rope")
-    bias_x, bias_c = ctx.extras.get("attn_bias", (None, None))  # e.g. key padding: [.., N, N], [.., 1, N]
-    if hasattr(kind, "position_bias"):  # e.g. relative position bias: [.., N, N] and [.., 1, N]
-        pos_x, pos_c = kind.position_bias(attn, ctx, h_x.shape[1])
-        bias_x, bias_c = _add(bias_x, pos_x), _add(bias_c, pos_c)
+    rope = ctx.extras.rope
+    bias_x, bias_c = ctx.extras.attn_bias or (None, None)  # e.g. key padding: [.., N, N], [.., 1, N]
+    pos_x, pos_c = kind.position_bias(attn, ctx, h_x.shape[1])  # e.g. relative position bias, likewise
+    bias_x, bias_c = _add(bias_x, pos_x), _add(bias_c, pos_c)
     n, b = h_x.shape[1], h_x.shape[0]
     # Full mode without rotary embeddings: the memory rows ride along with the original tokens through
     # the projection, so their keys/values already end in the memory's and need no concatenation.
@@ -191,7 +173,7 @@ def memory_attention(
 
 
 def packed_attention(
-    attn: nn.Module, h: torch.Tensor, h_m: torch.Tensor, ctx: MemoryContext, kind: Any
+    attn: nn.Module, h: torch.Tensor, h_m: torch.Tensor, ctx: PassContext, kind: Projections
 ) -> torch.Tensor:
     """:func:`memory_attention` for a packed pass (``ctx.packed`` = K new class tokens).
 

@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass, field
 #:   task can not share a model with any other task.
 MODES = ("non_destructive", "extension", "full")
 
+#: The key of the base model's own output in ``MemoryViT.forward_all``; no task may take this name.
+BASE_KEY = "base"
+
 
 @dataclass
 class TaskConfig:

@@ -139,8 +139,7 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, steps: int
 
     ``quick`` runs the same code path with a few steps on a few hundred images (a smoke test).
     """
-    from .loading import load_adapters
-    from .model import BASE_KEY
+    from .model import BASE_KEY, load_adapters
 
     start = time.perf_counter()
     out = Path(out)

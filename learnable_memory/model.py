@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from . import families  # noqa: F401  (registers the supported timm families)
-from .attention import PER_TOKEN_EXTRAS, MemoryContext
-from .config import TaskConfig
+from .adapters import prepare_tasks, save_adapter, save_pretrained, warn_preprocessing
+from .config import BASE_KEY, TaskConfig
+from .context import PassContext, PassExtras
+from .kinds import BlockKind
 from .mask import check_layout, new_token_mask
 from .memory import TaskMemory
-from .registry import attention_kind, backbone_for, block_kind
+from .registry import attention_kind, backbone_kind, block_kind
 
-BASE_KEY = "base"
+Rename = Mapping[str, str] | Sequence[str | None] | None
 
 
-def _packable(kind: Any, blk: nn.Module) -> bool:
-    """Whether block ``blk`` (run by ``kind``) can serve a packed pass (see ``MemoryContext.packed``)."""
-    attns = kind.attentions(blk)
-    return getattr(kind, "packable", False) and all(getattr(attention_kind(a), "packable", False) for a in attns)
+def _packable(kind: BlockKind, blk: nn.Module) -> bool:
+    """Whether block ``blk`` can serve a packed pass (see ``PassContext.packed`` and ``kinds``)."""
+    return kind.packable and all(attention_kind(a).packable for a in kind.attentions(blk))
 
 
 def _cat_with_layout(like: torch.Tensor, parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -54,7 +53,7 @@ class MemoryViT(nn.Module):
 
     def __init__(self, base: nn.Module):
         super().__init__()
-        self.backbone = backbone_for(base)
+        self.backbone = backbone_kind(base)
         blocks = self.backbone.blocks(base)
         self._block_kinds = [block_kind(b) for b in blocks]
         self._packable = all(_packable(k, b) for k, b in zip(self._block_kinds, blocks, strict=True))
@@ -63,7 +62,7 @@ class MemoryViT(nn.Module):
         self.base = base
         self.tasks = nn.ModuleDict()
         self.active_task: str | None = None
-        self._masks: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[tuple[str, ...], torch.Tensor] = {}
 
     # ----- structure -----
     @property
@@ -156,14 +155,12 @@ class MemoryViT(nn.Module):
                 need.update(self.tasks[name].config.depends_on)
         return tuple(n for n in self.task_names if n in need)
 
-    def _mask(self, names: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if names not in self._masks:
-            self._masks[names] = new_token_mask([self.tasks[n].config for n in names])
-        new_mask, orig_sees_mem = self._masks[names]
-        if new_mask.device != device:
-            new_mask, orig_sees_mem = new_mask.to(device), orig_sees_mem.to(device)
-            self._masks[names] = (new_mask, orig_sees_mem)
-        return new_mask, orig_sees_mem
+    def _mask(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """The Table 1 rows of the new class tokens of ``names``, ``[K, K + M]``, on ``device``."""
+        mask = self._masks.get(names)
+        if mask is None or mask.device != device:
+            mask = self._masks[names] = new_token_mask([self.tasks[n].config for n in names]).to(device)
+        return mask
 
     def forward_tokens(self, images: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the blocks once for the original tokens and the class tokens of ``names``.
@@ -180,9 +177,8 @@ class MemoryViT(nn.Module):
 
     def _run_blocks(
         self, images: torch.Tensor, names: Sequence[str]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """:meth:`forward_tokens`, plus the backbone's per-pass ``extras`` (which ``base_logits``
-        may need, under ``"head_kwargs"``)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, PassExtras]:
+        """:meth:`forward_tokens`, plus the backbone's per-pass extras (which ``base_logits`` may need)."""
         self.backbone.check_input(self.base, images)
         names = tuple(names)
         tasks = [self.tasks[n] for n in names]
@@ -194,24 +190,24 @@ class MemoryViT(nn.Module):
         )
         with torch.set_grad_enabled(orig_grad):
             x, extras = self.backbone.embed(self.base, images)  # [B, N, D]
-        new_mask, orig_sees_mem = self._mask(names, x.device)
+        new_mask = self._mask(names, x.device)
         if tasks:
             tokens = torch.stack([t.class_token for t in tasks])  # [K, D]
             memory = torch.cat([t.memory for t in tasks], dim=1)  # [depth, M, D]
         else:  # the base model alone
             tokens, memory = x.new_zeros(0, x.shape[-1]), x.new_zeros(self.depth, 0, x.shape[-1])
         c = self.backbone.embed_new(self.base, tokens).unsqueeze(0).expand(x.shape[0], -1, -1)  # [B, K, D]
-        # Inference packs the new class tokens behind the original tokens (see MemoryContext.packed), unless
+        # Inference packs the new class tokens behind the original tokens (see PassContext.packed), unless
         # per-token extras (rotary, score bias) need them apart. Training keeps them apart: non-destructive
         # training must keep no graph through the backbone, and full-mode steps measured slower packed.
         n = x.shape[1]
-        pack = bool(tasks) and self._packable and not torch.is_grad_enabled() and not PER_TOKEN_EXTRAS & extras.keys()
+        pack = bool(tasks) and self._packable and not torch.is_grad_enabled() and not extras.per_token
         if pack:  # [B, N + K, D], [B, 0, D]
             x, c = _cat_with_layout(x, [x, c]), c[:, :0]
-        ctx = MemoryContext(new_mask=new_mask, full=full, orig_grad=orig_grad, packed=len(tasks) if pack else 0,
-                            extras=extras)
+        ctx = PassContext(new_mask=new_mask, full=full, orig_grad=orig_grad, packed=len(tasks) if pack else 0,
+                          extras=extras)
         for kind, blk, mem in zip(self._block_kinds, self.backbone.blocks(self.base), memory, strict=True):
-            x, c = kind(blk, x, c, mem, ctx)
+            x, c = kind.forward(blk, x, c, mem, ctx)
         if pack:
             x, c = _cat_with_layout(x, [x[:, :n]]), x[:, n:]
         return x, c, extras
@@ -235,7 +231,7 @@ class MemoryViT(nn.Module):
         x, c, extras = self._run_blocks(images, names)
         out: dict[str, torch.Tensor] = {}
         if not any(t.mode == "full" for t in self.tasks.values()):
-            out[BASE_KEY] = self.backbone.base_logits(self.base, x, **extras.get("head_kwargs", {}))
+            out[BASE_KEY] = self.backbone.base_logits(self.base, x, extras)
         feats = self.backbone.task_features(self.base, c)
         for i, (name, task) in enumerate(self.tasks.items()):
             out[name] = task.head(feats[:, i])
@@ -252,16 +248,23 @@ class MemoryViT(nn.Module):
 
     # ----- adapters on disk -----
     def save_adapter(self, path: str | Path, task: str | None = None) -> Path:
-        """Write one task (default: the active one) as an adapter folder; see ``adapter_io``."""
-        from .adapter_io import save_adapter
-
+        """Write one task (default: the active one) as an adapter folder; see :mod:`learnable_memory.adapters`."""
         return save_adapter(self, path, task=task)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write every task, one adapter folder each, under ``path``; see ``adapter_io``."""
-        from .adapter_io import save_pretrained
-
+        """Write every task, one adapter folder each, under ``path``; see :mod:`learnable_memory.adapters`."""
         return save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(
+        cls, base: nn.Module, path: str | Path | Sequence[str | Path], **kwargs
+    ) -> MemoryViT:
+        """A ``MemoryViT`` on the timm model ``base`` (frozen in place) with the tasks saved at ``path``:
+        adapter folders, ``save_pretrained`` folders or ``hf-hub:`` specs. Keyword arguments as
+        :func:`load_adapters`, which this is."""
+        if isinstance(base, MemoryViT):
+            raise TypeError("from_pretrained takes the timm backbone; to add tasks to a MemoryViT use load_adapters")
+        return load_adapters(base, path, **kwargs)
 
 
 def wrap_model(
@@ -306,3 +309,47 @@ def wrap_model(
         wrapped = MemoryViT(model)
     wrapped.add_task(config)
     return wrapped
+
+
+def load_adapters(
+    model: nn.Module,
+    paths: str | Path | Sequence[str | Path],
+    *,
+    trainable: bool = False,
+    rename: Rename = None,
+    check_fingerprint: bool = True,
+    cache_dir: str | Path | None = None,
+) -> MemoryViT:
+    """Load adapter folders, in order, onto a backbone; one ``forward_all`` then serves them all.
+
+    Everything is read and checked before the model is touched, so a refused load changes nothing.
+    Checks, each an :class:`~learnable_memory.AdapterError` naming the file: the backbone (same width,
+    depth and prefix tokens, and unless ``check_fingerprint=False`` the same weights); names (no two
+    tasks with one name; ``rename`` resolves clashes); modes (a full-mode task stands alone); extension
+    tasks (the tasks they were trained on are present before them, in order, with the same weights).
+
+    Args:
+        model: A timm ViT (frozen in place, as by ``wrap_model``) or a ``MemoryViT``, in which case
+            a new ``MemoryViT`` sharing its backbone and tasks is returned (as ``wrap_model`` does).
+        paths: Adapter folders (from ``save_adapter``), ``save_pretrained`` folders (all their
+            tasks, in order) or ``"hf-hub:owner/repo[/subfolder][@revision]"``.
+        trainable: Leave the loaded tasks trainable (to resume training); default frozen.
+        rename: ``{saved_name: new_name}``, or a list with one new name (or None) per adapter.
+        check_fingerprint: Refuse adapters whose backbone, or whose extended tasks, have other
+            weights than the ones here. Set False only when you know the weights are equivalent.
+        cache_dir: Hugging Face cache for ``hf-hub:`` paths (default: huggingface_hub's).
+
+    Returns:
+        A ``MemoryViT`` whose active task is the last one loaded.
+    """
+    base = model.base if isinstance(model, MemoryViT) else model
+    existing = dict(model.tasks.items()) if isinstance(model, MemoryViT) else {}
+    tasks = prepare_tasks(base, existing, paths, rename=rename, check_fingerprint=check_fingerprint,
+                          cache_dir=cache_dir)
+    out = MemoryViT(base)
+    for t in [*existing.values(), *tasks]:
+        out.add_task(t)
+    for t in tasks:
+        t.requires_grad_(trainable)
+    warn_preprocessing(list(out.tasks.values()), base, stacklevel=3)
+    return out

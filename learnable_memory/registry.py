@@ -1,34 +1,60 @@
-"""Which timm modules learnable_memory knows, and the small adapter that runs each.
+"""Which timm module types learnable_memory knows, and the kind that runs each.
 
-Three tables, keyed by exact type (a subclass may change what its parent does, so it must
-be registered on its own):
+Three tables, keyed by exact type (a subclass may change what its parent does, so it is
+registered on its own): attention kinds, block kinds and backbone kinds (the contract of each is
+in :mod:`learnable_memory.kinds`). Family modules fill them with the class decorators
+:func:`register_attention`, :func:`register_block` and :func:`register_backbone`.
 
-- attention kinds: how to call an attention module's own projections
-  (``qkv(attn, h, rope) -> q, k, v``, ``out(attn, o, h)``, optionally
-  ``position_bias(attn, ctx, n_tokens)``);
-- block kinds: how a block runs original tokens, new class tokens and memory
-  (``__call__(blk, x, c, mem, ctx) -> x, c`` and ``attentions(blk)``);
-- backbones: how tokens enter and leave the blocks (see ``families/vit.py``).
-
-Family modules in ``learnable_memory/families/`` fill the tables with :func:`register`.
+Every module in ``learnable_memory/families/`` is imported the first time a kind is looked up, so a
+new family file needs no import anywhere else. A timm type with no kind, or one refused on purpose
+with :func:`refuse`, raises :class:`UnsupportedModelError` naming what is supported (or why not).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 from torch import nn
 
-ATTENTION_KINDS: dict[type, Any] = {}
-BLOCK_KINDS: dict[type, Any] = {}
-BACKBONES: dict[type, Any] = {}
+from .kinds import AttentionKind, BackboneKind, BlockKind
+
+K = TypeVar("K")
+
+ATTENTION_KINDS: dict[type, AttentionKind] = {}
+BLOCK_KINDS: dict[type, BlockKind] = {}
+BACKBONE_KINDS: dict[type, BackboneKind] = {}
+
+#: Types refused on purpose: class name -> why the guarantees can not hold and what would lift it.
+#: ``tests/test_families.py`` holds the library to it: an architecture may fail to wrap only with
+#: the error of an entry that matches one of its classes.
+UNSUPPORTED: dict[str, str] = {}
+_REFUSED: dict[type, str] = {}
+_FAMILIES_LOADED = False
 
 
-def register(table: dict[type, Any], *types: type) -> Callable[[type], type]:
-    """Class decorator: one instance of the adapter serves every type in ``types``."""
+class UnsupportedModelError(TypeError):
+    """A timm model, block or attention type that learnable_memory has no kind for, or refuses."""
 
+
+def load_families() -> None:
+    """Import every module of :mod:`learnable_memory.families` once (each registers its kinds)."""
+    global _FAMILIES_LOADED
+    if _FAMILIES_LOADED:
+        return
+    _FAMILIES_LOADED = True
+    from . import families
+
+    for info in sorted(pkgutil.iter_modules(families.__path__), key=lambda i: i.name):
+        importlib.import_module(f"{families.__name__}.{info.name}")
+
+
+def _register(table: dict[type, K], base: type, types: tuple[type, ...]) -> Callable[[type], type]:
     def deco(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise TypeError(f"{cls!r} must subclass {base.__name__} to be registered")
         instance = cls()
         for t in types:
             table[t] = instance
@@ -37,36 +63,54 @@ def register(table: dict[type, Any], *types: type) -> Callable[[type], type]:
     return deco
 
 
-def _names(table: dict[type, Any]) -> str:
-    return ", ".join(sorted({t.__name__ for t in table}))
+def register_attention(*types: type) -> Callable[[type], type]:
+    """Class decorator: one instance of this :class:`AttentionKind` runs every type in ``types``."""
+    return _register(ATTENTION_KINDS, AttentionKind, types)
 
 
-def attention_kind(attn: nn.Module) -> Any:
-    """The adapter for ``attn``'s exact type, or ``TypeError``."""
-    kind = ATTENTION_KINDS.get(type(attn))
+def register_block(*types: type) -> Callable[[type], type]:
+    """Class decorator: one instance of this :class:`BlockKind` runs every type in ``types``."""
+    return _register(BLOCK_KINDS, BlockKind, types)
+
+
+def register_backbone(*types: type) -> Callable[[type], type]:
+    """Class decorator: one instance of this :class:`BackboneKind` runs every type in ``types``."""
+    return _register(BACKBONE_KINDS, BackboneKind, types)
+
+
+def refuse(cls: type, reason: str) -> None:
+    """Refuse ``cls`` (a backbone, block or attention type) on purpose. ``reason`` says why the
+    guarantees can not hold and what would lift the restriction; wrapping raises it."""
+    UNSUPPORTED[cls.__name__] = reason
+    _REFUSED[cls] = reason
+
+
+def _lookup(table: dict[type, K], obj: object, what: str, hint: str = "") -> K:
+    load_families()
+    t = type(obj)
+    if t in _REFUSED:
+        raise UnsupportedModelError(f"{t.__name__} is not supported by learnable_memory: {_REFUSED[t]}")
+    kind = table.get(t)
     if kind is None:
-        raise TypeError(
-            f"unsupported attention type {type(attn).__name__}; supported attention types: {_names(ATTENTION_KINDS)}"
-        )
+        names = ", ".join(sorted({k.__name__ for k in table}))
+        raise UnsupportedModelError(f"unsupported {what} type {t.__name__}{hint}; supported {what} types: {names}")
     return kind
 
 
-def block_kind(blk: nn.Module) -> Any:
-    """The adapter for ``blk``'s exact type (its attention modules checked too), or ``TypeError``."""
-    kind = BLOCK_KINDS.get(type(blk))
-    if kind is None:
-        raise TypeError(f"unsupported block type {type(blk).__name__}; supported block types: {_names(BLOCK_KINDS)}")
+def attention_kind(attn: nn.Module) -> AttentionKind:
+    """The kind for ``attn``'s exact type, or :class:`UnsupportedModelError`."""
+    return _lookup(ATTENTION_KINDS, attn, "attention")
+
+
+def block_kind(blk: nn.Module) -> BlockKind:
+    """The kind for ``blk``'s exact type (its attention modules checked too), or :class:`UnsupportedModelError`."""
+    kind = _lookup(BLOCK_KINDS, blk, "block")
     for attn in kind.attentions(blk):
         attention_kind(attn)
     return kind
 
 
-def backbone_for(model: nn.Module) -> Any:
-    """The adapter for ``model``'s exact type, or ``TypeError`` naming the supported families."""
-    adapter = BACKBONES.get(type(model))
-    if adapter is None:
-        raise TypeError(
-            f"unsupported model type {type(model).__name__}: learnable_memory wraps timm Vision Transformers "
-            f"({_names(BACKBONES)}). Build one with timm.create_model('vit_...')."
-        )
-    return adapter
+def backbone_kind(model: nn.Module) -> BackboneKind:
+    """The kind for ``model``'s exact type, or :class:`UnsupportedModelError` naming the supported families."""
+    return _lookup(BACKBONE_KINDS, model, "model", hint=(
+        ": learnable_memory wraps timm Vision Transformers; build one with timm.create_model('vit_...')"))

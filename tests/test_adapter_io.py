@@ -18,7 +18,9 @@ import timm
 import torch
 
 import learnable_memory as lm
-from learnable_memory.adapter_io import (
+from learnable_memory import load_adapters
+from learnable_memory.adapters.fingerprint import base_fingerprint
+from learnable_memory.adapters.folder import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterError,
@@ -26,8 +28,6 @@ from learnable_memory.adapter_io import (
     save_adapter,
     save_pretrained,
 )
-from learnable_memory.fingerprint import base_fingerprint
-from learnable_memory.loading import load_adapters
 from tests.conftest import make_vit, randomize
 
 ROOT = Path(__file__).resolve().parents[1]

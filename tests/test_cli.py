@@ -16,8 +16,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from learnable_memory import data as D
+from learnable_memory import load_adapters
 from learnable_memory.cli import build_parser, create_base, main
-from learnable_memory.loading import load_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--steps", "3", "--batch-size", "16", "--max-train", "48", "--no-progress"]

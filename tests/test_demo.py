@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from learnable_memory import data as D
+from learnable_memory import load_adapters
 from learnable_memory.baselines import HeadOnly
 from learnable_memory.cli import main
 from learnable_memory.demo import METHODS, TASKS
-from learnable_memory.loading import load_adapters
 
 
 def test_head_only_uses_the_base_features_exactly():

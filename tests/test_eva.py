@@ -13,8 +13,7 @@ import timm
 import torch
 
 import learnable_memory as lm
-from learnable_memory import build_attention_mask
-from learnable_memory.loading import load_adapters
+from learnable_memory import build_attention_mask, load_adapters
 from tests.conftest import randomize
 
 LAYOUTS = {

@@ -12,7 +12,7 @@ between blocks) set to 1, and then held to the guarantees:
 4. ``save_pretrained`` then ``load_adapters`` onto a fresh copy of the backbone gives the same outputs.
 
 An architecture may fail to wrap only with the ``TypeError`` of a matching entry of
-``learnable_memory.families.UNSUPPORTED``, and every such entry must really refuse.
+``learnable_memory.registry.UNSUPPORTED``, and every such entry must really refuse.
 
 The default run checks :data:`SAMPLE`, one architecture per family and per block, attention,
 embedding and backbone kind (and the features listed there). ``-m slow`` checks every
@@ -29,8 +29,7 @@ import timm
 import torch
 
 import learnable_memory as lm
-from learnable_memory.families import UNSUPPORTED
-from learnable_memory.registry import BACKBONES, BLOCK_KINDS
+from learnable_memory.registry import BLOCK_KINDS, UNSUPPORTED, load_families
 from tests.conftest import randomize
 
 MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "eva", "beit", "naflexvit")
@@ -120,12 +119,10 @@ def kinds(model: torch.nn.Module) -> set[str]:
         out.add(f"embed:{kind_name(embed)}")
     for blk in model.blocks:
         out.add(f"block:{kind_name(blk)}")
+        load_families()
         kind = BLOCK_KINDS.get(type(blk))
         if kind is not None:
-            try:
-                out.update(f"attention:{kind_name(a)}" for a in kind.attentions(blk))
-            except TypeError:  # a refused block kind
-                pass
+            out.update(f"attention:{kind_name(a)}" for a in kind.attentions(blk))
     return out
 
 
@@ -235,18 +232,11 @@ def test_every_architecture(arch, tmp_path, record_property, sample_kinds):
     assert not missing, f"{arch} has kinds the default sample does not check: {sorted(missing)}; add it to SAMPLE"
 
 
-def test_unsupported_entries_refuse():
-    """Every class-level entry of UNSUPPORTED is registered as a refusal."""
-    refused = {t.__name__ for table in (BACKBONES, BLOCK_KINDS) for t, k in table.items() if hasattr(k, "reason")}
-    classes = {k for k in UNSUPPORTED if k not in MODULE_OF}
-    assert classes <= refused, f"UNSUPPORTED lists {sorted(classes - refused)} but nothing refuses them"
-
-
 def test_refused_kinds_raise_documented_type_error():
     """The refusal mechanism itself, on a block type and a backbone type made up for the test."""
     from timm.models.vision_transformer import Block, VisionTransformer
 
-    from learnable_memory.families.unsupported import refuse
+    from learnable_memory.registry import _REFUSED, refuse
 
     class OddBlock(Block):
         pass
@@ -255,8 +245,8 @@ def test_refused_kinds_raise_documented_type_error():
         pass
 
     try:
-        refuse(BLOCK_KINDS, OddBlock, "odd blocks change the tokens in ways memory can not follow")
-        refuse(BACKBONES, OddViT, "odd backbones mix the tokens before the blocks")
+        refuse(OddBlock, "odd blocks change the tokens in ways memory can not follow")
+        refuse(OddViT, "odd backbones mix the tokens before the blocks")
         vit = timm.create_model("test_vit", pretrained=False, depth=2, block_fn=OddBlock)
         with pytest.raises(TypeError, match="OddBlock is not supported by learnable_memory: odd blocks change"):
             lm.wrap_model(vit, n_mem=1, num_classes=2)
@@ -265,6 +255,6 @@ def test_refused_kinds_raise_documented_type_error():
         with pytest.raises(TypeError, match="OddViT is not supported by learnable_memory: odd backbones mix"):
             lm.wrap_model(odd, n_mem=1, num_classes=2)
     finally:
-        for table, cls in ((BLOCK_KINDS, OddBlock), (BACKBONES, OddViT)):
-            table.pop(cls, None)
+        for cls in (OddBlock, OddViT):
+            _REFUSED.pop(cls, None)
             UNSUPPORTED.pop(cls.__name__, None)

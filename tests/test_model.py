@@ -155,17 +155,17 @@ def test_gradients_reach_memory_class_token_and_head_only(mode, images):
 
 
 def count_packed_blocks(monkeypatch) -> list[int]:
-    """Count the attention layers that run a packed pass (see ``MemoryContext.packed``)."""
-    import learnable_memory.families.vit as vit_family
+    """Count the attention layers that run a packed pass (see ``PassContext.packed``)."""
+    from learnable_memory.kinds import AttentionKind
 
     calls = []
-    real = vit_family.packed_attention
+    real = AttentionKind.attend_packed
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(vit_family, "packed_attention", counted)
+    monkeypatch.setattr(AttentionKind, "attend_packed", counted)
     return calls
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import data as D
-from ..loading import load_adapters
+from ..model import load_adapters
 from .base import base_for_adapters, make_accelerator, read_training_info
 
 
@@ -49,7 +49,7 @@ def _format_confusion(conf: torch.Tensor, names: Sequence[str]) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
-    from ..adapter_io import CONFIG_NAME, adapter_folders
+    from ..adapters.folder import CONFIG_NAME, adapter_folders
     from ..train import evaluate
 
     accelerator = make_accelerator()

@@ -38,7 +38,7 @@ def _short(v) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..adapter_io import inspect_adapter
+    from ..adapters.folder import inspect_adapter
 
     if not Path(args.adapter).exists():
         raise FileNotFoundError(f"adapter {args.adapter} not found")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import data as D
-from ..loading import load_adapters
+from ..model import load_adapters
 from .base import TRAINING_FILE, base_spec, create_base, make_accelerator, read_training_info
 
 

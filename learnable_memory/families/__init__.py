@@ -1,4 +1,2 @@
-"""Adapters for timm model families; importing this package registers them all."""
-
-from . import beit, eva, naflexvit, vit, vit_parallel  # noqa: F401
-from .unsupported import UNSUPPORTED  # noqa: F401
+"""timm model families, one module each. Every module here is imported by
+:func:`learnable_memory.registry.load_families` and registers its kinds; nothing else imports them."""

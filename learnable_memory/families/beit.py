@@ -11,8 +11,8 @@ token. New class tokens and memory have no place in that table; the choice made 
   the original tokens' scores against the memory get none either.
 
 The attention kind gives these through the ``position_bias`` hook; the backbone computes the
-shared bias (``Beit.rel_pos_bias``) once per pass and hands it over in ``ctx.extras``. Blocks
-are pre-norm with optional LayerScale, like ``EvaBlock``.
+shared bias (``Beit.rel_pos_bias``) once per pass and hands it over as ``PassExtras.rel_pos_bias``.
+Blocks are pre-norm with optional LayerScale, like ``EvaBlock``.
 
 Every architecture of ``timm.models.beit`` is supported. The base output is bit-exact, except
 for a model with both per-block and shared relative position bias run with timm's non-fused
@@ -22,25 +22,24 @@ other, here their sum is added (differences ~1e-7). No registered architecture h
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from timm.models.beit import Attention, Beit, Block
 from torch import nn
 
-from ..attention import MemoryContext
-from ..registry import ATTENTION_KINDS, BACKBONES, BLOCK_KINDS, register
+from ..context import PassContext, PassExtras
+from ..kinds import AttentionKind
+from ..registry import register_attention, register_backbone, register_block
 from .eva import LayerScalePreNormBlock, fused_qkv_with_bias
 from .vit import VitBackbone
 
-register(BLOCK_KINDS, Block)(LayerScalePreNormBlock)
+register_block(Block)(LayerScalePreNormBlock)
 
 
-@register(ATTENTION_KINDS, Attention)
-class RelPosBiasAttention:
+@register_attention(Attention)
+class RelPosBiasAttention(AttentionKind):
     """BEiT ``Attention``: fused ``qkv`` with ``q_bias``/``v_bias``, relative position bias."""
 
-    def qkv(self, attn: nn.Module, h: torch.Tensor, rope: Any = None) -> tuple[torch.Tensor, ...]:
+    def qkv(self, attn: nn.Module, h: torch.Tensor, rope: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """``h`` ``[B, T, D]`` -> q, k, v ``[B, H, T, hd]``."""
         b, t, _ = h.shape
         qkv = fused_qkv_with_bias(attn, h).reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -52,12 +51,12 @@ class RelPosBiasAttention:
         return attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(b, t, heads * hd)))
 
     def position_bias(
-        self, attn: nn.Module, ctx: MemoryContext, n_tokens: int
+        self, attn: nn.Module, ctx: PassContext, n_tokens: int
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The block's bias plus the shared one, ``[1, H, N, N]`` for the original tokens, and
         the class token's row ``[1, H, 1, N]`` for the new class tokens (None without any)."""
         bias = attn._get_rel_pos_bias() if attn.relative_position_bias_table is not None else None
-        shared = ctx.extras.get("rel_pos_bias")  # [H, N, N]
+        shared = ctx.extras.rel_pos_bias  # [H, N, N]
         if shared is not None:
             bias = shared if bias is None else bias + shared
         if bias is None:
@@ -65,11 +64,11 @@ class RelPosBiasAttention:
         return bias, bias[..., :1, :]
 
 
-@register(BACKBONES, Beit)
+@register_backbone(Beit)
 class BeitBackbone(VitBackbone):
     """timm ``Beit``: one class token, absolute position embedding (optional), token/avg pooling."""
 
-    def embed(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def embed(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, PassExtras]:
         """``images`` ``[B, C, H, W]`` -> original tokens ``[B, 1 + P, D]`` (as ``Beit.forward_features``
         builds them) and the shared relative position bias ``[H, N, N]`` (or None)."""
         x = model.patch_embed(images)
@@ -77,7 +76,7 @@ class BeitBackbone(VitBackbone):
         if model.pos_embed is not None:
             x = x + model.pos_embed
         x = model.pos_drop(x)
-        return x, {"rel_pos_bias": model.rel_pos_bias() if model.rel_pos_bias is not None else None}
+        return x, PassExtras(rel_pos_bias=model.rel_pos_bias() if model.rel_pos_bias is not None else None)
 
     def embed_new(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         """New class tokens ``[K, D]`` enter the blocks as they are (BEiT has no ``norm_pre``)."""

@@ -6,8 +6,8 @@ What these models add to a plain ViT, and how memory and new class tokens meet i
   keys of the patch tokens only; timm's attention leaves its ``num_prefix_tokens`` class and
   register tokens unrotated. New class tokens and memory count as prefix tokens: they are never
   rotated (they have no position in the image). The backbone hands the rotary table to the
-  blocks in ``ctx.extras["rope"]``; RoPE-Mixed learns one table per block, handed over as
-  ``ctx.extras["block_rope"]`` (``{block: table}``) and picked by each block.
+  blocks in ``PassExtras.rope``; RoPE-Mixed learns one table per block, handed over as
+  ``PassExtras.block_rope`` (``{block: table}``) and picked by each block.
 - ``EvaAttention`` (fused ``qkv`` with ``q_bias``/``k_bias``/``v_bias``, or separate
   ``q_proj``/``k_proj``/``v_proj``) and ``AttentionRope`` (also grouped-query attention,
   ``num_kv_heads``): q/k norm, scale norm and the sigmoid output gate are their own modules.
@@ -26,8 +26,7 @@ supported like the others.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any
+from abc import abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +34,11 @@ from timm.layers import AttentionRope, apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import nn
 
-from ..attention import MemoryContext
-from ..registry import ATTENTION_KINDS, BACKBONES, BLOCK_KINDS, register
-from .vit import PostNormBlock, PreNormBlock, VitBackbone
+from ..blocks import PostNormBlock, PreNormBlock
+from ..context import PassExtras
+from ..kinds import AttentionKind
+from ..registry import register_attention, register_backbone, register_block
+from .vit import VitBackbone
 
 
 def fused_qkv_with_bias(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -59,13 +60,19 @@ def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(b, n, heads, -1).transpose(1, 2)
 
 
-class _RotaryAttention:
+class _RotaryAttention(AttentionKind):
     """Shared by the rotary attention kinds: rotate patch tokens, project the heads out."""
 
+    @abstractmethod
     def _projections(self, attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
+        """``h`` ``[B, T, D]`` -> q, k, v ``[B, heads, T, hd]`` before q/k norm and rotation."""
 
-    def qkv(self, attn: nn.Module, h: torch.Tensor, rope: Any = None) -> tuple[torch.Tensor, ...]:
+    @property
+    def packable(self) -> bool:
+        """Not yet: a packed pass would put new class tokens behind the rotated patch rows."""
+        return False
+
+    def qkv(self, attn: nn.Module, h: torch.Tensor, rope: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """``h`` ``[B, T, D]`` -> q, k, v ``[B, H, T, hd]``; with ``rope`` (original tokens only)
         the tokens after the first ``attn.num_prefix_tokens`` are rotated."""
         q, k, v = self._projections(attn, h)
@@ -89,7 +96,7 @@ class _RotaryAttention:
         return attn.proj_drop(attn.proj(o))
 
 
-@register(ATTENTION_KINDS, EvaAttention)
+@register_attention(EvaAttention)
 class EvaAttentionKind(_RotaryAttention):
     """``EvaAttention``: fused ``qkv`` with BEiT-style biases, or separate q/k/v projections."""
 
@@ -101,7 +108,7 @@ class EvaAttentionKind(_RotaryAttention):
         return tuple(split_heads(p(h), attn.num_heads) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
 
 
-@register(ATTENTION_KINDS, AttentionRope)
+@register_attention(AttentionRope)
 class AttentionRopeKind(_RotaryAttention):
     """``AttentionRope``: fused ``qkv`` linear, or separate projections with ``num_kv_heads``."""
 
@@ -117,27 +124,12 @@ class AttentionRopeKind(_RotaryAttention):
         )
 
 
-def block_context(ctx: MemoryContext, blk: nn.Module) -> MemoryContext:
-    """``ctx`` with ``blk``'s own rotary table as ``"rope"`` when the backbone has one per block."""
-    per_block = ctx.extras.get("block_rope")
-    if per_block is None:
-        return ctx
-    return replace(ctx, extras={**ctx.extras, "rope": per_block[blk]})
-
-
-@register(BLOCK_KINDS, EvaBlock)
+@register_block(EvaBlock)
 class LayerScalePreNormBlock(PreNormBlock):
-    """``x + gamma_1 * attn(norm1(x))``, then ``x + gamma_2 * mlp(norm2(x))`` (each gamma optional),
-    with this block's rotary table."""
-
-    def __call__(
-        self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]``, ``mem`` ``[M, D]`` -> new ``x``, ``c``."""
-        return super().__call__(blk, x, c, mem, block_context(ctx, blk))
+    """``x + gamma_1 * attn(norm1(x))``, then ``x + gamma_2 * mlp(norm2(x))`` (each gamma optional)."""
 
     @staticmethod
-    def _rest(blk: nn.Module, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def after_attention(blk: nn.Module, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Residual and MLP after attention, ``t`` and ``a`` ``[B, T, D]``."""
         if blk.gamma_1 is not None:
             a = blk.gamma_1 * a
@@ -148,28 +140,20 @@ class LayerScalePreNormBlock(PreNormBlock):
         return t + blk.drop_path2(m)
 
 
-@register(BLOCK_KINDS, EvaBlockPostNorm)
-class EvaPostNormBlock(PostNormBlock):
-    """``EvaBlockPostNorm``: as timm's ``ResPostBlock`` (tokens and memory enter attention as they
-    are), with this block's rotary table."""
-
-    def __call__(
-        self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]``, ``mem`` ``[M, D]`` -> new ``x``, ``c``."""
-        return super().__call__(blk, x, c, mem, block_context(ctx, blk))
+# EvaBlockPostNorm: as timm's ResPostBlock (tokens and memory enter attention as they are).
+register_block(EvaBlockPostNorm)(PostNormBlock)
 
 
-@register(BACKBONES, Eva)
+@register_backbone(Eva)
 class EvaBackbone(VitBackbone):
     """timm ``Eva``: as a ``VisionTransformer`` (class/register tokens, ``no_embed_class``,
     token/avg/map pooling, ``dynamic_img_size``), plus rotary embeddings for the blocks."""
 
-    def embed(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def embed(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, PassExtras]:
         """``images`` ``[B, C, H, W]`` -> original tokens ``[B, N, D]`` and the rotary table
         (``[N - prefix, 2 * hd]``; RoPE-Mixed: one ``[H, N - prefix, 2 * hd]`` per block)."""
         x, rope = model._pos_embed(model.patch_embed(images))
         x = model.norm_pre(x)
         if rope is not None and getattr(model, "rope_mixed", False):
-            return x, {"block_rope": dict(zip(model.blocks, rope, strict=False))}
-        return x, {"rope": rope}
+            return x, PassExtras(block_rope=dict(zip(model.blocks, rope, strict=False)))
+        return x, PassExtras(rope=rope)

@@ -9,14 +9,14 @@ Inputs, as ``NaFlexVit.forward`` takes them:
   and optionally ``attn_mask``. The base model's own padding mask (valid tokens only attend to
   valid tokens) is used, unchanged, for the original tokens; new class tokens attend only to the
   prefix tokens and the valid patches (an additive mask on the original-token columns, handed to
-  the attention in ``ctx.extras["attn_bias"]``). The base output pools with ``patch_valid`` as
+  the attention as ``PassExtras.attn_bias``). The base output pools with ``patch_valid`` as
   the model does. A boolean ``attn_mask`` is turned into timm's additive form (0 where True,
   the dtype's lowest value where False) before use. Patch dicts need the linear patch
   embedding (timm's default); with ``embed_proj_type='conv'`` they are refused, as in timm.
 
 Blocks are timm's ``Block``/``Attention`` (see ``vit.py``) or, with rotary embeddings, gating,
 SwiGLU or grouped-query attention, ``EvaBlock`` (see ``eva.py``); rotary tables (one per block for
-RoPE-Mixed) reach them in ``ctx.extras`` and apply to the patch tokens only.
+RoPE-Mixed) reach them in the pass's extras and apply to the patch tokens only.
 
 Prefix tokens carry no position embedding in NaFlexVit, so a new class token starts as the
 class token; without one, as the mean patch position embedding of the model's reference grid.
@@ -28,14 +28,14 @@ Every architecture of ``timm.models.naflexvit`` is supported, on both inputs.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from timm.models.naflexvit import NaFlexVit, create_attention_mask
 from torch import nn
 
-from ..registry import BACKBONES, register
-from . import eva  # noqa: F401  (NaFlexVit uses EvaBlock for rotary / gated / SwiGLU configurations)
+from ..context import PassExtras
+from ..registry import register_backbone
+from .vit import VitBackbone
 
 NAFLEX_KEYS = ("patches", "patch_coord", "patch_valid")
 
@@ -47,13 +47,11 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-@register(BACKBONES, NaFlexVit)
-class NaFlexBackbone:
+@register_backbone(NaFlexVit)
+class NaFlexBackbone(VitBackbone):
     """timm ``NaFlexVit``: class/register tokens, learned/factorized/no position embeddings,
-    rotary embeddings, token/avg/max/map pooling, images or NaFlex patch dicts."""
-
-    def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return list(model.blocks)
+    rotary embeddings, token/avg/max/map pooling, images or NaFlex patch dicts. New class tokens
+    enter, and task features leave, as in a ``VisionTransformer``."""
 
     def check_input(self, model: nn.Module, images: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
         """Raise ``ValueError`` for input the model can not take, saying how to fix it."""
@@ -94,7 +92,7 @@ class NaFlexBackbone:
 
     def embed(
         self, model: nn.Module, images: torch.Tensor | Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    ) -> tuple[torch.Tensor, PassExtras]:
         """Images or a patch dict -> original tokens ``[B, N, D]`` as they enter the blocks, and
         the rotary tables, padding masks and the head's ``patch_valid`` for the pass."""
         if isinstance(images, Mapping):
@@ -104,24 +102,19 @@ class NaFlexBackbone:
             patches, coord, valid, mask = images, None, None, None
         e = model._forward_embeds(patches, patch_coord=coord, patch_valid=valid, attn_mask=mask)
         x = e["patches"]
-        extras: dict[str, Any] = {}
-        rope = e["rope_embeds"]
-        if rope is not None and model.rope_is_mixed:  # one table per block (a tensor or timm's iterator)
-            extras["block_rope"] = dict(zip(model.blocks, rope, strict=False))
-        elif rope is not None:
-            extras["rope"] = rope
+        rope, rope_mixed = e["rope_embeds"], e["rope_embeds"] is not None and model.rope_is_mixed
+        attn_bias = None
         if e["attn_mask"] is not None:
             keys = create_attention_mask(
                 e["patch_valid"], num_prefix_tokens=model.num_prefix_tokens, symmetric=False, q_len=1, dtype=x.dtype
             )  # [B, 1, 1, N]: prefix tokens and valid patches
-            extras["attn_bias"] = (_additive(e["attn_mask"], x.dtype), keys)
-        if e["patch_valid"] is not None:
-            extras["head_kwargs"] = {"patch_valid": e["patch_valid"]}
-        return x, extras
-
-    def embed_new(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        """New class tokens ``[K, D]`` enter where the original tokens enter ``norm_pre``."""
-        return model.norm_pre(tokens)
+            attn_bias = (_additive(e["attn_mask"], x.dtype), keys)
+        return x, PassExtras(
+            rope=None if rope_mixed else rope,
+            block_rope=dict(zip(model.blocks, rope, strict=False)) if rope_mixed else None,  # a tensor or an iterator
+            attn_bias=attn_bias,
+            patch_valid=e["patch_valid"],
+        )
 
     def class_token_init(self, model: nn.Module) -> torch.Tensor:
         """``[D]``: the class token (NaFlexVit gives prefix tokens no position embedding), else the
@@ -137,15 +130,7 @@ class NaFlexBackbone:
             tok = torch.zeros(model.embed_dim, device=emb.proj.weight.device)
         return tok.detach().clone()
 
-    def num_prefix_tokens(self, model: nn.Module) -> int:
-        return model.num_prefix_tokens
-
-    def base_logits(
-        self, model: nn.Module, x: torch.Tensor, patch_valid: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Original tokens after the blocks ``[B, N, D]`` -> the base model's own output."""
-        return model.forward_head(model.norm(x), patch_valid=patch_valid)
-
-    def task_features(self, model: nn.Module, c: torch.Tensor) -> torch.Tensor:
-        """New class tokens after the blocks ``[B, K, D]`` -> features ``[B, K, D]`` (norm, fc_norm)."""
-        return model.fc_norm(model.norm(c))
+    def base_logits(self, model: nn.Module, x: torch.Tensor, extras: PassExtras) -> torch.Tensor:
+        """Original tokens after the blocks ``[B, N, D]`` -> the base model's own output (pooled over
+        the valid patches of a patch dict)."""
+        return model.forward_head(model.norm(x), patch_valid=extras.patch_valid)

@@ -2,15 +2,9 @@
 whose ``HybridEmbed`` is just another patch embedding): how tokens enter and leave the blocks,
 the ``Attention`` and ``DiffAttention`` kinds, and the ``Block``, ``ResPostBlock`` and
 ``ParallelThingsBlock`` kinds. The fused parallel blocks are in ``vit_parallel.py``.
-
-Every block kind runs the original tokens through exactly the base model's arithmetic, the new
-class tokens through the same modules with the Table 1 mask, and the memory only through what the
-block applies to its input before attention and the key/value projections.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from timm.layers import Attention, DiffAttention
@@ -18,33 +12,23 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, ParallelThingsBlock, ResPostBlock, VisionTransformer
 from torch import nn
 
-from ..attention import MemoryContext, memory_attention, packed_attention
-from ..registry import ATTENTION_KINDS, BACKBONES, BLOCK_KINDS, attention_kind, register
-from .heads import diff_attend_heads
+from ..blocks import PostNormBlock, PreNormBlock, run_attention
+from ..context import PassContext, PassExtras
+from ..heads import diff_attend_heads
+from ..kinds import AttentionKind, BackboneKind, BlockKind
+from ..registry import register_attention, register_backbone, register_block
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
-
-def run_attention(attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, h_m: torch.Tensor, ctx: MemoryContext) -> Pair:
-    """One attention module over original tokens ``h_x`` ``[B, N, D]``, new class tokens ``h_c``
-    ``[B, K, D]`` and memory ``h_m`` ``[M, D]`` (all after the block's pre-attention norm) ->
-    outputs ``[B, N, D]``, ``[B, K, D]``. Kinds with their own arithmetic are callable; the
-    others give their projections to :func:`memory_attention`."""
-    kind = attention_kind(attn)
-    if ctx.packed:  # the new class tokens are the last rows of h_x; h_c is empty
-        return packed_attention(attn, h_x, h_m, ctx, kind), h_c
-    if callable(kind):
-        return kind(attn, h_x, h_c, h_m, ctx)
-    return memory_attention(attn, h_x, h_c, h_m, ctx, kind)
+register_block(Block)(PreNormBlock)
+register_block(ResPostBlock)(PostNormBlock)
 
 
-@register(ATTENTION_KINDS, Attention)
-class QKVAttention:
+@register_attention(Attention)
+class QKVAttention(AttentionKind):
     """timm's ``Attention``: one ``qkv`` linear, optional q/k norm, scale norm and gate."""
 
-    packable = True  # row-wise projections and no score bias: can serve a packed pass
-
-    def qkv(self, attn: nn.Module, h: torch.Tensor, rope: Any = None) -> tuple[torch.Tensor, ...]:
+    def qkv(self, attn: nn.Module, h: torch.Tensor, rope: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """``h`` ``[B, T, D]`` -> q, k, v ``[B, H, T, hd]`` after q/k norm."""
         b, t, _ = h.shape
         q, k, v = attn.qkv(h).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -59,14 +43,14 @@ class QKVAttention:
         return attn.proj_drop(attn.proj(o))
 
 
-@register(ATTENTION_KINDS, DiffAttention)
-class DiffAttentionKind:
+@register_attention(DiffAttention)
+class DiffAttentionKind(AttentionKind):
     """timm's ``DiffAttention`` (Differential Transformer): ``2H`` query/key heads of size
     ``hd``, ``H`` value heads of size ``2hd``, ``softmax(q1 k1) v - lambda * softmax(q2 k2) v``,
     then ``sub_norm``, ``(1 - lambda_init)``, scale norm and ``proj``. The new class tokens get
     the Table 1 mask on both softmaxes."""
 
-    def qkv(self, attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def qkv(self, attn: nn.Module, h: torch.Tensor, rope: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """``h`` ``[B, T, D]`` -> q, k ``[B, 2H, T, hd]`` (after q/k norm), v ``[B, H, T, 2hd]``."""
         b, t, _ = h.shape
         q, k, v = attn.qkv(h).chunk(3, dim=2)
@@ -75,15 +59,15 @@ class DiffAttentionKind:
         v = v.reshape(b, t, attn.num_heads, 2 * attn.head_dim).transpose(1, 2)
         return attn.q_norm(q), attn.k_norm(k), v
 
-    def out(self, attn: nn.Module, o: torch.Tensor) -> torch.Tensor:
+    def out(self, attn: nn.Module, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Heads ``o`` ``[B, H, T, 2hd]`` -> ``[B, T, D]``."""
         b, _, t, _ = o.shape
         o = (attn.sub_norm(o) * (1 - attn.lambda_init)).transpose(1, 2).reshape(b, t, -1)
         return attn.proj_drop(attn.proj(attn.norm(o)))
 
-    def __call__(self, attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, h_m: torch.Tensor,
-                 ctx: MemoryContext) -> Pair:
-        """See :func:`run_attention`."""
+    def attend(self, attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, h_m: torch.Tensor,
+               ctx: PassContext) -> Pair:
+        """Both softmaxes of every head with the Table 1 mask (:func:`~learnable_memory.heads.diff_attend_heads`)."""
         with torch.set_grad_enabled(ctx.orig_grad):
             q_x, k_x, v_x = self.qkv(attn, h_x)
             lam = attn._compute_lambda().type_as(q_x)
@@ -91,77 +75,23 @@ class DiffAttentionKind:
         q_c, k_c, v_c = self.qkv(attn, h_c)
         o_x, o_c = diff_attend_heads(q_x, k_x, v_x, q_c, k_c, v_c, k_m, v_m, lam, ctx, attn.scale, attn.fused_attn)
         with torch.set_grad_enabled(ctx.orig_grad):
-            a_x = self.out(attn, o_x)
-        return a_x, self.out(attn, o_c)
+            a_x = self.out(attn, o_x, h_x)
+        return a_x, self.out(attn, o_c, h_c)
 
 
-@register(BLOCK_KINDS, Block)
-class PreNormBlock:
-    """timm ``Block``: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``."""
-
-    packable = True  # row-wise outside attention, which goes through run_attention
-
-    def attentions(self, blk: nn.Module) -> list[nn.Module]:
-        return [blk.attn]
-
-    def __call__(
-        self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
-    ) -> Pair:
-        """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]``, ``mem`` ``[M, D]`` -> new ``x``, ``c``."""
-        with torch.set_grad_enabled(ctx.orig_grad):
-            h_x = blk.norm1(x)
-        a_x, a_c = run_attention(blk.attn, h_x, blk.norm1(c), blk.norm1(mem), ctx)
-        with torch.set_grad_enabled(ctx.orig_grad):
-            x = self._rest(blk, x, a_x)
-        return x, self._rest(blk, c, a_c)
-
-    @staticmethod
-    def _rest(blk: nn.Module, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Residual and MLP after attention, ``t`` and ``a`` ``[B, T, D]``."""
-        t = t + blk.drop_path1(blk.ls1(a))
-        return t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t))))
-
-
-@register(BLOCK_KINDS, ResPostBlock)
-class PostNormBlock:
-    """timm ``ResPostBlock``: ``x + norm1(attn(x))``, then ``x + norm2(mlp(x))``. Nothing is
-    applied before attention, so the memory enters the key/value projections as it is."""
-
-    packable = True  # row-wise outside attention, which goes through run_attention
-
-    def attentions(self, blk: nn.Module) -> list[nn.Module]:
-        return [blk.attn]
-
-    def __call__(
-        self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
-    ) -> Pair:
-        """As :class:`PreNormBlock`."""
-        a_x, a_c = run_attention(blk.attn, x, c, mem, ctx)
-        with torch.set_grad_enabled(ctx.orig_grad):
-            x = self._rest(blk, x, a_x)
-        return x, self._rest(blk, c, a_c)
-
-    @staticmethod
-    def _rest(blk: nn.Module, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        t = t + blk.drop_path1(blk.norm1(a))
-        return t + blk.drop_path2(blk.norm2(blk.mlp(t)))
-
-
-@register(BLOCK_KINDS, ParallelThingsBlock)
-class ParallelBranchesBlock:
+@register_block(ParallelThingsBlock)
+class ParallelBranchesBlock(BlockKind):
     """timm ``ParallelThingsBlock``: ``x + sum_i branch_i(x)`` over parallel attention branches
     (each ``norm``, ``attn``, ``ls``, ``drop_path``), then the same over parallel MLP branches.
     The block's memory goes through every branch's own norm and key/value projection."""
 
-    packable = True  # row-wise outside attention, which goes through run_attention
+    packable = True
 
     def attentions(self, blk: nn.Module) -> list[nn.Module]:
         return [branch.attn for branch in blk.attns]
 
-    def __call__(
-        self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
-    ) -> Pair:
-        """As :class:`PreNormBlock`."""
+    def forward(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: PassContext) -> Pair:
+        """As :meth:`~learnable_memory.blocks.PreNormBlock.forward`."""
         outs_x, outs_c = [], []
         for branch in blk.attns:
             with torch.set_grad_enabled(ctx.orig_grad):
@@ -179,15 +109,12 @@ class ParallelBranchesBlock:
         return t + torch.stack([ffn(t) for ffn in blk.ffns]).sum(dim=0)
 
 
-@register(BACKBONES, VisionTransformer, VisionTransformerDistilled)
-class VitBackbone:
+@register_backbone(VisionTransformer, VisionTransformerDistilled)
+class VitBackbone(BackboneKind):
     """timm ``VisionTransformer``: class/register tokens, ``no_embed_class``, token/avg/map
     pooling, ``dynamic_img_size``, ``set_input_size``, ``PatchEmbed`` or ``HybridEmbed``.
     DeiT's ``VisionTransformerDistilled`` adds a distillation token (a second prefix token) and
     head; its base output is its own ``forward_head`` (the mean of both heads)."""
-
-    def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return list(model.blocks)
 
     def check_input(self, model: nn.Module, images: torch.Tensor) -> None:
         """Raise ``ValueError`` for images the model can not take, saying how to fix them."""
@@ -215,14 +142,10 @@ class VitBackbone:
                     "crop them, or build the backbone with dynamic_img_pad=True"
                 )
 
-    def embed(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def embed(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, PassExtras]:
         """``images`` ``[B, C, H, W]`` -> original tokens ``[B, N, D]`` as they enter the blocks."""
         x = model._pos_embed(model.patch_embed(images))
-        return model.norm_pre(model.patch_drop(x)), {}
-
-    def embed_new(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        """New class tokens ``[K, D]`` enter where the original tokens enter ``norm_pre``."""
-        return model.norm_pre(tokens)
+        return model.norm_pre(model.patch_drop(x)), PassExtras()
 
     def class_token_init(self, model: nn.Module) -> torch.Tensor:
         """``[D]``: the original class token with its position embedding (none under
@@ -239,14 +162,3 @@ class VitBackbone:
             return torch.zeros(d, device=next(model.parameters()).device)
         start = 0 if model.no_embed_class else model.num_prefix_tokens
         return pos[0, start:].mean(0).detach().clone()
-
-    def num_prefix_tokens(self, model: nn.Module) -> int:
-        return model.num_prefix_tokens
-
-    def base_logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Original tokens after the blocks ``[B, N, D]`` -> the base model's own output."""
-        return model.forward_head(model.norm(x))
-
-    def task_features(self, model: nn.Module, c: torch.Tensor) -> torch.Tensor:
-        """New class tokens after the blocks ``[B, K, D]`` -> features ``[B, K, D]`` (norm, fc_norm)."""
-        return model.fc_norm(model.norm(c))

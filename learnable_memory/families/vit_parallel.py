@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
 from torch import nn
 
-from ..attention import MemoryContext
-from ..registry import BLOCK_KINDS, register
-from .heads import attend_heads, diff_attend_heads
+from ..context import PassContext
+from ..heads import attend_heads, diff_attend_heads
+from ..kinds import BlockKind
+from ..registry import register_block
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -42,8 +43,8 @@ def mlp_and_qkv(blk: nn.Module, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return x_mlp, q, k, v
 
 
-@register(BLOCK_KINDS, ParallelScalingBlock)
-class ParallelScaling:
+@register_block(ParallelScalingBlock)
+class ParallelScaling(BlockKind):
     """``ParallelScalingBlock``: softmax attention with optional q/k norm, ``mlp_bias``, fused or
     separate output projection."""
 
@@ -70,9 +71,7 @@ class ParallelScaling:
             y = blk.attn_out_proj(x_attn) + blk.mlp_out_proj(x_mlp)
         return t + blk.drop_path(blk.ls(y))
 
-    def __call__(
-        self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
-    ) -> Pair:
+    def forward(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: PassContext) -> Pair:
         """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]``, ``mem`` ``[M, D]`` -> new ``x``, ``c``."""
         with torch.set_grad_enabled(ctx.orig_grad):
             mlp_x, *qkv_x = mlp_and_qkv(blk, x)
@@ -88,8 +87,8 @@ class ParallelScaling:
         return x, self._out(blk, c, o_c, mlp_c)
 
 
-@register(BLOCK_KINDS, DiffParallelScalingBlock)
-class DiffParallelScaling:
+@register_block(DiffParallelScalingBlock)
+class DiffParallelScaling(BlockKind):
     """``DiffParallelScalingBlock``: differential attention (``2H`` q/k heads of size ``hd``,
     ``H`` value heads of size ``2hd``, ``sub_norm``, ``(1 - lambda_init)``), fused ``out_proj``.
     New class tokens get the Table 1 mask on both softmaxes."""
@@ -114,9 +113,7 @@ class DiffParallelScaling:
         y = blk.out_proj(torch.cat((x_attn, blk.mlp_drop(blk.mlp_act(x_mlp))), dim=-1))
         return t + blk.drop_path(blk.ls(y))
 
-    def __call__(
-        self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: MemoryContext
-    ) -> Pair:
+    def forward(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: PassContext) -> Pair:
         """As :class:`ParallelScaling`."""
         with torch.set_grad_enabled(ctx.orig_grad):
             mlp_x, *qkv_x = mlp_and_qkv(blk, x)

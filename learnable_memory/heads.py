@@ -1,4 +1,4 @@
-"""Attention over heads for adapters that compute their own queries, keys and values.
+"""Attention over heads for kinds that compute their own queries, keys and values.
 
 Some timm blocks fuse the attention into the block (``ParallelScalingBlock``) or take two
 softmaxes per head (differential attention), so they can not go through
@@ -18,15 +18,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attention import MemoryContext, attend_new, attend_original, attend_original_with_memory
+from .attention import attend_new, attend_original, attend_original_with_memory
+from .context import PassContext
 
 Bias = torch.Tensor | None
 
 
-def context_bias(ctx: MemoryContext) -> tuple[Bias, Bias]:
+def context_bias(ctx: PassContext) -> tuple[Bias, Bias]:
     """Additive biases a backbone puts on the scores against the original tokens (e.g. key
     padding): ``[.., N, N]`` for the original tokens, ``[.., 1, N]`` for new class tokens."""
-    return ctx.extras.get("attn_bias", (None, None))
+    return ctx.extras.attn_bias or (None, None)
 
 
 def attend_heads(
@@ -38,7 +39,7 @@ def attend_heads(
     v_c: torch.Tensor,
     k_m: torch.Tensor,
     v_m: torch.Tensor,
-    ctx: MemoryContext,
+    ctx: PassContext,
     scale: float,
     fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +100,7 @@ def diff_attend_heads(
     k_m: torch.Tensor,
     v_m: torch.Tensor,
     lam: torch.Tensor,
-    ctx: MemoryContext,
+    ctx: PassContext,
     scale: float,
     fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
-"""``load_adapters``: put saved tasks onto a backbone and serve them all in one forward pass.
+"""Turning adapter folders into tasks for a backbone: read, check, build :class:`TaskMemory` objects.
 
-Everything is read and checked before the model is touched, so a refused load changes nothing.
+:func:`learnable_memory.load_adapters` and ``MemoryViT.from_pretrained`` call :func:`prepare_tasks`.
+Everything is read and checked before any model is touched, so a refused load changes nothing.
 Checks, each a ``ValueError`` (:class:`~learnable_memory.adapter_io.AdapterError`) naming the file:
 
 - the backbone: same width, depth and prefix tokens, and (unless ``check_fingerprint=False``)
@@ -13,6 +14,7 @@ Checks, each a ``ValueError`` (:class:`~learnable_memory.adapter_io.AdapterError
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,11 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter_io import AdapterError, AdapterFile, adapter_folders, read_adapter
-from .config import TaskConfig
+from ..config import BASE_KEY
+from ..memory import TaskMemory
 from .fingerprint import backbone_shape, base_fingerprint, preprocessing, task_fingerprint
-from .memory import TaskMemory
-from .model import BASE_KEY, MemoryViT
+from .folder import AdapterError, AdapterFile, adapter_folders, read_adapter
 
 Rename = Mapping[str, str] | Sequence[str | None] | None
 
@@ -120,28 +121,25 @@ def _check_tasks(adapters: list[AdapterFile], names: list[str], existing: dict[s
     return deps_out
 
 
-def _warn_preprocessing(model: MemoryViT) -> None:
+def warn_preprocessing(tasks: Sequence[TaskMemory], base: nn.Module, stacklevel: int = 3) -> None:
     """Warn when tasks sharing one forward pass were trained with different preprocessing."""
     seen: dict[str, list[str]] = {}
     base_pre = None
-    for t in model.tasks.values():
-        pre = getattr(t.config, "data_config", None)
+    for t in tasks:
+        pre = t.config.data_config
         if pre is None:  # a task made in this process: the backbone's own preprocessing
-            base_pre = base_pre or preprocessing(model.base)
+            base_pre = base_pre or preprocessing(base)
             pre = base_pre
         seen.setdefault(repr(sorted(pre.items())), []).append(t.name)
     if len(seen) > 1:
         warnings.warn(f"these tasks were trained with different preprocessing, but forward_all gives them "
-                      f"the same images: {list(seen.values())}", stacklevel=3)
+                      f"the same images: {list(seen.values())}", stacklevel=stacklevel)
 
 
 def _as_task(a: AdapterFile, name: str, deps: list[str], shape: dict[str, int],
              like: torch.Tensor | None) -> TaskMemory:
     """A ``TaskMemory`` holding the adapter's tensors, on ``like``'s device and dtype."""
-    c = a.config
-    config = TaskConfig(name=name, n_mem=c.n_mem, num_classes=c.num_classes, mode=c.mode, init_std=c.init_std,
-                        class_names=c.class_names, depends_on=deps)
-    config.data_config = dict(a.cfg["preprocessing"])  # the task's own inputs
+    config = dataclasses.replace(a.config, name=name, depends_on=deps)
     with torch.random.fork_rng(devices=[]):  # the fresh init is overwritten: leave the user's RNG alone
         task = TaskMemory(config, shape["depth"], shape["embed_dim"], torch.zeros(shape["embed_dim"]))
     with torch.no_grad():
@@ -151,30 +149,19 @@ def _as_task(a: AdapterFile, name: str, deps: list[str], shape: dict[str, int],
     return task.to(like.device, like.dtype) if like is not None else task
 
 
-def load_adapters(
-    model: nn.Module,
+def prepare_tasks(
+    base: nn.Module,
+    existing: Mapping[str, TaskMemory],
     paths: str | Path | Sequence[str | Path],
     *,
-    trainable: bool = False,
     rename: Rename = None,
     check_fingerprint: bool = True,
     cache_dir: str | Path | None = None,
-) -> MemoryViT:
-    """Load adapter folders, in order, onto a backbone; one ``forward_all`` then serves them all.
+) -> list[TaskMemory]:
+    """Read and check adapters for ``base``, after the tasks ``existing``; returns the new tasks.
 
-    Args:
-        model: A timm ViT (frozen in place, as by ``wrap_model``) or a ``MemoryViT``, in which case
-            a new ``MemoryViT`` sharing its backbone and tasks is returned (as ``wrap_model`` does).
-        paths: Adapter folders (from ``save_adapter``), ``save_pretrained`` folders (all their
-            tasks, in order) or ``"hf-hub:owner/repo[/subfolder][@revision]"``.
-        trainable: Leave the loaded tasks trainable (to resume training); default frozen.
-        rename: ``{saved_name: new_name}``, or a list with one new name (or None) per adapter.
-        check_fingerprint: Refuse adapters whose backbone, or whose extended tasks, have other
-            weights than the ones here. Set False only when you know the weights are equivalent.
-        cache_dir: Hugging Face cache for ``hf-hub:`` paths (default: huggingface_hub's).
-
-    Returns:
-        A ``MemoryViT`` whose active task is the last one loaded.
+    See :func:`learnable_memory.load_adapters` for the arguments. Raises :class:`AdapterError`
+    (naming the file, what is wrong and how to fix it) before anything is built.
     """
     if isinstance(paths, str | Path):
         paths = [paths]
@@ -182,19 +169,9 @@ def load_adapters(
     if not folders:
         raise AdapterError("no adapter to load: paths is empty")
     adapters = [read_adapter(f) for f in folders]
-    base = model.base if isinstance(model, MemoryViT) else model
-    existing = dict(model.tasks.items()) if isinstance(model, MemoryViT) else {}
     _check_backbone(adapters, base, check_fingerprint)
     names = _new_names(adapters, rename)
-    deps = _check_tasks(adapters, names, existing, rename, check_fingerprint)
-
+    deps = _check_tasks(adapters, names, dict(existing), rename, check_fingerprint)
     shape = backbone_shape(base)
     like = next(iter(base.parameters()), None)
-    tasks = [_as_task(a, n, d, shape, like) for a, n, d in zip(adapters, names, deps, strict=True)]
-    out = MemoryViT(base)
-    for t in [*existing.values(), *tasks]:
-        out.add_task(t)
-    for t in tasks:
-        t.requires_grad_(trainable)
-    _warn_preprocessing(out)
-    return out
+    return [_as_task(a, n, d, shape, like) for a, n, d in zip(adapters, names, deps, strict=True)]

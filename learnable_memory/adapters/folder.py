@@ -47,17 +47,20 @@ import json
 import os
 import secrets
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
+from torch import nn
 
-from .config import TaskConfig
+from ..config import TaskConfig
+from ..memory import TaskMemory
+from ..version import __version__
 from .fingerprint import base_identity, preprocessing, task_fingerprint, task_tensors, tensors_fingerprint
-from .model import MemoryViT
 
 FORMAT_VERSION = 1
 METHOD = "learnable_memory"
@@ -70,6 +73,16 @@ TENSOR_NAMES = ("memory", "class_token", "head.weight", "head.bias")
 
 class AdapterError(ValueError):
     """An adapter folder is missing, damaged, or does not fit the model it is loaded onto."""
+
+
+@runtime_checkable
+class TaskModel(Protocol):
+    """What saving needs of a model (a :class:`~learnable_memory.TaskModel`): the frozen timm
+    backbone, the tasks by name in model order, and the task ``forward`` serves."""
+
+    base: nn.Module
+    tasks: Mapping[str, TaskMemory]
+    active_task: str | None
 
 
 @dataclass
@@ -111,37 +124,35 @@ def _dumps(obj: Any) -> bytes:
 
 
 def _version() -> str:
-    from . import __version__
-
     return f"{METHOD} {__version__}"
 
 
-def _pick_task(model: MemoryViT, task: str | None) -> str:
+def _pick_task(model: TaskModel, task: str | None) -> str:
     if task is not None:
         if task not in model.tasks:
-            raise ValueError(f"unknown task {task!r}; this model has {model.task_names}")
+            raise ValueError(f"unknown task {task!r}; this model has {list(model.tasks)}")
         return task
     if model.active_task is not None:
         return model.active_task
     if len(model.tasks) == 1:
-        return model.task_names[0]
-    raise ValueError(f"say which task to save (task=...); this model has {model.task_names}")
+        return next(iter(model.tasks))
+    raise ValueError(f"say which task to save (task=...); this model has {list(model.tasks)}")
 
 
-def _save_one(model: MemoryViT, folder: Path, name: str, base: dict[str, Any]) -> Path:
+def _save_one(model: TaskModel, folder: Path, name: str, base: dict[str, Any]) -> Path:
     task = model.tasks[name]
     c = task.config
     if (folder / INDEX_NAME).exists():
         raise ValueError(f"{folder} holds a save_pretrained model ({INDEX_NAME}); save the adapter elsewhere")
     tensors = task_tensors(task)
+    fields = c.to_dict()  # the TaskConfig, under the adapter config's names
     cfg = {
         "format_version": FORMAT_VERSION, "method": METHOD, "created_with": _version(),
-        "task": c.name, "mode": c.mode, "n_mem": c.n_mem, "num_classes": c.num_classes,
-        "class_names": list(c.class_names) if c.class_names is not None else None, "init_std": c.init_std,
+        "task": fields["name"], **{k: fields[k] for k in ("mode", "n_mem", "num_classes", "class_names", "init_std")},
         "depends_on": [{"name": d, "fingerprint": task_fingerprint(model.tasks[d])} for d in c.depends_on],
         "task_fingerprint": tensors_fingerprint(tensors),
         "base_model": base, "base_model_name_or_path": base["hf_hub_id"] or base["architecture"],
-        "preprocessing": getattr(c, "data_config", None) or preprocessing(model.base),
+        "preprocessing": fields["data_config"] or preprocessing(model.base),
     }
     meta = {"format": "pt", META_KEY: json.dumps(cfg, sort_keys=True)}
     data = safetensors.torch.save(tensors, metadata=meta)
@@ -151,13 +162,13 @@ def _save_one(model: MemoryViT, folder: Path, name: str, base: dict[str, Any]) -
     return folder
 
 
-def _check_model(model: Any) -> MemoryViT:
-    if not isinstance(model, MemoryViT):
+def _check_model(model: Any) -> TaskModel:
+    if not isinstance(model, TaskModel):
         raise TypeError(f"expected a MemoryViT (see wrap_model), got {type(model).__name__}")
     return model
 
 
-def save_adapter(model: MemoryViT, path: str | Path, task: str | None = None) -> Path:
+def save_adapter(model: TaskModel, path: str | Path, task: str | None = None) -> Path:
     """Write one task (default: the active one) to the adapter folder ``path``; returns it."""
     name = _pick_task(_check_model(model), task)
     return _save_one(model, Path(path).expanduser(), name, base_identity(model.base))
@@ -170,17 +181,17 @@ def _folder_name(name: str, i: int, used: set[str]) -> str:
     return folder
 
 
-def save_pretrained(model: MemoryViT, path: str | Path) -> Path:
+def save_pretrained(model: TaskModel, path: str | Path) -> Path:
     """Write every task under ``path``, one adapter folder each, and ``adapters.json`` (their order)."""
     path = Path(path).expanduser()
     if (path / CONFIG_NAME).exists():
         raise ValueError(f"{path} is an adapter folder ({CONFIG_NAME}); save the model elsewhere")
     if not _check_model(model).tasks:
-        raise ValueError("this MemoryViT has no task to save")
+        raise ValueError("this TaskModel has no task to save")
     base = base_identity(model.base)
     used: set[str] = set()
     entries = []
-    for i, name in enumerate(model.task_names):
+    for i, name in enumerate(model.tasks):
         folder = _folder_name(name, i, used)
         _save_one(model, path / folder, name, base)
         entries.append({"task": name, "folder": folder})
@@ -226,9 +237,8 @@ def _task_config(cfg: dict[str, Any], source: Path) -> TaskConfig:
             raise ValueError(f"depends_on must be a list of {{name, fingerprint}} objects, got {deps!r}")
         if not isinstance(cfg["preprocessing"], dict):
             raise ValueError("preprocessing must be an object")
-        return TaskConfig(name=cfg["task"], n_mem=cfg["n_mem"], num_classes=cfg["num_classes"], mode=cfg["mode"],
-                          init_std=cfg.get("init_std", 0.02), class_names=cfg.get("class_names"),
-                          depends_on=[d["name"] for d in deps])
+        return TaskConfig.from_dict({**cfg, "name": cfg["task"], "depends_on": [d["name"] for d in deps],
+                                     "data_config": dict(cfg["preprocessing"])})
     except KeyError as err:
         raise AdapterError(f"{source}: required entry {err} is missing from the adapter config") from err
     except (TypeError, ValueError) as err:

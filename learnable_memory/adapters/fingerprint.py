@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .memory import TaskMemory
-from .registry import backbone_for
+from ..memory import TaskMemory
+from ..registry import backbone_kind
 
 
 def tensors_fingerprint(named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -78,11 +78,11 @@ def task_fingerprint(task: TaskMemory) -> str:
 def backbone_shape(base: nn.Module) -> dict[str, int]:
     """``embed_dim``, ``depth`` and ``num_prefix_tokens`` of a supported timm model (``TypeError`` if
     unsupported). Reads the model only: nothing is frozen or wrapped."""
-    adapter = backbone_for(base)
+    kind = backbone_kind(base)
     return {
         "embed_dim": int(base.embed_dim),
-        "depth": len(adapter.blocks(base)),
-        "num_prefix_tokens": int(adapter.num_prefix_tokens(base)),
+        "depth": len(kind.blocks(base)),
+        "num_prefix_tokens": int(kind.num_prefix_tokens(base)),
     }
 
 

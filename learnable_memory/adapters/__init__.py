@@ -1,0 +1,32 @@
+"""Adapters on disk: one task per folder (safetensors + JSON), saved atomically, loaded with checks.
+
+- :mod:`.folder`: the folder format, atomic saves, reading and checking one folder, the Hub.
+- :mod:`.fingerprint`: what an adapter records about its backbone and its own tensors.
+- :mod:`.loading`: adapters -> tasks for a backbone (names, modes, dependencies, fingerprints).
+
+Nothing here imports the model: :class:`~learnable_memory.MemoryViT` uses this package to save and
+load, and this package sees a model only through the :class:`~.folder.TaskModel` protocol.
+"""
+
+from .folder import (
+    AdapterError,
+    TaskModel,
+    adapter_folders,
+    inspect_adapter,
+    read_adapter,
+    save_adapter,
+    save_pretrained,
+)
+from .loading import prepare_tasks, warn_preprocessing
+
+__all__ = [
+    "AdapterError",
+    "TaskModel",
+    "adapter_folders",
+    "inspect_adapter",
+    "prepare_tasks",
+    "read_adapter",
+    "save_adapter",
+    "save_pretrained",
+    "warn_preprocessing",
+]

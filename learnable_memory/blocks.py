@@ -1,0 +1,80 @@
+"""Generic block runners: timm's pre-norm ``Block`` and post-norm ``ResPostBlock`` shapes.
+
+A family whose blocks have one of these shapes subclasses the runner and overrides only what
+differs (``after_attention``, for LayerScale or MLP variants). Every runner keeps the rules of
+:class:`~learnable_memory.kinds.BlockKind`: the original tokens run exactly the base block's
+arithmetic under ``ctx.orig_grad``, the memory goes only through what the block applies before
+attention and the key/value projections, and the new class tokens go through everything.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .context import PassContext
+from .kinds import BlockKind
+from .registry import attention_kind
+
+Tensor = torch.Tensor
+Pair = tuple[Tensor, Tensor]
+
+
+def run_attention(attn: nn.Module, h_x: Tensor, h_c: Tensor, h_m: Tensor, ctx: PassContext) -> Pair:
+    """One attention module over original tokens ``h_x`` ``[B, N, D]``, new class tokens ``h_c``
+    ``[B, K, D]`` and memory ``h_m`` ``[M, D]`` (all after the block's pre-attention norm) -> outputs
+    ``[B, N, D]``, ``[B, K, D]``. In a packed pass the new class tokens are the last rows of
+    ``h_x`` and ``h_c`` is empty."""
+    kind = attention_kind(attn)
+    if ctx.packed:
+        return kind.attend_packed(attn, h_x, h_m, ctx), h_c
+    return kind.attend(attn, h_x, h_c, h_m, ctx)
+
+
+class PreNormBlock(BlockKind):
+    """``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))`` (timm's ``Block``)."""
+
+    packable = True
+
+    def attentions(self, blk: nn.Module) -> list[nn.Module]:
+        return [blk.attn]
+
+    def forward(self, blk: nn.Module, x: Tensor, c: Tensor, mem: Tensor, ctx: PassContext) -> Pair:
+        """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]``, ``mem`` ``[M, D]`` -> new ``x``, ``c``."""
+        ctx = ctx.for_block(blk)
+        with torch.set_grad_enabled(ctx.orig_grad):
+            h_x = blk.norm1(x)
+        a_x, a_c = run_attention(blk.attn, h_x, blk.norm1(c), blk.norm1(mem), ctx)
+        with torch.set_grad_enabled(ctx.orig_grad):
+            x = self.after_attention(blk, x, a_x)
+        return x, self.after_attention(blk, c, a_c)
+
+    @staticmethod
+    def after_attention(blk: nn.Module, t: Tensor, a: Tensor) -> Tensor:
+        """Residual and MLP after attention, ``t`` and ``a`` ``[B, T, D]``."""
+        t = t + blk.drop_path1(blk.ls1(a))
+        return t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t))))
+
+
+class PostNormBlock(BlockKind):
+    """``x + norm1(attn(x))``, then ``x + norm2(mlp(x))`` (timm's ``ResPostBlock``). Nothing is
+    applied before attention, so the memory enters the key/value projections as it is."""
+
+    packable = True
+
+    def attentions(self, blk: nn.Module) -> list[nn.Module]:
+        return [blk.attn]
+
+    def forward(self, blk: nn.Module, x: Tensor, c: Tensor, mem: Tensor, ctx: PassContext) -> Pair:
+        """As :meth:`PreNormBlock.forward`."""
+        ctx = ctx.for_block(blk)
+        a_x, a_c = run_attention(blk.attn, x, c, mem, ctx)
+        with torch.set_grad_enabled(ctx.orig_grad):
+            x = self.after_attention(blk, x, a_x)
+        return x, self.after_attention(blk, c, a_c)
+
+    @staticmethod
+    def after_attention(blk: nn.Module, t: Tensor, a: Tensor) -> Tensor:
+        """Residual and MLP after attention, ``t`` and ``a`` ``[B, T, D]``."""
+        t = t + blk.drop_path1(blk.norm1(a))
+        return t + blk.drop_path2(blk.norm2(blk.mlp(t)))

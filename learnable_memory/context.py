@@ -1,0 +1,79 @@
+"""What one forward pass tells every block: the Table 1 rows of the new class tokens, the mode, the
+gradient policy, the layout, and the per-pass values of the backbone.
+
+Shapes: B batch, H heads, N original tokens (prefix + patches), K new class tokens, M memory
+tokens of all tasks in the pass, hd head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class PassExtras:
+    """Per-pass values a backbone computes once (:meth:`~learnable_memory.kinds.BackboneKind.embed`)
+    and hands to every block. All optional; a plain ViT has none.
+
+    Attributes:
+        rope: Rotary table of the original patch tokens (EVA family), ``[N - prefix, 2 hd]`` or with a
+            leading head dim. Rotates the original tokens' queries and keys after their prefix tokens;
+            new class tokens and memory are never rotated.
+        block_rope: RoPE-Mixed: one rotary table per block, ``{block: table}``. Each block runner
+            takes its own with :meth:`PassContext.for_block`.
+        attn_bias: Additive biases on the scores against the original tokens (NaFlex key padding):
+            ``[.., N, N]`` for the original tokens' queries and ``[.., 1, N]`` for the new class tokens'.
+        rel_pos_bias: BEiT's relative position bias shared by all blocks, ``[H, N, N]``; read by the
+            attention kind's :meth:`~learnable_memory.kinds.AttentionKind.position_bias`.
+        patch_valid: NaFlex: ``[B, N - prefix]`` bool, the valid patches, for the base model's pooling.
+    """
+
+    rope: Tensor | None = None
+    block_rope: Mapping[nn.Module, Tensor] | None = None
+    attn_bias: tuple[Tensor, Tensor] | None = None
+    rel_pos_bias: Tensor | None = None
+    patch_valid: Tensor | None = None
+
+    @property
+    def per_token(self) -> bool:
+        """True when a value treats the original tokens one by one (rotary tables, score biases), so
+        that the new class tokens can not simply ride behind them in a packed pass."""
+        return self.rope is not None or self.block_rope is not None or self.attn_bias is not None
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What every block needs to know about the current pass.
+
+    Attributes:
+        new_mask: ``[K, K + M]`` bool, which new class tokens and memory each new class token sees
+            (Table 1, from :func:`learnable_memory.mask.new_token_mask`); every new class token also
+            sees every original token.
+        full: Original tokens attend to the memory too (paper Sec. 2.1).
+        orig_grad: Keep an autograd graph for the original tokens. False when nothing trainable
+            touches them (non-destructive training), which saves the backbone's backward.
+        packed: The pass runs packed: the last ``packed`` rows of the original-token tensor are the
+            new class tokens, which share every row-wise op (norms, projections, MLP) with the
+            original tokens, and the class-token tensor is empty ``[B, 0, D]``. Only the attention
+            tells them apart. 0: the two are separate tensors (the split layout).
+        extras: The backbone's per-pass values.
+    """
+
+    new_mask: Tensor
+    full: bool
+    orig_grad: bool
+    packed: int = 0
+    extras: PassExtras = field(default_factory=PassExtras)
+
+    def for_block(self, blk: nn.Module) -> PassContext:
+        """This context with ``blk``'s own rotary table as ``extras.rope`` (RoPE-Mixed), else itself."""
+        tables = self.extras.block_rope
+        if tables is None:
+            return self
+        return replace(self, extras=replace(self.extras, rope=tables[blk]))
