@@ -349,14 +349,33 @@ def inspect_adapter(path: str | Path, *, cache_dir: str | Path | None = None) ->
     if len(folders) != 1:
         raise AdapterError(f"{path} is a save_pretrained folder; inspect one of {[f.name for f in folders]}")
     ad = read_adapter(folders[0])
-    cfg, base = ad.cfg, ad.cfg["base_model"]
     return {
-        "path": str(folders[0]), "task": ad.config.name, "mode": ad.config.mode, "n_mem": ad.config.n_mem,
-        "num_classes": ad.config.num_classes, "class_names": ad.config.class_names,
-        "depends_on": list(ad.config.depends_on),
+        "path": str(folders[0]),
+        **_summary(ad.config, ad.cfg["base_model"], ad.tensors, ad.fingerprint, ad.cfg["preprocessing"]),
+        "file_size": sum((folders[0] / n).stat().st_size for n in (CONFIG_NAME, WEIGHTS_NAME)),
+        "format_version": ad.cfg["format_version"],
+    }
+
+
+def describe_task(model: TaskModel, name: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fields of :func:`inspect_adapter` for a task of a loaded model (no folder needed): task,
+    mode, sizes, class names, dependencies, base model, preprocessing, parameters, fingerprint, and
+    ``bytes`` (the float32 tensors as saved). ``base``: a precomputed ``base_identity(model.base)``
+    (hashing the backbone's weights takes a moment; reuse it for many tasks)."""
+    task = _check_model(model).tasks[_pick_task(model, name)]
+    tensors = task_tensors(task)
+    base = base if base is not None else base_identity(model.base)
+    pre = task.config.data_config or preprocessing(model.base)
+    return {**_summary(task.config, base, tensors, tensors_fingerprint(tensors), pre),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+
+
+def _summary(config: TaskConfig, base: dict[str, Any], tensors: dict[str, torch.Tensor], fingerprint: str,
+             pre: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "task": config.name, "mode": config.mode, "n_mem": config.n_mem, "num_classes": config.num_classes,
+        "class_names": config.class_names, "depends_on": list(config.depends_on),
         "base_model": {k: base.get(k) for k in ("class", "architecture", "tag", "hf_hub_id", "model_args",
                                                  "embed_dim", "depth", "num_prefix_tokens", "fingerprint")},
-        "preprocessing": cfg["preprocessing"], "num_params": sum(t.numel() for t in ad.tensors.values()),
-        "file_size": sum((folders[0] / n).stat().st_size for n in (CONFIG_NAME, WEIGHTS_NAME)),
-        "task_fingerprint": ad.fingerprint, "format_version": cfg["format_version"],
+        "preprocessing": pre, "num_params": sum(t.numel() for t in tensors.values()), "task_fingerprint": fingerprint,
     }
