@@ -6,6 +6,7 @@ base model and every task in one forward pass.
 
 from .adapters import AdapterError, inspect_adapter, save_adapter, save_pretrained
 from .config import MODES, TaskConfig
+from .export import export_model
 from .mask import build_attention_mask
 from .memory import TaskMemory
 from .model import MemoryViT, load_adapters, wrap_model
@@ -21,6 +22,7 @@ __all__ = [
     "TaskMemory",
     "UnsupportedModelError",
     "build_attention_mask",
+    "export_model",
     "inspect_adapter",
     "load_adapters",
     "plot_attention_mask",

@@ -3,9 +3,11 @@
 Shapes: B batch, H heads, N original tokens (prefix + patches), K new class tokens,
 M memory tokens of all tasks in the pass, hd head dim, D width.
 
-Memory keys/values are computed once per forward and block, ``[H, M, hd]``, and broadcast
-over the batch. Memory makes no queries. Original tokens run exactly the base model's
-attention unless a full-mode task lets them see the memory.
+Memory makes no queries: its keys/values ``[H, M, hd]`` are computed per block from the memory
+alone (cached across passes, see :mod:`learnable_memory.kv_cache`) and broadcast over the batch.
+Original tokens run exactly the base model's attention unless a full-mode task lets them see the
+memory. Each new class token attends only to what Table 1 lets it see, gathered per task
+(:mod:`learnable_memory.layout`), so nothing of another task enters its arithmetic.
 
 Each timm attention type gets an attention kind (:class:`~learnable_memory.kinds.AttentionKind`)
 that only knows how to call that module's own projections; :func:`memory_attention` does the rest.
@@ -26,8 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .context import PassContext
+from .layout import NewTokenLayout
 
 Bias = torch.Tensor | None
+KV = tuple[torch.Tensor, torch.Tensor]
 
 
 class Projections(Protocol):
@@ -78,6 +82,40 @@ def attend_original_with_memory(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
+def _gather(t: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` ``[K, S]`` of ``t`` ``[..., T, hd]`` -> ``[..., K, S, hd]``, zero where not ``valid``:
+    padding never carries another task's values (0 * NaN would be NaN)."""
+    return t[..., index, :].masked_fill(~valid[..., None], 0.0)
+
+
+#: PyTorch's CPU flash-attention kernel, which returns the log-sum-exp of the scores beside the output
+#: (``F.scaled_dot_product_attention`` calls it on CPU but drops the log-sum-exp). A private ATen op: used
+#: only where it exists, in eager CPU passes without autograd (its log-sum-exp has no gradient), and
+#: checked against the explicit formula by the tests.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attend_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and the log-sum-exp of its scores: ``q`` ``[B, H, K, hd]``, ``k`` ``[B, H, N, hd]``,
+    ``v`` ``[B, H, N, hd_v]``, optional additive ``bias`` broadcastable to ``[B, H, K, N]`` ->
+    ``[B, H, K, hd_v]`` and ``[B, H, K]`` (float32)."""
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    fast = (_FLASH_CPU is not None and q.device.type == "cpu" and v.shape[-1] == q.shape[-1] and not grad
+            and q.dtype in (torch.float32, torch.bfloat16) and q.numel() > 0 and k.shape[-2] > 0
+            and not torch.compiler.is_compiling())
+    if fast:
+        mask = None if bias is None else bias.to(q.dtype).expand(*q.shape[:-1], k.shape[-2])
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        return out, lse.float()
+    scores = (q * scale) @ k.transpose(-2, -1)  # [B, H, K, N]
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    lse = torch.logsumexp(scores.float(), dim=-1)
+    return torch.exp(scores - lse[..., None].to(scores.dtype)) @ v, lse
+
+
 def attend_new(
     q_c: torch.Tensor,
     k_x: torch.Tensor,
@@ -86,34 +124,64 @@ def attend_new(
     v_c: torch.Tensor,
     k_m: torch.Tensor,
     v_m: torch.Tensor,
-    new_mask: torch.Tensor,
+    layout: NewTokenLayout,
     scale: float,
     bias_x: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """New class tokens attend to the original tokens and to what Table 1 lets them see.
+    """New class tokens attend to the original tokens and to what Table 1 lets each see.
+
+    One exact softmax per new class token over its scores against the N original tokens, its own
+    class token (and those of the tasks it extends) and its own memory (and theirs): the original
+    tokens in one attention call for all K (with its log-sum-exp), the rest gathered per task, and
+    the two parts merged by their log-sum-exps. ``K * (N + Sc + Sm)`` scores in all. A task's output
+    depends on the original tokens and its own (and its predecessors') parameters only; padding is
+    masked and zeroed, so even NaN or Inf in one task can not reach another.
 
     Args:
-        q_c, k_c, v_c: ``[B, H, K, hd]`` new class tokens.
-        k_x, v_x: ``[B, H, N, hd]`` original tokens (always visible).
-        k_m, v_m: ``[H, M, hd]`` memory, shared by the batch.
-        new_mask: ``[K, K + M]`` bool, True where a class token sees a class token or memory.
+        q_c, k_c, v_c: ``[B, H, K, hd]`` new class tokens (``v_c`` may have another head dim, as all values).
+        k_x, v_x: ``[B, H, N, hd]`` original tokens.
+        k_m, v_m: ``[H, M, hd]`` memory of the pass, shared by the batch.
+        layout: What each new class token sees (:func:`learnable_memory.layout.new_token_layout`).
         scale: Softmax temperature (``head_dim ** -0.5``).
-        bias_x: Optional additive bias on the scores against the original tokens,
-            broadcastable to ``[B, H, K, N]`` (relative position bias).
+        bias_x: Optional additive bias on the scores against the original tokens, broadcastable to
+            ``[B, H, K, N]`` (relative position bias, key padding).
 
     Returns:
-        ``[B, H, K, hd]``.
+        ``[B, H, K, hd_v]``.
     """
-    b, k = q_c.shape[0], q_c.shape[2]
-    keys = torch.cat([k_x, k_c, k_m.unsqueeze(0).expand(b, -1, -1, -1)], dim=2)  # [B, H, N + K + M, hd]
-    values = torch.cat([v_x, v_c, v_m.unsqueeze(0).expand(b, -1, -1, -1)], dim=2)
-    sees_orig = new_mask.new_ones(k, k_x.shape[2])  # every new class token sees every original token
-    mask = torch.cat([sees_orig, new_mask], dim=1)  # [K, N + K + M], a row of Table 1 per class token
-    if bias_x is not None:  # additive: the bias on the original columns, -inf where Table 1 masks
-        bias_x = bias_x.to(q_c.dtype).expand(*bias_x.shape[:-2], k, k_x.shape[2])
-        rest = torch.zeros(new_mask.shape, dtype=q_c.dtype, device=q_c.device).masked_fill_(~new_mask, float("-inf"))
-        mask = torch.cat([bias_x, rest.expand(*bias_x.shape[:-2], *rest.shape)], dim=-1)
-    return F.scaled_dot_product_attention(q_c, keys, values, attn_mask=mask, scale=scale)
+    k = q_c.shape[2]
+    o_x, lse_x = attend_with_lse(q_c, k_x, v_x, scale, bias_x)  # [B, H, K, hd_v], [B, H, K]
+    # The per-task part runs in [H, K, B, .] layout: one small matmul per (head, task) against that
+    # task's own memory, which is shared by the batch.
+    if layout.tok_index is None:  # each sees only itself
+        s_c = torch.linalg.vecdot(q_c, k_c).permute(1, 2, 0).unsqueeze(-1)  # [H, K, B, 1]
+    else:
+        keys_c = _gather(k_c, layout.tok_index, layout.tok_valid)  # [B, H, K, Sc, hd]
+        s_c = torch.linalg.vecdot(q_c.unsqueeze(-2), keys_c).permute(1, 2, 0, 3)  # [H, K, B, Sc]
+        s_c = s_c.masked_fill(~layout.tok_valid[:, None], float("-inf"))
+    if layout.mem_block is not None:  # task i: memory rows [i m, (i + 1) m)
+        m = layout.mem_block
+        keys_m = k_m[:, : k * m].unflatten(1, (k, m))  # [H, K, m, hd]
+        vals_m = v_m[:, : k * m].unflatten(1, (k, m))
+    else:
+        keys_m = _gather(k_m, layout.mem_index, layout.mem_valid)  # [H, K, Sm, hd]
+        vals_m = _gather(v_m, layout.mem_index, layout.mem_valid)
+    s_m = q_c.permute(1, 2, 0, 3) @ keys_m.transpose(-2, -1)  # [H, K, B, Sm]
+    if layout.mem_valid is not None:
+        s_m = s_m.masked_fill(~layout.mem_valid[:, None], float("-inf"))
+    s_e = torch.cat([s_c, s_m], dim=-1).float() * scale  # [H, K, B, Sc + Sm]: never empty (itself)
+    lse_x = lse_x.permute(1, 2, 0)  # [H, K, B]
+    lse = torch.logaddexp(lse_x, torch.logsumexp(s_e, dim=-1))  # of the whole softmax
+    w_c, w_m = torch.exp(s_e - lse[..., None]).to(v_x.dtype).split([s_c.shape[-1], s_m.shape[-1]], dim=-1)
+    w_c = w_c.permute(2, 0, 1, 3)  # [B, H, K, Sc]
+    if layout.tok_index is None:
+        out = v_c * w_c
+    else:
+        out = (w_c.unsqueeze(-1) * _gather(v_c, layout.tok_index, layout.tok_valid)).sum(-2)
+    if w_m.shape[-1]:
+        out += (w_m @ vals_m).permute(2, 0, 1, 3)  # [B, H, K, hd_v]
+    share_x = torch.exp(lse_x - lse).permute(2, 0, 1).unsqueeze(-1).to(out.dtype)  # the original tokens' share
+    return out.addcmul_(o_x, share_x)
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -121,11 +189,20 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
+def _biases(attn: nn.Module, ctx: PassContext, n: int, kind: Projections) -> tuple[Bias, Bias]:
+    """The additive biases on the scores against the N original tokens: the backbone's (e.g. key
+    padding) plus the attention kind's (e.g. relative position bias); ``[.., N, N]`` for the original
+    tokens' queries, ``[.., 1, N]`` for the new class tokens'."""
+    bias_x, bias_c = ctx.extras.attn_bias or (None, None)
+    pos_x, pos_c = kind.position_bias(attn, ctx, n)
+    return _add(bias_x, pos_x), _add(bias_c, pos_c)
+
+
 def memory_attention(
     attn: nn.Module,
     h_x: torch.Tensor,
     h_c: torch.Tensor,
-    h_m: torch.Tensor,
+    kv: KV,
     ctx: PassContext,
     kind: Projections,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,74 +212,52 @@ def memory_attention(
         attn: The frozen timm attention module.
         h_x: ``[B, N, D]`` original tokens after the block's pre-attention norm.
         h_c: ``[B, K, D]`` new class tokens, likewise.
-        h_m: ``[M, D]`` this block's memory, likewise.
+        kv: This block's memory keys and values ``[H, M, hd]`` (see ``AttentionKind.memory_kv``).
         ctx: The pass's :class:`~learnable_memory.context.PassContext`.
         kind: The attention kind of ``attn``.
 
     Returns:
         Attention outputs (after the output projection) ``[B, N, D]`` and ``[B, K, D]``.
     """
-    rope = ctx.extras.rope
-    bias_x, bias_c = ctx.extras.attn_bias or (None, None)  # e.g. key padding: [.., N, N], [.., 1, N]
-    pos_x, pos_c = kind.position_bias(attn, ctx, h_x.shape[1])  # e.g. relative position bias, likewise
-    bias_x, bias_c = _add(bias_x, pos_x), _add(bias_c, pos_c)
-    n, b = h_x.shape[1], h_x.shape[0]
-    # Full mode without rotary embeddings: the memory rows ride along with the original tokens through
-    # the projection, so their keys/values already end in the memory's and need no concatenation.
-    memory_in_sequence = ctx.full and rope is None
+    k_m, v_m = kv
+    bias_x, bias_c = _biases(attn, ctx, h_x.shape[1], kind)
     with torch.set_grad_enabled(ctx.orig_grad):
-        if memory_in_sequence:
-            q, k, v = kind.qkv(attn, torch.cat([h_x, h_m.unsqueeze(0).expand(b, -1, -1)], dim=1))  # N + M
-            bias = None if bias_x is None else F.pad(bias_x, (0, h_m.shape[0]))  # no bias on memory
-            o_x = F.scaled_dot_product_attention(q[:, :, :n], k, v, attn_mask=bias, scale=attn.scale)
-            k_x, v_x, k_m, v_m = k[:, :, :n], v[:, :, :n], k[0, :, n:], v[0, :, n:]
+        q_x, k_x, v_x = kind.qkv(attn, h_x, ctx.extras.rope)
+        if ctx.full:
+            o_x = attend_original_with_memory(q_x, k_x, v_x, k_m, v_m, attn.scale, bias_x)
         else:
-            q_x, k_x, v_x = kind.qkv(attn, h_x, rope)
-    if not memory_in_sequence:
-        _, k_m, v_m = (t[0] for t in kind.qkv(attn, h_m.unsqueeze(0)))  # [H, M, hd], once per pass
-        with torch.set_grad_enabled(ctx.orig_grad):
-            if ctx.full:
-                o_x = attend_original_with_memory(q_x, k_x, v_x, k_m, v_m, attn.scale, bias_x)
-            else:
-                o_x = attend_original(q_x, k_x, v_x, attn.fused_attn, attn.scale, bias_x)
-    with torch.set_grad_enabled(ctx.orig_grad):
+            o_x = attend_original(q_x, k_x, v_x, attn.fused_attn, attn.scale, bias_x)
         a_x = kind.out(attn, o_x, h_x)
     q_c, k_c, v_c = kind.qkv(attn, h_c)
-    o_c = attend_new(q_c, k_x, v_x, k_c, v_c, k_m, v_m, ctx.new_mask, attn.scale, bias_c)
+    o_c = attend_new(q_c, k_x, v_x, k_c, v_c, k_m, v_m, ctx.layout, attn.scale, bias_c)
     return a_x, kind.out(attn, o_c, h_c)
 
 
-def packed_attention(
-    attn: nn.Module, h: torch.Tensor, h_m: torch.Tensor, ctx: PassContext, kind: Projections
-) -> torch.Tensor:
+def packed_attention(attn: nn.Module, h: torch.Tensor, kv: KV, ctx: PassContext, kind: Projections) -> torch.Tensor:
     """:func:`memory_attention` for a packed pass (``ctx.packed`` = K new class tokens).
 
     One ``qkv`` and one output projection serve the original tokens and the new class tokens
-    together; the attention itself is split as in Table 1. For attention kinds with no rotary
-    embedding or score bias.
+    together; the attention itself is split as in Table 1, with the same biases as the split
+    layout. A rotary table (``ctx.extras.rope``) covers the new class tokens with identity rows
+    (see ``PassExtras.for_packed``), so they stay unrotated, as in the split layout.
 
     Args:
         h: ``[B, N + K, D]``, original tokens then new class tokens, after the pre-attention norm.
-        h_m: ``[M, D]`` this block's memory, likewise.
+        kv: This block's memory keys and values ``[H, M, hd]``.
 
     Returns:
         ``[B, N + K, D]`` attention outputs after the output projection.
     """
-    n, b, k_new = h.shape[1] - ctx.packed, h.shape[0], ctx.packed
-    q, k, v = kind.qkv(attn, h)  # [B, H, N + K, hd]
-    _, k_m, v_m = (t[0] for t in kind.qkv(attn, h_m.unsqueeze(0)))  # [H, M, hd], once per pass
-    q_x, q_c = q[:, :, :n], q[:, :, n:]
-    if ctx.full:  # one [originals ; memory ; new] key/value tensor: the originals see its first N + M rows
-        m = k_m.shape[1]
-        keys, values = (torch.cat([t[:, :, :n], t_m.expand(b, -1, -1, -1), t[:, :, n:]], dim=2)
-                        for t, t_m in ((k, k_m), (v, v_m)))  # [B, H, N + M + K, hd]
-        o_x = F.scaled_dot_product_attention(q_x, keys[:, :, : n + m], values[:, :, : n + m], scale=attn.scale)
-        sees = ctx.new_mask  # [K, K + M]: columns new class tokens, then memory
-        mask = torch.cat([sees.new_ones(k_new, n), sees[:, k_new:], sees[:, :k_new]], dim=1)  # [K, N + M + K]
-        o_c = F.scaled_dot_product_attention(q_c, keys, values, attn_mask=mask, scale=attn.scale)
+    n = h.shape[1] - ctx.packed
+    k_m, v_m = kv
+    bias_x, bias_c = _biases(attn, ctx, n, kind)
+    q, k, v = kind.qkv(attn, h, ctx.extras.rope)  # [B, H, N + K, hd]
+    k_x, v_x = k[:, :, :n], v[:, :, :n]
+    if ctx.full:
+        o_x = attend_original_with_memory(q[:, :, :n], k_x, v_x, k_m, v_m, attn.scale, bias_x)
     else:
-        o_x = attend_original(q_x, k[:, :, :n], v[:, :, :n], attn.fused_attn, attn.scale)
-        o_c = attend_new(q_c, k[:, :, :n], v[:, :, :n], k[:, :, n:], v[:, :, n:], k_m, v_m, ctx.new_mask, attn.scale)
+        o_x = attend_original(q[:, :, :n], k_x, v_x, attn.fused_attn, attn.scale, bias_x)
+    o_c = attend_new(q[:, :, n:], k_x, v_x, k[:, :, n:], v[:, :, n:], k_m, v_m, ctx.layout, attn.scale, bias_c)
     # laid out [B, N + K, H, hd], so that the output projection's head merge is a view (one copy, as in timm)
     o = torch.cat([o_x.transpose(1, 2), o_c.transpose(1, 2)], dim=1).transpose(1, 2)  # [B, H, N + K, hd]
     return kind.out(attn, o, h)  # [B, N + K, D]

@@ -18,17 +18,18 @@ from .registry import attention_kind
 
 Tensor = torch.Tensor
 Pair = tuple[Tensor, Tensor]
+KV = tuple[Tensor, Tensor]
 
 
-def run_attention(attn: nn.Module, h_x: Tensor, h_c: Tensor, h_m: Tensor, ctx: PassContext) -> Pair:
-    """One attention module over original tokens ``h_x`` ``[B, N, D]``, new class tokens ``h_c``
-    ``[B, K, D]`` and memory ``h_m`` ``[M, D]`` (all after the block's pre-attention norm) -> outputs
-    ``[B, N, D]``, ``[B, K, D]``. In a packed pass the new class tokens are the last rows of
-    ``h_x`` and ``h_c`` is empty."""
+def run_attention(attn: nn.Module, h_x: Tensor, h_c: Tensor, kv: KV, ctx: PassContext) -> Pair:
+    """One attention module over original tokens ``h_x`` ``[B, N, D]`` and new class tokens ``h_c``
+    ``[B, K, D]`` (after the block's pre-attention norm), with the memory's keys and values ``kv``
+    -> outputs ``[B, N, D]``, ``[B, K, D]``. In a packed pass the new class tokens are the last rows
+    of ``h_x`` and ``h_c`` is empty."""
     kind = attention_kind(attn)
     if ctx.packed:
-        return kind.attend_packed(attn, h_x, h_m, ctx), h_c
-    return kind.attend(attn, h_x, h_c, h_m, ctx)
+        return kind.attend_packed(attn, h_x, kv, ctx), h_c
+    return kind.attend(attn, h_x, h_c, kv, ctx)
 
 
 class PreNormBlock(BlockKind):
@@ -39,12 +40,16 @@ class PreNormBlock(BlockKind):
     def attentions(self, blk: nn.Module) -> list[nn.Module]:
         return [blk.attn]
 
-    def forward(self, blk: nn.Module, x: Tensor, c: Tensor, mem: Tensor, ctx: PassContext) -> Pair:
-        """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]``, ``mem`` ``[M, D]`` -> new ``x``, ``c``."""
+    def memory_kv(self, blk: nn.Module, mem: Tensor) -> tuple[KV, ...]:
+        """``mem`` ``[M, D]`` through ``norm1`` and the attention's key/value projections."""
+        return (attention_kind(blk.attn).memory_kv(blk.attn, blk.norm1(mem)),)
+
+    def forward(self, blk: nn.Module, x: Tensor, c: Tensor, kv: tuple[KV, ...], ctx: PassContext) -> Pair:
+        """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]`` and the memory's ``kv`` -> new ``x``, ``c``."""
         ctx = ctx.for_block(blk)
         with torch.set_grad_enabled(ctx.orig_grad):
             h_x = blk.norm1(x)
-        a_x, a_c = run_attention(blk.attn, h_x, blk.norm1(c), blk.norm1(mem), ctx)
+        a_x, a_c = run_attention(blk.attn, h_x, blk.norm1(c), kv[0], ctx)
         with torch.set_grad_enabled(ctx.orig_grad):
             x = self.after_attention(blk, x, a_x)
         return x, self.after_attention(blk, c, a_c)
@@ -65,10 +70,14 @@ class PostNormBlock(BlockKind):
     def attentions(self, blk: nn.Module) -> list[nn.Module]:
         return [blk.attn]
 
-    def forward(self, blk: nn.Module, x: Tensor, c: Tensor, mem: Tensor, ctx: PassContext) -> Pair:
+    def memory_kv(self, blk: nn.Module, mem: Tensor) -> tuple[KV, ...]:
+        """``mem`` ``[M, D]`` straight into the attention's key/value projections."""
+        return (attention_kind(blk.attn).memory_kv(blk.attn, mem),)
+
+    def forward(self, blk: nn.Module, x: Tensor, c: Tensor, kv: tuple[KV, ...], ctx: PassContext) -> Pair:
         """As :meth:`PreNormBlock.forward`."""
         ctx = ctx.for_block(blk)
-        a_x, a_c = run_attention(blk.attn, x, c, mem, ctx)
+        a_x, a_c = run_attention(blk.attn, x, c, kv[0], ctx)
         with torch.set_grad_enabled(ctx.orig_grad):
             x = self.after_attention(blk, x, a_x)
         return x, self.after_attention(blk, c, a_c)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import asdict, dataclass, field
 
 #: The attention regimes of the paper.
@@ -15,6 +16,8 @@ MODES = ("non_destructive", "extension", "full")
 
 #: The key of the base model's own output in ``MemoryViT.forward_all``; no task may take this name.
 BASE_KEY = "base"
+#: Task names: any printable string up to this length (they key outputs, folders, URLs and files).
+MAX_NAME_LENGTH = 200
 
 
 @dataclass
@@ -22,7 +25,8 @@ class TaskConfig:
     """One task: ``n_mem`` memory tokens per block, a class token and a linear head.
 
     Attributes:
-        name: Task name, unique inside a model (the key of ``forward_all``).
+        name: Task name, unique inside a model (the key of ``forward_all``): any printable string of
+            at most ``MAX_NAME_LENGTH`` characters, dots, spaces and words like ``"train"`` included.
         n_mem: Memory tokens per block (m in the paper). 0 gives "head + class token".
         num_classes: Output size of the task's head.
         mode: One of :data:`MODES`.
@@ -50,6 +54,9 @@ class TaskConfig:
         """Raise ``ValueError`` naming the bad field and how to fix it."""
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"task name must be a non-empty string, got {self.name!r}")
+        if len(self.name) > MAX_NAME_LENGTH or any(unicodedata.category(ch) in ("Cc", "Cs") for ch in self.name):
+            raise ValueError(f"task name {self.name!r} is not allowed: use at most {MAX_NAME_LENGTH} printable "
+                             "characters (any letters, digits, spaces, dots, dashes ...; no control characters)")
         if not isinstance(self.n_mem, int) or isinstance(self.n_mem, bool) or self.n_mem < 0:
             raise ValueError(f"n_mem must be an integer >= 0 (memory tokens per block), got {self.n_mem!r}")
         if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 1:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from .layout import NewTokenLayout
+
 Tensor = torch.Tensor
 
 
@@ -40,11 +42,24 @@ class PassExtras:
     rel_pos_bias: Tensor | None = None
     patch_valid: Tensor | None = None
 
-    @property
-    def per_token(self) -> bool:
-        """True when a value treats the original tokens one by one (rotary tables, score biases), so
-        that the new class tokens can not simply ride behind them in a packed pass."""
-        return self.rope is not None or self.block_rope is not None or self.attn_bias is not None
+    def for_packed(self, k: int) -> PassExtras:
+        """These extras for a packed pass with ``k`` new class tokens behind the original ones: the
+        rotary tables gain ``k`` identity rows (sin 0, cos 1), so the new class tokens stay unrotated
+        (as prefix tokens are) while every original token is rotated exactly as before."""
+        if self.rope is None and self.block_rope is None:
+            return self
+        return replace(self, rope=_identity_rows(self.rope, k),
+                       block_rope=None if self.block_rope is None else
+                       {blk: _identity_rows(t, k) for blk, t in self.block_rope.items()})
+
+
+def _identity_rows(rope: Tensor | None, k: int) -> Tensor | None:
+    """A rotary table ``[..., P, 2 hd]`` (sin, then cos) with ``k`` rows appended that rotate by 0."""
+    if rope is None:
+        return None
+    half = rope.shape[-1] // 2
+    shape = (*rope.shape[:-2], k, half)
+    return torch.cat([rope, torch.cat([rope.new_zeros(shape), rope.new_ones(shape)], dim=-1)], dim=-2)
 
 
 @dataclass(frozen=True)
@@ -52,9 +67,8 @@ class PassContext:
     """What every block needs to know about the current pass.
 
     Attributes:
-        new_mask: ``[K, K + M]`` bool, which new class tokens and memory each new class token sees
-            (Table 1, from :func:`learnable_memory.mask.new_token_mask`); every new class token also
-            sees every original token.
+        layout: What each new class token sees besides the original tokens (Table 1 in gather form,
+            :func:`learnable_memory.layout.new_token_layout`).
         full: Original tokens attend to the memory too (paper Sec. 2.1).
         orig_grad: Keep an autograd graph for the original tokens. False when nothing trainable
             touches them (non-destructive training), which saves the backbone's backward.
@@ -65,7 +79,7 @@ class PassContext:
         extras: The backbone's per-pass values.
     """
 
-    new_mask: Tensor
+    layout: NewTokenLayout
     full: bool
     orig_grad: bool
     packed: int = 0

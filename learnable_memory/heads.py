@@ -62,7 +62,7 @@ def attend_heads(
             o_x = attend_original_with_memory(q_x, k_x, v_x, k_m, v_m, scale, bias_x)
         else:
             o_x = attend_original(q_x, k_x, v_x, fused, scale, bias_x)
-    o_c = attend_new(q_c, k_x, v_x, k_c, v_c, k_m, v_m, ctx.new_mask, scale, bias_c)
+    o_c = attend_new(q_c, k_x, v_x, k_c, v_c, k_m, v_m, ctx.layout, scale, bias_c)
     return o_x, o_c
 
 
@@ -129,6 +129,6 @@ def diff_attend_heads(
         else:
             o_x = _diff_original(q_x, k_x, v_x, lam, fused, scale, bias_x)
     k1_x, k2_x = _pairs(k_x)
-    o1 = attend_new(q1_c, k1_x, v_x, k1_c, v_c, k1_m, v_m, ctx.new_mask, scale, bias_c)
-    o2 = attend_new(q2_c, k2_x, v_x, k2_c, v_c, k2_m, v_m, ctx.new_mask, scale, bias_c)
+    o1 = attend_new(q1_c, k1_x, v_x, k1_c, v_c, k1_m, v_m, ctx.layout, scale, bias_c)
+    o2 = attend_new(q2_c, k2_x, v_x, k2_c, v_c, k2_m, v_m, ctx.layout, scale, bias_c)
     return o_x, o1 - lam * o2

@@ -17,9 +17,10 @@ Three kinds, from the outside in:
   does the attention itself unless a kind overrides :meth:`AttentionKind.attend`.
 
 Packing (see :class:`~learnable_memory.context.PassContext`) is decided here, from what a kind
-does, not from a flag: a block packs when its kind says its code outside attention is row-wise
-(:attr:`BlockKind.packable`) and every attention kind it calls keeps the core's arithmetic (does not
-override :meth:`AttentionKind.attend`).
+does: a block packs when its runner's code outside attention is row-wise (:attr:`BlockKind.packable`,
+true of the generic runners) and every attention kind it calls keeps the core's arithmetic (does not
+override :meth:`AttentionKind.attend`). Score biases and rotary tables need no flag: the packed path
+applies them exactly as the split path does.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .context import PassContext, PassExtras
 
 Tensor = torch.Tensor
 Pair = tuple[Tensor, Tensor]
+KV = tuple[Tensor, Tensor]
 Bias = Tensor | None
 
 
@@ -65,23 +67,29 @@ class AttentionKind(ABC):
         original tokens' queries and ``[.., 1, N]`` for the new class tokens'. Default: none."""
         return None, None
 
-    def attend(self, attn: nn.Module, h_x: Tensor, h_c: Tensor, h_m: Tensor, ctx: PassContext) -> Pair:
-        """Split layout: original tokens ``h_x`` ``[B, N, D]``, new class tokens ``h_c`` ``[B, K, D]``
-        and memory ``h_m`` ``[M, D]`` -> outputs ``[B, N, D]``, ``[B, K, D]``. Override only for
-        arithmetic of the module's own (e.g. two softmaxes); such a kind never packs."""
-        return memory_attention(attn, h_x, h_c, h_m, ctx, self)
+    def memory_kv(self, attn: nn.Module, h_m: Tensor) -> KV:
+        """Memory ``h_m`` ``[M, D]`` (after the block's pre-attention norm) -> its keys and values
+        ``[H, M, hd]``, as the module projects them (never rotated). They depend on the memory and
+        frozen weights only, so the model caches them across passes."""
+        _, k, v = self.qkv(attn, h_m.unsqueeze(0))
+        return k[0], v[0]
 
-    def attend_packed(self, attn: nn.Module, h: Tensor, h_m: Tensor, ctx: PassContext) -> Tensor:
-        """Packed layout: ``h`` ``[B, N + K, D]`` (original tokens, then new class tokens) and memory
-        ``h_m`` ``[M, D]`` -> outputs ``[B, N + K, D]``."""
-        return packed_attention(attn, h, h_m, ctx, self)
+    def attend(self, attn: nn.Module, h_x: Tensor, h_c: Tensor, kv: KV, ctx: PassContext) -> Pair:
+        """Split layout: original tokens ``h_x`` ``[B, N, D]``, new class tokens ``h_c`` ``[B, K, D]``
+        and the memory's keys and values ``kv`` -> outputs ``[B, N, D]``, ``[B, K, D]``. Override only
+        for arithmetic of the module's own (e.g. two softmaxes); such a kind never packs."""
+        return memory_attention(attn, h_x, h_c, kv, ctx, self)
+
+    def attend_packed(self, attn: nn.Module, h: Tensor, kv: KV, ctx: PassContext) -> Tensor:
+        """Packed layout: ``h`` ``[B, N + K, D]`` (original tokens, then new class tokens) and the
+        memory's keys and values ``kv`` -> outputs ``[B, N + K, D]``."""
+        return packed_attention(attn, h, kv, ctx, self)
 
     @property
     def packable(self) -> bool:
-        """Whether this kind can serve a packed pass: it keeps the core's arithmetic and adds no
-        position bias (the packed path has no bias input)."""
-        cls = type(self)
-        return cls.attend is AttentionKind.attend and cls.position_bias is AttentionKind.position_bias
+        """Whether this kind can serve a packed pass: it keeps the core's arithmetic (the packed path
+        applies the same biases and rotary tables as the split one)."""
+        return type(self).attend is AttentionKind.attend
 
 
 class BlockKind(ABC):
@@ -98,11 +106,17 @@ class BlockKind(ABC):
         empty when the attention is part of the block itself."""
 
     @abstractmethod
-    def forward(self, blk: nn.Module, x: Tensor, c: Tensor, mem: Tensor, ctx: PassContext) -> Pair:
-        """Original tokens ``x`` ``[B, N, D]``, new class tokens ``c`` ``[B, K, D]`` and this block's
-        memory ``mem`` ``[M, D]`` -> the new ``x`` and ``c``. The original tokens go through exactly
-        the base block's arithmetic (under ``ctx.orig_grad``); the memory only through what the block
-        applies before attention and the key/value projections."""
+    def memory_kv(self, blk: nn.Module, mem: Tensor) -> tuple[KV, ...]:
+        """This block's memory ``mem`` ``[M, D]`` -> its keys and values, one pair per attention
+        (``[H, M, hd]`` each, in the order of :meth:`attentions`; one pair when the attention is part
+        of the block). The memory goes only through what the block applies before attention and the
+        key/value projections."""
+
+    @abstractmethod
+    def forward(self, blk: nn.Module, x: Tensor, c: Tensor, kv: tuple[KV, ...], ctx: PassContext) -> Pair:
+        """Original tokens ``x`` ``[B, N, D]``, new class tokens ``c`` ``[B, K, D]`` and the memory's
+        keys and values (from :meth:`memory_kv`) -> the new ``x`` and ``c``. The original tokens go
+        through exactly the base block's arithmetic (under ``ctx.orig_grad``)."""
 
 
 class BackboneKind(ABC):

@@ -81,30 +81,41 @@ def build_attention_mask(
         token order of the module docstring. Memory rows are all False: memory makes no queries.
     """
     configs = _as_configs(tasks)
-    check_layout(configs)
     n_orig = num_prefix_tokens + num_patches
+    cells, total = table1_cells(configs, n_orig)
+    mask = torch.zeros(total, total, dtype=torch.bool)
+    for rows, cols in cells:
+        mask[rows, cols] = True
+    return mask
+
+
+Cell = tuple[slice, slice]
+
+
+def table1_cells(configs: Sequence[TaskConfig], n_orig: int) -> tuple[list[Cell], int]:
+    """Table 1, cell by cell: the ``(query rows, key columns)`` blocks that attend, and the token count.
+
+    Plain Python on the configs (no tensors), so that :mod:`learnable_memory.layout` reads the same
+    cells inside ``torch.compile``. ``n_orig``: original tokens (prefix + patches).
+    """
+    check_layout(configs)
     k = len(configs)
     mem_start = [n_orig + k]
     for c in configs:
         mem_start.append(mem_start[-1] + c.n_mem)
-    total = mem_start[-1]
     index = {c.name: i for i, c in enumerate(configs)}
-
-    mask = torch.zeros(total, total, dtype=torch.bool)
-    mask[:n_orig, :n_orig] = True  # INP/CLS -> INP/CLS: the base model itself
+    orig = slice(0, n_orig)
+    cells = [(orig, orig)]  # INP/CLS -> INP/CLS: the base model itself
     for i, c in enumerate(configs):
-        row = n_orig + i
+        row = slice(n_orig + i, n_orig + i + 1)
         mem_i = slice(mem_start[i], mem_start[i + 1])
-        mask[row, :n_orig] = True  # C_i -> INP, CLS
-        mask[row, row] = True  # C_i -> C_i
-        mask[row, mem_i] = True  # C_i -> M_i
+        cells += [(row, orig), (row, row), (row, mem_i)]  # C_i -> INP, CLS; C_i -> C_i; C_i -> M_i
         if c.mode == "full":
-            mask[:n_orig, mem_i] = True  # Sec. 2.1: every original token sees the memory
+            cells.append((orig, mem_i))  # Sec. 2.1: every original token sees the memory
         for dep in c.depends_on:  # the starred cells: C_i -> C_j, M_j for the tasks it extends
             j = index[dep]
-            mask[row, n_orig + j] = True
-            mask[row, mem_start[j] : mem_start[j + 1]] = True
-    return mask
+            cells += [(row, slice(n_orig + j, n_orig + j + 1)), (row, slice(mem_start[j], mem_start[j + 1]))]
+    return cells, mem_start[-1]
 
 
 def new_token_mask(tasks: Sequence[TaskConfig]) -> torch.Tensor:

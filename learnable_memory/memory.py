@@ -1,6 +1,10 @@
-"""The trainable part of one task: per-block memory, a class token and a head."""
+"""The trainable part of tasks: per-block memory, a class token and a head (:class:`TaskMemory`),
+and the tasks of a model by name (:class:`TaskStore`)."""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -42,3 +46,57 @@ class TaskMemory(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"name={c.name!r}, mode={c.mode}, n_mem={c.n_mem}, num_classes={c.num_classes}"
+
+
+def task_key(name: str) -> str:
+    """The submodule key of task ``name``: the name with ``%`` and ``.`` escaped (``%25``, ``%2E``),
+    since a module path uses dots. Every other name is its own key, so ``state_dict`` keys read
+    ``tasks.<name>.memory``."""
+    return name.replace("%", "%25").replace(".", "%2E")
+
+
+def task_name(key: str) -> str:
+    """Inverse of :func:`task_key`."""
+    return re.sub(r"%(25|2E)", lambda m: chr(int(m.group(1), 16)), key)
+
+
+class TaskStore(nn.Module):
+    """The tasks of a model by name, in model order: ``store[name]``, ``name in store``, iteration
+    over the names, ``len``, ``keys()``, ``values()``, ``items()``.
+
+    Any name works, ``"v1.0"``, ``"train"`` or ``"keys"`` included: tasks are registered directly in
+    the module table under :func:`task_key`, never as attributes, so a name can not clash with an
+    attribute of this module (unlike ``nn.ModuleDict``, which refuses those names).
+    """
+
+    def __getitem__(self, name: str) -> TaskMemory:
+        try:
+            return self._modules[task_key(name)]
+        except KeyError:
+            raise KeyError(name) from None
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and task_key(name) in self._modules
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def keys(self) -> list[str]:
+        return [task_name(k) for k in self._modules]
+
+    def values(self) -> list[TaskMemory]:
+        return list(self._modules.values())
+
+    def items(self) -> list[tuple[str, TaskMemory]]:
+        return [(task_name(k), t) for k, t in self._modules.items()]
+
+    def add(self, task: TaskMemory) -> None:
+        """Append ``task`` under its config's name (the caller checks that the name is free)."""
+        self._modules[task_key(task.name)] = task
+
+    def remove(self, name: str) -> TaskMemory:
+        """Remove and return task ``name``."""
+        return self._modules.pop(task_key(name))

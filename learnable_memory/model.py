@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -13,16 +14,30 @@ from .adapters import prepare_tasks, save_adapter, save_pretrained, warn_preproc
 from .config import BASE_KEY, TaskConfig
 from .context import PassContext, PassExtras
 from .kinds import BlockKind
-from .mask import check_layout, new_token_mask
-from .memory import TaskMemory
+from .kv_cache import MemoryKVCache
+from .layout import NewTokenLayout, new_token_layout
+from .mask import check_layout
+from .memory import TaskMemory, TaskStore
 from .registry import attention_kind, backbone_kind, block_kind
 
 Rename = Mapping[str, str] | Sequence[str | None] | None
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+#: Feature widths inside a block that a packed pass needs to be multiples of (see :func:`_packable`).
+SIMD_SAFE_WIDTH = 64
 
 
 def _packable(kind: BlockKind, blk: nn.Module) -> bool:
-    """Whether block ``blk`` can serve a packed pass (see ``PassContext.packed`` and ``kinds``)."""
-    return kind.packable and all(attention_kind(a).packable for a in kind.attentions(blk))
+    """Whether block ``blk`` can serve a packed pass (see ``PassContext.packed`` and ``kinds``) and keep
+    the base output bit-identical. Besides what the kinds say, every linear width in the block must
+    be a multiple of :data:`SIMD_SAFE_WIDTH`: an elementwise kernel handles a tensor in SIMD chunks and
+    its last ``size mod chunk`` elements another way, which can round a function like SiLU or exp
+    differently, and with new class tokens behind them the original tokens' last elements would move
+    out of that tail (EVA-02-L's SwiGLU width 2730 does this)."""
+    widths = [w for m in blk.modules() if isinstance(m, nn.Linear) for w in (m.in_features, m.out_features)]
+    aligned = all(w % SIMD_SAFE_WIDTH == 0 for w in widths)
+    return aligned and kind.packable and all(attention_kind(a).packable for a in kind.attentions(blk))
 
 
 def _cat_with_layout(like: torch.Tensor, parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -47,11 +62,13 @@ class MemoryViT(nn.Module):
 
     Attributes:
         base: The timm model, untouched but frozen (``requires_grad=False``, always in eval mode).
-        tasks: ``name -> TaskMemory`` in the order the tasks were added.
+        tasks: ``name -> TaskMemory`` in the order the tasks were added (a :class:`TaskStore`).
         active_task: The task :meth:`forward` serves.
+        kv_cache: The memory's keys and values kept across passes (:class:`MemoryKVCache`: turn it
+            off with ``kv_cache.enabled = False``, cap it with ``kv_cache.max_bytes``).
     """
 
-    def __init__(self, base: nn.Module):
+    def __init__(self, base: nn.Module, *, kv_cache: MemoryKVCache | None = None):
         super().__init__()
         self.backbone = backbone_kind(base)
         blocks = self.backbone.blocks(base)
@@ -60,9 +77,10 @@ class MemoryViT(nn.Module):
         base.requires_grad_(False)
         base.eval()
         self.base = base
-        self.tasks = nn.ModuleDict()
+        self.tasks = TaskStore()
         self.active_task: str | None = None
-        self._masks: dict[tuple[str, ...], torch.Tensor] = {}
+        self._layouts: dict[tuple[tuple[str, ...], torch.device], NewTokenLayout] = {}
+        self.kv_cache = kv_cache if kv_cache is not None else MemoryKVCache()
 
     # ----- structure -----
     @property
@@ -94,11 +112,12 @@ class MemoryViT(nn.Module):
                 same backbone, which is shared, not copied (this is how tasks trained
                 separately are concatenated).
 
-        An extension task with no ``depends_on`` extends every task already present.
-        Raises ``ValueError`` for a reserved or duplicate name, a full-mode conflict or a
-        ``TaskMemory`` of the wrong shape.
+        An extension task with no ``depends_on`` extends every task already present (set on the new
+        task's own copy of the config; the caller's ``TaskConfig`` is left as it is). Raises
+        ``ValueError`` for a reserved or duplicate name, a full-mode conflict or a ``TaskMemory`` of
+        the wrong shape, before anything changes.
         """
-        config = task.config if isinstance(task, TaskMemory) else task
+        config = task.config if isinstance(task, TaskMemory) else dataclasses.replace(task)
         config.validate()
         if config.name == BASE_KEY:
             raise ValueError(f"task name {BASE_KEY!r} is reserved for the base model's output; pick another")
@@ -121,9 +140,24 @@ class MemoryViT(nn.Module):
             task = TaskMemory(config, self.depth, self.embed_dim, init).to(init.device, init.dtype)
         for t in self.tasks.values():
             t.requires_grad_(False)
-        self.tasks[config.name] = task
+        self.tasks.add(task)
         self.active_task = config.name
-        self._masks.clear()
+        self._layouts.clear()
+        return task
+
+    def remove_task(self, name: str) -> TaskMemory:
+        """Remove task ``name`` in place and return it. Refused (``ValueError``) while another task
+        extends it. The active task becomes the last task left (None when none is left)."""
+        if name not in self.tasks:
+            raise ValueError(f"unknown task {name!r}; this model has {self.task_names}")
+        users = [t.name for t in self.tasks.values() if name in t.config.depends_on]
+        if users:
+            raise ValueError(f"task {name!r} can not be removed: extension task(s) {users} attend to it; "
+                             f"remove {users} first")
+        task = self.tasks.remove(name)
+        if self.active_task == name:
+            self.active_task = self.task_names[-1] if len(self.tasks) else None
+        self._layouts.clear()
         return task
 
     def set_task(self, name: str) -> MemoryViT:
@@ -155,12 +189,37 @@ class MemoryViT(nn.Module):
                 need.update(self.tasks[name].config.depends_on)
         return tuple(n for n in self.task_names if n in need)
 
-    def _mask(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
-        """The Table 1 rows of the new class tokens of ``names``, ``[K, K + M]``, on ``device``."""
-        mask = self._masks.get(names)
-        if mask is None or mask.device != device:
-            mask = self._masks[names] = new_token_mask([self.tasks[n].config for n in names]).to(device)
-        return mask
+    def _layout(self, names: tuple[str, ...], device: torch.device) -> NewTokenLayout:
+        """What the new class tokens of ``names`` see (Table 1 in gather form), on ``device``; kept per
+        task set (built afresh under ``torch.compile``, where it becomes a constant of the graph)."""
+        if torch.compiler.is_compiling():
+            return new_token_layout([self.tasks[n].config for n in names]).to(device)
+        layout = self._layouts.get((names, device))
+        if layout is None:
+            with torch.inference_mode(False):  # plain tensors: a later pass may need them for backward
+                layout = new_token_layout([self.tasks[n].config for n in names]).to(device)
+            self._layouts[names, device] = layout
+        return layout
+
+    def _memory_kv(self, tasks: list[TaskMemory]) -> list[tuple[KV, ...]] | None:
+        """Per block, the keys and values of the memory of ``tasks`` from the cache, or None when this
+        pass computes them itself: it trains a task's memory, runs under ``torch.compile``, or the cache
+        is off or full."""
+        if not tasks or torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and any(t.memory.requires_grad for t in tasks):
+            return None
+        blocks = self.backbone.blocks(self.base)
+
+        def compute(i: int, mem: torch.Tensor) -> tuple[KV, ...]:
+            return self._block_kinds[i].memory_kv(blocks[i], mem)
+
+        return self.kv_cache.lookup(list(self.tasks.values()), tasks, self.base, compute)
+
+    def clear_kv_cache(self) -> None:
+        """Drop the cached memory keys and values. Needed only after editing weights through ``.data``,
+        which PyTorch does not track (see :mod:`learnable_memory.kv_cache`)."""
+        self.kv_cache.clear()
 
     def forward_tokens(self, images: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the blocks once for the original tokens and the class tokens of ``names``.
@@ -190,24 +249,27 @@ class MemoryViT(nn.Module):
         )
         with torch.set_grad_enabled(orig_grad):
             x, extras = self.backbone.embed(self.base, images)  # [B, N, D]
-        new_mask = self._mask(names, x.device)
+        layout = self._layout(names, x.device)
         if tasks:
             tokens = torch.stack([t.class_token for t in tasks])  # [K, D]
             memory = torch.cat([t.memory for t in tasks], dim=1)  # [depth, M, D]
         else:  # the base model alone
             tokens, memory = x.new_zeros(0, x.shape[-1]), x.new_zeros(self.depth, 0, x.shape[-1])
+        cached = self._memory_kv(tasks)
         c = self.backbone.embed_new(self.base, tokens).unsqueeze(0).expand(x.shape[0], -1, -1)  # [B, K, D]
-        # Inference packs the new class tokens behind the original tokens (see PassContext.packed), unless
-        # per-token extras (rotary, score bias) need them apart. Training keeps them apart: non-destructive
-        # training must keep no graph through the backbone, and full-mode steps measured slower packed.
+        # Inference packs the new class tokens behind the original tokens (see PassContext.packed) where every
+        # block's kinds allow it. Training keeps them apart: non-destructive training must keep no graph
+        # through the backbone, and full-mode steps measured slower packed.
         n = x.shape[1]
-        pack = bool(tasks) and self._packable and not torch.is_grad_enabled() and not extras.per_token
+        pack = bool(tasks) and self._packable and not torch.is_grad_enabled()
         if pack:  # [B, N + K, D], [B, 0, D]
             x, c = _cat_with_layout(x, [x, c]), c[:, :0]
-        ctx = PassContext(new_mask=new_mask, full=full, orig_grad=orig_grad, packed=len(tasks) if pack else 0,
+            extras = extras.for_packed(len(tasks))
+        ctx = PassContext(layout=layout, full=full, orig_grad=orig_grad, packed=len(tasks) if pack else 0,
                           extras=extras)
-        for kind, blk, mem in zip(self._block_kinds, self.backbone.blocks(self.base), memory, strict=True):
-            x, c = kind.forward(blk, x, c, mem, ctx)
+        for i, (kind, blk) in enumerate(zip(self._block_kinds, self.backbone.blocks(self.base), strict=True)):
+            kv = cached[i] if cached is not None else kind.memory_kv(blk, memory[i])
+            x, c = kind.forward(blk, x, c, kv, ctx)
         if pack:
             x, c = _cat_with_layout(x, [x[:, :n]]), x[:, n:]
         return x, c, extras
@@ -223,18 +285,40 @@ class MemoryViT(nn.Module):
         feats = self.backbone.task_features(self.base, c)  # [B, K, D]
         return {n: feats[:, names.index(n)] for n in wanted}
 
-    def forward_all(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every output from ONE pass: ``"base"`` (the base model's own, unchanged output) and
-        each task's logits ``[B, num_classes]``. ``"base"`` is left out when a full-mode task is
-        present, since its memory changes the original tokens."""
-        names = tuple(self.task_names)
+    def forward_all(self, images: torch.Tensor, tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Outputs of ONE pass: ``"base"`` (the base model's own, unchanged output) and each task's
+        logits ``[B, num_classes]``.
+
+        Args:
+            images: ``[B, C, H, W]`` (or what else the backbone takes).
+            tasks: The outputs wanted, task names and/or ``"base"``, in the order of the returned dict.
+                Only these tasks, and the tasks they extend, are computed. Default: ``"base"`` and every
+                task, in model order; ``"base"`` is left out when a full-mode task is present, since
+                its memory changes the original tokens (asking for it then is a ``ValueError``).
+
+        A server whose requests ask for different tasks runs the union of what they ask for in one
+        pass and hands each request its own entries.
+        """
+        full = any(t.mode == "full" for t in self.tasks.values())
+        if tasks is None:
+            wanted = ([] if full else [BASE_KEY]) + self.task_names
+        else:
+            wanted = list(dict.fromkeys([tasks] if isinstance(tasks, str) else tasks))
+            unknown = [n for n in wanted if n != BASE_KEY and n not in self.tasks]
+            if unknown:
+                raise ValueError(f"unknown task(s) {unknown}; this model has {self.task_names} and {BASE_KEY!r}")
+            if full and BASE_KEY in wanted:
+                raise ValueError(f"no {BASE_KEY!r} output while a full-mode task is loaded: its memory changes the "
+                                 "original tokens; serve the base model from a MemoryViT without that task")
+        names = self._closure([n for n in wanted if n != BASE_KEY])
         x, c, extras = self._run_blocks(images, names)
+        feats = self.backbone.task_features(self.base, c) if names else None
         out: dict[str, torch.Tensor] = {}
-        if not any(t.mode == "full" for t in self.tasks.values()):
-            out[BASE_KEY] = self.backbone.base_logits(self.base, x, extras)
-        feats = self.backbone.task_features(self.base, c)
-        for i, (name, task) in enumerate(self.tasks.items()):
-            out[name] = task.head(feats[:, i])
+        for n in wanted:
+            if n == BASE_KEY:
+                out[n] = self.backbone.base_logits(self.base, x, extras)
+            else:
+                out[n] = self.tasks[n].head(feats[:, names.index(n)])
         return out
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -315,7 +399,7 @@ def load_adapters(
     model: nn.Module,
     paths: str | Path | Sequence[str | Path],
     *,
-    trainable: bool = False,
+    trainable: bool | Sequence[str] = False,
     rename: Rename = None,
     check_fingerprint: bool = True,
     cache_dir: str | Path | None = None,
@@ -333,7 +417,10 @@ def load_adapters(
             a new ``MemoryViT`` sharing its backbone and tasks is returned (as ``wrap_model`` does).
         paths: Adapter folders (from ``save_adapter``), ``save_pretrained`` folders (all their
             tasks, in order) or ``"hf-hub:owner/repo[/subfolder][@revision]"``.
-        trainable: Leave the loaded tasks trainable (to resume training); default frozen.
+        trainable: Which loaded tasks stay trainable, to resume training them (the others are frozen):
+            ``True`` for every task loaded here that no other loaded task extends, or the names (after
+            ``rename``) of exactly those to train. A task that another task extends can not train: its
+            extension would no longer match it. Default: all frozen.
         rename: ``{saved_name: new_name}``, or a list with one new name (or None) per adapter.
         check_fingerprint: Refuse adapters whose backbone, or whose extended tasks, have other
             weights than the ones here. Set False only when you know the weights are equivalent.
@@ -346,10 +433,24 @@ def load_adapters(
     existing = dict(model.tasks.items()) if isinstance(model, MemoryViT) else {}
     tasks = prepare_tasks(base, existing, paths, rename=rename, check_fingerprint=check_fingerprint,
                           cache_dir=cache_dir)
+    extended = {d for t in [*existing.values(), *tasks] for d in t.config.depends_on}
+    if trainable is True:
+        train = {t.name for t in tasks if t.name not in extended}
+    elif trainable is False:
+        train = set()
+    else:
+        train = {trainable} if isinstance(trainable, str) else set(trainable)
+        loaded = [t.name for t in tasks]
+        if not train <= set(loaded):
+            raise ValueError(f"trainable names {sorted(train - set(loaded))}, which are not among the tasks loaded "
+                             f"here ({loaded})")
+        if train & extended:
+            raise ValueError(f"task(s) {sorted(train & extended)} can not be trained: other loaded tasks extend "
+                             "them and would no longer match; train the extension task instead")
     out = MemoryViT(base)
     for t in [*existing.values(), *tasks]:
         out.add_task(t)
     for t in tasks:
-        t.requires_grad_(trainable)
+        t.requires_grad_(t.name in train)
     warn_preprocessing(list(out.tasks.values()), base, stacklevel=3)
     return out

@@ -7,15 +7,11 @@ under ``accelerate launch`` (accelerate's ``Accelerator`` prepares the model, op
 and gathers the validation predictions). :func:`evaluate` gives accuracy and a confusion matrix with
 torchmetrics.
 
-Optimizer choice: SGD with momentum 0.9 and gradient clipping at norm 1, like the paper, with a peak
-learning rate of 0.6 and a 5% warm-up (see ``DEFAULTS``). On the demo base (300 steps of batch 128, one
-seed) SGD at 0.03/0.1/0.3/0.6/1.0 and AdamW at 3e-3/1e-2 were tried: memory (m=5) did best at 0.6
-(0.816 digits, 0.841 Fashion-MNIST 5-9), where head + class token (0.804, 0.836) and head only (0.757,
-0.805) were within a point of their own best; AdamW (memory) was 3-7 points behind. AdamW is available with
-``optimizer="adamw"`` (``benchmarks/pretrain_base.py`` uses it to pretrain a whole model).
-``memory_lr_scale`` gives the memory tokens their own peak rate (``lr * memory_lr_scale``); in the tuned
-accuracy benchmark (``benchmarks/RESULTS.md``) x10 won 8 of 24 memory tunings by margins inside the
-validation noise, so the default stays 1.
+Optimizer: SGD with momentum 0.9 and gradient clipping at norm 1, as in the paper, with the peak
+learning rate and warm-up of ``DEFAULTS``, chosen by the sweep recorded in ``benchmarks/RESULTS.md``
+("Optimizer defaults"). AdamW is available with ``optimizer="adamw"`` (``benchmarks/pretrain_base.py``
+uses it to pretrain a whole model). ``memory_lr_scale`` gives the memory tokens their own peak rate
+(``lr * memory_lr_scale``); it defaults to 1 (same section).
 """
 
 from __future__ import annotations
@@ -104,6 +100,23 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class NonFiniteError(ValueError):
+    """Training diverged: the loss or a trained parameter is NaN or Inf."""
+
+
+def _check_finite(step: int, loss: float, named: list[tuple[str, nn.Parameter]]) -> None:
+    """After an optimizer step: raise :class:`NonFiniteError` if the step's ``loss`` or a trained parameter is
+    not finite. (Checked after the step, so that every process of a distributed run stops at the same step: a
+    NaN gradient reaches every process's parameters.)"""
+    bad: list[str] = []
+    if not math.isfinite(float(sum(p.detach().sum(dtype=torch.float64) for _, p in named))):
+        bad = [n for n, p in named if not bool(torch.isfinite(p).all())]
+    if bad or not math.isfinite(loss):
+        what = f"the loss is {loss}" if not math.isfinite(loss) else f"{bad[:3]} hold NaN or Inf"
+        raise NonFiniteError(f"training diverged at step {step}: {what}; nothing was saved. Lower the learning "
+                             "rate (--lr) or clip gradients (--clip)")
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -198,6 +211,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
     if not groups:
         raise ValueError("the model has no trainable parameters")
     params = [p for g in groups for p in g["params"]]
+    named = [(n, p) for n, p in model.named_parameters() if _is_trainable(p)]
     if seed is not None:
         set_seed(seed)
     accelerator = accelerator or Accelerator()
@@ -225,6 +239,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
             with _autocast(device, bf16):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
+            value = float(loss.detach())
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if clip is not None:
@@ -232,7 +247,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
             opt.step()
             sched.step()
             step += 1
-            loss_sum += float(loss.detach())
+            _check_finite(step, value, named)
+            loss_sum += value
             n_batches += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / n_batches:.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")

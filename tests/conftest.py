@@ -1,44 +1,44 @@
-"""Small random-weight timm ViTs covering the VisionTransformer variants the core supports."""
+"""Fixtures. Helpers live in :mod:`learnable_memory.testing` (the guarantees, the dense
+references) and :mod:`tests.helpers` (small random-weight backbones, images, the HTTP server's
+test helpers)."""
 
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 
-# The tests run tiny models, for which one thread is fastest and least sensitive to a busy machine.
-torch.set_num_threads(1)
+from tests.helpers import IMG, images_for
 
-IMG = 32
-
-# name -> kwargs for timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
-VIT_VARIANTS = {
-    "cls": {},
-    "cls_reg": {"reg_tokens": 4},
-    "no_embed_class_layerscale": {"no_embed_class": True, "init_values": 0.5},
-    "gap": {"class_token": False, "global_pool": "avg"},
-    "map": {"class_token": False, "global_pool": "map"},
-    "qk_norm_pre_norm": {"qk_norm": True, "pre_norm": True},
-    "dynamic": {"dynamic_img_size": True},
-}
+#: Threads for torch here and in every subprocess a test starts (the notebook's kernel, accelerate
+#: launch, the benchmark scripts): the tests run tiny models, for which one thread is fastest and
+#: least sensitive to a busy machine. Subprocesses inherit the environment and torch reads it at start.
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def make_vit(seed: int = 0, **kwargs) -> torch.nn.Module:
-    """A depth-2 ViT-Tiny on 32x32 images (16 patches), random weights."""
-    torch.manual_seed(seed)
-    args = dict(pretrained=False, depth=2, img_size=IMG, patch_size=8, num_classes=7)
-    args.update(kwargs)
-    return timm.create_model("vit_tiny_patch16_224", **args).eval()
-
-
-def randomize(model, seed: int = 1, scale: float = 0.5) -> None:
-    """Give every task large random parameters, so a wrong mask or path shows in the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.tasks.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Pin torch to one thread in this process and, through the environment, in subprocesses."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in THREAD_ENV.items():
+            mp.setenv(key, value)
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
 def images() -> torch.Tensor:
-    return torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(123))
+    """Three 32x32 images for :func:`tests.helpers.make_vit` models."""
+    return images_for(IMG)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out ``slow`` tests unless ``-m`` names them: ``pytest`` runs everything else, ``pytest -m slow``
+    the sweeps, and ``pytest -m "not integration"`` the fast core (no subprocesses, no sweeps)."""
+    if "slow" in config.getoption("markexpr", ""):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import torch
 
 import learnable_memory as lm
 from learnable_memory import load_adapters
+from learnable_memory import testing as lmt
 from learnable_memory.adapters.fingerprint import base_fingerprint
 from learnable_memory.adapters.folder import (
     CONFIG_NAME,
@@ -28,7 +30,7 @@ from learnable_memory.adapters.folder import (
     save_adapter,
     save_pretrained,
 )
-from tests.conftest import make_vit, randomize
+from tests.helpers import make_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,10 +39,7 @@ def trained(name="a", n_mem=3, num_classes=5, mode="non_destructive", seed=10, b
     """A task trained on its own copy of the backbone (random parameters stand in for training)."""
     model = lm.wrap_model(base if base is not None else make_vit(), n_mem=n_mem, num_classes=num_classes,
                           task=name, mode=mode, **kw)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.tasks[name].parameters():  # this task only: earlier tasks stay as saved
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    lmt.randomize(model, seed=seed, tasks=[name])  # this task only: earlier tasks stay as saved
     return model
 
 
@@ -71,7 +70,7 @@ def test_layout_config_and_tensor_names(tmp_path):
     text = (path / CONFIG_NAME).read_text()
     cfg = json.loads(text)
     assert text == json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-    assert (cfg["format_version"], cfg["method"], cfg["task"], cfg["mode"]) == (1, "learnable_memory", "a",
+    assert (cfg["format_version"], cfg["method"], cfg["task"], cfg["mode"]) == (2, "learnable_memory", "a",
                                                                                 "non_destructive")
     assert (cfg["n_mem"], cfg["num_classes"], cfg["class_names"], cfg["depends_on"]) == (3, 5, list("vwxyz"), [])
     base = cfg["base_model"]
@@ -124,7 +123,7 @@ def test_round_trip_on_fresh_backbone(tmp_path, images):
     assert loaded.active_task == "a"
     assert not any(p.requires_grad for p in loaded.parameters())
     resumed = load_adapters(make_vit(), tmp_path / "a", trainable=True)
-    assert all(p.requires_grad for p in resumed.tasks.parameters())
+    assert all(p.requires_grad for t in resumed.tasks.values() for p in t.parameters())
     assert not any(p.requires_grad for p in resumed.base.parameters())
 
 
@@ -302,8 +301,15 @@ def _drop_head_bias(folder: Path):
     safetensors.torch.save_file(tensors, folder / WEIGHTS_NAME)
 
 
+def _no_metadata(weights: Path) -> bytes:
+    """The tensor file without the config it carries (a file that is not one of our saves)."""
+    return safetensors.torch.save(safetensors.torch.load_file(weights))
+
+
 CORRUPTIONS = {
-    "missing config": (lambda f: (f / CONFIG_NAME).unlink(), CONFIG_NAME, "missing"),
+    "missing config, tensors without their config": (
+        lambda f: ((f / CONFIG_NAME).unlink(), (f / WEIGHTS_NAME).write_bytes(_no_metadata(f / WEIGHTS_NAME))),
+        CONFIG_NAME, "missing"),
     "missing tensors": (lambda f: (f / WEIGHTS_NAME).unlink(), WEIGHTS_NAME, "missing"),
     "truncated tensors": (lambda f: (f / WEIGHTS_NAME).write_bytes((f / WEIGHTS_NAME).read_bytes()[:-100]),
                           WEIGHTS_NAME, "truncated"),
@@ -353,7 +359,7 @@ def test_failed_write_keeps_the_old_adapter(tmp_path, monkeypatch, images):
     model = trained(seed=1)
     model.save_adapter(tmp_path / "a")
     want = outputs(model, images)["a"]
-    randomize(model, seed=2)
+    lmt.randomize(model, seed=2)
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
@@ -370,14 +376,14 @@ KILLED_SAVER = textwrap.dedent("""
     import os, sys, time
     import torch
     import learnable_memory as lm
-    from tests.conftest import make_vit
+    from tests.helpers import make_vit
 
     folder, hang_on = sys.argv[1], sys.argv[2]
     model = lm.wrap_model(make_vit(), n_mem=2, num_classes=3, task="t")
 
     def save(version):
         with torch.no_grad():
-            for p in model.tasks.parameters():
+            for p in model.tasks["t"].parameters():
                 p.fill_(version)
         model.tasks["t"].config.class_names = [f"v{version}"] * 3
         model.save_adapter(folder)
@@ -389,7 +395,7 @@ KILLED_SAVER = textwrap.dedent("""
         name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
         if name.startswith("." + hang_on) and name.endswith(".tmp"):
             print("HANG", name, flush=True)
-            time.sleep(120)
+            time.sleep(3600)  # killed long before: the test kills it as soon as it reads HANG
         real_fsync(fd)
 
     os.fsync = slow_fsync
@@ -398,21 +404,32 @@ KILLED_SAVER = textwrap.dedent("""
 """)
 
 
+def first_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The first line ``proc`` prints, or ``""`` if it prints none within ``timeout`` seconds."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline() if ready else ""
+
+
+@pytest.mark.integration
 def test_killed_save_leaves_old_or_new_adapter(tmp_path):
     script = tmp_path / "saver.py"
     script.write_text(KILLED_SAVER)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cases = {WEIGHTS_NAME: 0, CONFIG_NAME: 1}  # killed while writing this file -> version that loads
     procs = {}
-    for file in cases:
-        folder = tmp_path / file.split(".")[0]
-        procs[file] = (folder, subprocess.Popen([sys.executable, str(script), str(folder), file], cwd=ROOT,
-                                                env=env, stdout=subprocess.PIPE, text=True))
+    try:
+        for file in cases:
+            folder = tmp_path / file.split(".")[0]
+            procs[file] = (folder, subprocess.Popen([sys.executable, str(script), str(folder), file], cwd=ROOT,
+                                                    env=env, stdout=subprocess.PIPE, text=True))
+        lines = {file: first_line(proc, timeout=1800) for file, (_, proc) in procs.items()}
+    finally:
+        for _, proc in procs.values():
+            proc.kill()
+            proc.wait()
     for file, version in cases.items():
-        folder, proc = procs[file]
-        line = proc.stdout.readline()
-        proc.kill()
-        proc.wait()
+        folder, _ = procs[file]
+        line = lines[file]
         assert line.startswith("HANG"), f"the saver did not reach {file}: {line!r}"
         assert any(p.name.endswith(".tmp") for p in folder.iterdir())  # really killed mid-save
         with warnings.catch_warnings(record=True) as caught:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from learnable_memory.baselines import HeadOnly, full_finetune, lora
-from tests.conftest import make_vit
+from tests.helpers import make_vit
 
 
 def test_head_only_is_a_linear_head_on_the_base_features(images):

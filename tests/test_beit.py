@@ -12,19 +12,8 @@ import pytest
 import torch
 
 from learnable_memory import build_attention_mask
-from tests.conftest import randomize
-from tests.test_eva import (
-    LAYOUTS,
-    assert_outputs_close,
-    build,
-    check_base_unchanged,
-    check_concatenation,
-    check_save_load,
-    check_training,
-    images_for,
-    make,
-    unfused,
-)
+from learnable_memory import testing as lmt
+from tests.helpers import images_for, noisy_backbone, set_fused_attn
 
 SMALL = {"img_size": 32, "embed_dim": 64, "num_heads": 4}
 BEIT_VARIANTS = {
@@ -45,7 +34,7 @@ BEIT_VARIANTS = {
 
 def make_beit(arch: str, kwargs: dict, seed: int = 0) -> torch.nn.Module:
     """A depth-2 BEiT whose relative position bias tables are random (timm starts them at zero)."""
-    model = make(arch, kwargs, seed)
+    model = noisy_backbone(arch, kwargs, seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -90,77 +79,68 @@ def dense_beit(model, images, monkeypatch):
         seq = blk(torch.cat([x, c, mem], dim=1), shared_rel_pos_bias=shared)
         x, c = seq[:, :n], seq[:, n : n + k]
     monkeypatch.undo()
-    out = {}
-    if not any(t.mode == "full" for t in tasks):
-        out["base"] = base.forward_head(base.norm(x))
-    feats = base.fc_norm(base.norm(c))
-    for i, t in enumerate(tasks):
-        out[t.name] = t.head(feats[:, i])
-    return out
+    return lmt.dense_outputs(model, x, c, lambda t: base.forward_head(base.norm(t)))
+
+
+def reference(monkeypatch):
+    """:func:`dense_beit` as a ``(model, images)`` reference."""
+    return lambda model, images: dense_beit(model, images, monkeypatch)
 
 
 @pytest.mark.parametrize("variant", sorted(BEIT_VARIANTS))
 def test_beit_matches_dense_reference_in_every_mode(variant, monkeypatch):
-    base = make_beit(*BEIT_VARIANTS[variant])
-    x = images_for(32)
-    for layout in LAYOUTS.values():
-        model = build(base, layout)
-        randomize(model)
-        with torch.no_grad():
-            assert_outputs_close(model.forward_all(x), dense_beit(model, x, monkeypatch))
+    lmt.check_dense_reference(make_beit(*BEIT_VARIANTS[variant]), images_for(32), reference(monkeypatch))
 
 
 @pytest.mark.parametrize("variant", sorted(BEIT_VARIANTS))
 def test_beit_base_unchanged_and_concatenation(variant):
     base = make_beit(*BEIT_VARIANTS[variant])
     x = images_for(32)
-    check_base_unchanged(base, x)
-    check_concatenation(base, x)
+    lmt.check_base_unchanged(base, x)
+    lmt.check_concatenation(base, x)
 
 
 @pytest.mark.parametrize("mode", ["non_destructive", "extension", "full"])
 def test_beit_gradients_reach_task_parameters_only(mode):
-    check_training(make_beit(*BEIT_VARIANTS["both"]), images_for(32, batch=2), mode)
+    lmt.check_training(make_beit(*BEIT_VARIANTS["both"]), images_for(32, batch=2), mode)
 
 
 def test_beit_save_and_load(tmp_path):
     arch, kwargs = BEIT_VARIANTS["per_block"]
-    check_save_load(make_beit(arch, kwargs), make_beit(arch, kwargs), images_for(32), tmp_path / "adapters")
+    lmt.check_save_load(make_beit(arch, kwargs), make_beit(arch, kwargs), images_for(32), tmp_path / "adapters")
 
 
 def test_new_class_token_takes_the_class_token_bias_row(monkeypatch):
     """Raising the class token -> patch entry of every bias table raises the new class tokens'
     scores against the patches too: their outputs move, and still match the reference."""
     base = make_beit(*BEIT_VARIANTS["per_block"])
-    model = build(base, LAYOUTS["concat"])
-    randomize(model)
+    model = lmt.build(base, "concat", seed=1)
     x = images_for(32)
     with torch.no_grad():
         before = model.forward_all(x)
         for blk in base.blocks:  # table rows: ..., cls -> token, token -> cls, cls -> cls
             blk.attn.relative_position_bias_table[-3].add_(3.0)
+    lmt.check_dense_reference(base, x, reference(monkeypatch), layouts=["concat"])
+    with torch.no_grad():
         after = model.forward_all(x)
-        assert_outputs_close(after, dense_beit(model, x, monkeypatch))
     for name in "ab":
         assert not torch.allclose(after[name], before[name], atol=1e-3), name
 
 
 def test_rejects_other_image_size():
-    model = build(make_beit(*BEIT_VARIANTS["per_block"]), LAYOUTS["concat"])
+    model = lmt.build(make_beit(*BEIT_VARIANTS["per_block"]), "concat")
     with pytest.raises(ValueError, match="images are 48x48 but this model takes 32x32"):
         model(torch.randn(1, 3, 48, 48))
 
 
 @pytest.mark.parametrize("variant", ["per_block", "shared", "both"])
 def test_beit_unfused_attention(variant, monkeypatch):
-    base = unfused(make_beit(*BEIT_VARIANTS[variant]))
+    base = set_fused_attn(make_beit(*BEIT_VARIANTS[variant]), False)
     x = images_for(32)
     if variant != "both":
-        check_base_unchanged(base, x)
-    model = build(base, LAYOUTS["extension"])
-    randomize(model)
+        lmt.check_base_unchanged(base, x)
+    # both biases: timm adds them to the scores one after the other, the model adds their sum
+    lmt.check_dense_reference(base, x, reference(monkeypatch), layouts=["extension"], exact_base=variant != "both")
+    model = lmt.build(base, "extension", seed=1)
     with torch.no_grad():
-        got = model.forward_all(x)
-        # both biases: timm adds them to the scores one after the other, the model adds their sum
-        torch.testing.assert_close(got["base"], base(x), atol=1e-6, rtol=0)
-        assert_outputs_close(got, dense_beit(model, x, monkeypatch))
+        torch.testing.assert_close(model.forward_all(x)["base"], base(x), atol=1e-6, rtol=0)

@@ -7,93 +7,37 @@ import timm
 import torch
 
 import learnable_memory as lm
-from tests.conftest import VIT_VARIANTS, make_vit, randomize
-from tests.dense_reference import dense_forward_all
-
-LAYOUTS = {
-    "concat": [("a", 3, "non_destructive"), ("b", 2, "non_destructive"), ("c", 0, "non_destructive")],
-    "extension": [("a", 3, "non_destructive"), ("b", 2, "extension"), ("c", 1, "extension")],
-    "full": [("a", 4, "full")],
-}
-
-
-def build(vit, layout, num_classes=5):
-    model = vit
-    for name, n_mem, mode in layout:
-        model = lm.wrap_model(model, n_mem=n_mem, num_classes=num_classes, task=name, mode=mode)
-    return model
-
-
-def assert_outputs_close(got: dict, want: dict, atol=1e-5):
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=atol, rtol=1e-5, msg=f"output {k!r} differs")
+from learnable_memory import testing as lmt
+from tests.helpers import VIT_VARIANTS, count_packed_blocks, grid_backbone, images_for, make_vit
 
 
 @pytest.mark.parametrize("variant", sorted(VIT_VARIANTS))
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", sorted(lmt.LAYOUTS))
 def test_matches_dense_reference(variant, layout, images):
-    vit = make_vit(**VIT_VARIANTS[variant])
-    model = build(vit, LAYOUTS[layout])
-    randomize(model)
-    with torch.no_grad():
-        assert_outputs_close(model.forward_all(images), dense_forward_all(model, images))
+    lmt.check_dense_reference(make_vit(**VIT_VARIANTS[variant]), images, lmt.dense_forward_all, layouts=[layout])
 
 
 @pytest.mark.parametrize("variant", sorted(VIT_VARIANTS))
-def test_base_output_unchanged(variant, images):
+def test_base_output_unchanged_and_concatenation(variant, images):
     vit = make_vit(**VIT_VARIANTS[variant])
-    with torch.no_grad():
-        want = vit(images)
-        model = build(vit, LAYOUTS["extension"])
-        randomize(model)
-        got = model.forward_all(images)["base"]
-    assert torch.equal(got, want), (got - want).abs().max()
+    lmt.check_base_unchanged(vit, images)
+    lmt.check_concatenation(vit, images, n_mem=(3, 5, 1))
 
 
 def test_dynamic_img_size_other_resolution():
-    vit = make_vit(**VIT_VARIANTS["dynamic"])
-    model = build(vit, LAYOUTS["concat"])
-    randomize(model)
-    x = torch.randn(2, 3, 48, 40)
-    with torch.no_grad():
-        assert torch.equal(model.forward_all(x)["base"], vit(x))
-        assert_outputs_close(model.forward_all(x), dense_forward_all(model, x))
+    lmt.check_dense_reference(make_vit(**VIT_VARIANTS["dynamic"]), torch.randn(2, 3, 48, 40), lmt.dense_forward_all,
+                          layouts=["concat"])
 
 
 def test_set_input_size_before_wrapping():
     vit = make_vit()
     vit.set_input_size(img_size=(48, 48))
-    model = build(vit, LAYOUTS["concat"])
-    randomize(model)
-    x = torch.randn(2, 3, 48, 48)
-    with torch.no_grad():
-        assert torch.equal(model.forward_all(x)["base"], vit(x))
-        assert_outputs_close(model.forward_all(x), dense_forward_all(model, x))
-
-
-def test_concatenated_task_equals_task_alone(images):
-    vit = make_vit()
-    alone = {}
-    for i, (name, n_mem) in enumerate([("a", 3), ("b", 5), ("c", 1)]):
-        m = lm.wrap_model(vit, n_mem=n_mem, num_classes=4 + i, task=name)  # trained separately
-        randomize(m, seed=10 + i)
-        alone[name] = m
-    with torch.no_grad():
-        want = {name: m(images) for name, m in alone.items()}
-        merged = lm.MemoryViT(vit)
-        for m in alone.values():
-            merged.add_task(m.tasks[m.active_task])
-        got = merged.forward_all(images)
-        assert torch.equal(got["base"], vit(images))
-    for name in alone:
-        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5)
+    lmt.check_dense_reference(vit, torch.randn(2, 3, 48, 48), lmt.dense_forward_all, layouts=["concat"])
 
 
 def test_extension_leaves_earlier_tasks_unchanged(images):
     vit = make_vit()
-    m1 = build(vit, LAYOUTS["concat"])
-    randomize(m1)
+    m1 = lmt.build(vit, "concat", seed=1)
     with torch.no_grad():
         before = m1.forward_all(images)
     m2 = lm.wrap_model(m1, n_mem=4, num_classes=3, task="ext", mode="extension")
@@ -112,8 +56,7 @@ def test_extension_leaves_earlier_tasks_unchanged(images):
 
 def test_forward_serves_active_task_and_skips_others(images):
     vit = make_vit()
-    model = build(vit, LAYOUTS["extension"])
-    randomize(model)
+    model = lmt.build(vit, "extension", seed=1)
     with torch.no_grad():
         all_out = model.forward_all(images)
         for name in ("a", "b", "c"):
@@ -133,40 +76,21 @@ def mlp_outputs(model):
 
 @pytest.mark.parametrize("mode", ["non_destructive", "extension", "full"])
 def test_gradients_reach_memory_class_token_and_head_only(mode, images):
-    vit = make_vit()
-    model = lm.wrap_model(vit, n_mem=3, num_classes=5, task="t", mode=mode)
+    lmt.check_training(make_vit(), images, mode)
+
+
+@pytest.mark.parametrize("mode", ["non_destructive", "extension", "full"])
+def test_original_tokens_keep_a_graph_only_in_full_mode(mode, images):
+    """Non-destructive and extension training keep no autograd graph for the original tokens."""
+    model = lm.wrap_model(make_vit(), n_mem=3, num_classes=5, task="t", mode=mode)
     model.train()
     seen, hooks = mlp_outputs(model)
-    loss = torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 1, 2]))
-    loss.backward()
+    model(images).sum().backward()
     for h in hooks:
         h.remove()
-    task = model.tasks["t"]
-    for layer in range(model.depth):
-        assert task.memory.grad[layer].abs().sum() > 0, f"no gradient reaches layer {layer}'s memory"
-    assert task.class_token.grad.abs().sum() > 0
-    assert task.head.weight.grad.abs().sum() > 0
-    assert all(p.grad is None and not p.requires_grad for p in model.base.parameters())
-    assert not model.base.training and model.training
-    # original tokens keep an autograd graph only when memory touches them (full mode)
     orig = [o for o in seen if o.shape[1] > 1]
     assert len(orig) == model.depth
     assert all(o.requires_grad == (mode == "full") for o in orig)
-
-
-def count_packed_blocks(monkeypatch) -> list[int]:
-    """Count the attention layers that run a packed pass (see ``PassContext.packed``)."""
-    from learnable_memory.kinds import AttentionKind
-
-    calls = []
-    real = AttentionKind.attend_packed
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(AttentionKind, "attend_packed", counted)
-    return calls
 
 
 @pytest.mark.parametrize("variant", sorted(VIT_VARIANTS))
@@ -176,8 +100,7 @@ def test_packed_pass_equals_split_pass(variant, layout, images, monkeypatch):
     (no graph through the backbone). Both give the same outputs, and the base output stays
     bit-identical to the base model's."""
     vit = make_vit(**VIT_VARIANTS[variant])
-    model = build(vit, LAYOUTS[layout])
-    randomize(model)
+    model = lmt.build(vit, layout, seed=1)
     for t in model.tasks.values():
         t.requires_grad_(True)
     calls = count_packed_blocks(monkeypatch)
@@ -188,7 +111,19 @@ def test_packed_pass_equals_split_pass(variant, layout, images, monkeypatch):
     split = {k: v.detach() for k, v in model.forward_all(images).items()}  # grad on: split
     assert len(calls) == model.depth, "a training pass ran packed"
     assert torch.equal(packed["base"], want_base) and torch.equal(split["base"], want_base)
-    assert_outputs_close(packed, split)
+    lmt.assert_outputs_close(packed, split)
+
+
+def test_blocks_with_unaligned_widths_keep_the_split_layout(monkeypatch):
+    """An MLP width that is not a multiple of 64 (EVA-02-L's SwiGLU: 2730) would move the original
+    tokens' last elements out of the elementwise kernels' tail: such blocks do not pack."""
+    base, size = grid_backbone("eva02_tiny_patch14_224", 3, depth=2, embed_dim=64, num_heads=4)  # SwiGLU 170
+    model = lmt.build(base, "concat", seed=1)
+    calls = count_packed_blocks(monkeypatch)
+    x = images_for(size, batch=2)
+    with torch.no_grad():
+        assert torch.equal(model.forward_all(x)["base"], base(x))
+    assert not calls
 
 
 def test_packed_base_output_bit_identical_at_full_size():
@@ -196,7 +131,7 @@ def test_packed_base_output_bit_identical_at_full_size():
     original tokens' rows differ from the tiny models' ones."""
     torch.manual_seed(0)
     vit = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
-    model = build(vit, [(f"t{i}", 10, "non_destructive") for i in range(4)])
+    model = lmt.build(vit, [(f"t{i}", 10, "non_destructive") for i in range(4)])
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         assert torch.equal(model.forward_all(x)["base"], vit(x))
@@ -206,14 +141,13 @@ def test_full_mode_training_runs_split_with_the_dense_gradients(images, monkeypa
     """Training never packs (a full-mode step measured slower packed); the full-mode gradients
     are those of the dense masked formulation."""
     vit = make_vit()
-    model = build(vit, LAYOUTS["full"])
-    randomize(model)
+    model = lmt.build(vit, "full", seed=1)
     task = model.tasks["a"]
     task.requires_grad_(True)
     weights = torch.randn(3, 5, generator=torch.Generator().manual_seed(7))
     calls = count_packed_blocks(monkeypatch)
     grads = []
-    for forward in (model.forward_all, lambda x: dense_forward_all(model, x)):
+    for forward in (model.forward_all, lambda x: lmt.dense_forward_all(model, x)):
         task.zero_grad()
         (forward(images)["a"] * weights).sum().backward()
         grads.append({n: p.grad.clone() for n, p in task.named_parameters()})
@@ -221,18 +155,32 @@ def test_full_mode_training_runs_split_with_the_dense_gradients(images, monkeypa
     for n in grads[1]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4, msg=f"gradient of {n}")
     with torch.no_grad():  # and the packed inference pass agrees with the dense one
-        assert_outputs_close(model.forward_all(images), dense_forward_all(model, images))
+        lmt.assert_outputs_close(model.forward_all(images), lmt.dense_forward_all(model, images))
     assert len(calls) == model.depth
 
 
-def test_attention_with_rotary_embeddings_is_not_packed(monkeypatch):
-    """EVA's attention kinds rotate only the original patch tokens, so EVA passes stay split."""
-    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=2, img_size=28).eval()
-    model = lm.wrap_model(eva, n_mem=2, num_classes=3)
+@pytest.mark.parametrize("arch", ["eva02_tiny_patch14_224", "vit_small_patch16_rope_mixed_ape_224",
+                                  "beit_base_patch16_224", "vit_dwee_patch16_reg1_gap_256"])
+def test_rotary_and_biased_attention_pack_like_the_rest(arch, monkeypatch):
+    """Rotary tables (one for all blocks, or one per block) and relative position biases apply in the
+    packed pass exactly as in the split one: the packed outputs equal the split ones and the base
+    output stays bit-identical. Only a kind with arithmetic of its own (differential attention) keeps
+    the split layout."""
+    width = 192 if arch.startswith("eva02") else 64  # EVA-02: SwiGLU 192 * 4 * 2/3 = 512, packable widths
+    base, size = grid_backbone(arch, 3, depth=2, embed_dim=width, num_heads=4)
+    model = lmt.build(base, "extension", seed=1)
+    for t in model.tasks.values():
+        t.requires_grad_(True)
+    x = images_for(size, batch=2)
     calls = count_packed_blocks(monkeypatch)
     with torch.no_grad():
-        out = model.forward_all(torch.randn(2, 3, 28, 28))
-    assert not calls and out["default"].shape == (2, 3)
+        packed, want_base = model.forward_all(x), base(x)
+    expect = 0 if arch.startswith("vit_dwee") else model.depth
+    assert len(calls) == expect, f"{len(calls)} packed attention layers, expected {expect}"
+    split = {k: v.detach() for k, v in model.forward_all(x).items()}  # autograd on: split
+    assert len(calls) == expect
+    assert torch.equal(packed["base"], want_base) and torch.equal(split["base"], want_base)
+    lmt.assert_outputs_close(packed, split)
 
 
 def test_adding_a_task_freezes_earlier_ones():
@@ -259,20 +207,20 @@ def test_new_class_token_starts_from_the_original():
     assert torch.equal(model.tasks["default"].class_token, vit.pos_embed[0].mean(0))
 
 
+@pytest.mark.integration  # inductor compiles C++ in worker subprocesses: tens of seconds on a busy machine
 def test_compile_matches_eager(images):
     vit = make_vit()
-    model = build(vit, LAYOUTS["extension"])
-    randomize(model)
+    model = lmt.build(vit, "extension", seed=1)
     with torch.no_grad():
         eager = model.forward_all(images)
         compiled = torch.compile(model.forward_all)(images)
-    assert_outputs_close(compiled, eager)
+    lmt.assert_outputs_close(compiled, eager)
 
 
 def test_bf16_autocast(images):
     vit = make_vit()
-    model = build(vit, LAYOUTS["concat"])
-    randomize(model, scale=0.1)
+    model = lmt.build(vit, "concat")
+    lmt.randomize(model, scale=0.1)
     with torch.no_grad():
         want = model.forward_all(images)
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,6 +1,6 @@
 """timm ``NaFlexVit`` under MemoryViT: plain images and variable-length NaFlex patch dicts.
 
-The dense reference (``tests.test_eva.dense_sequence``) runs every token and all memory as one
+The dense reference (``learnable_memory.testing.dense_sequence``) runs every token and all memory as one
 sequence through timm's own blocks with the Table 1 mask; for patch dicts, padding patches are
 also masked as keys for every query.
 """
@@ -12,19 +12,8 @@ import torch
 from timm.models.naflexvit import batch_patchify
 
 import learnable_memory as lm
-from tests.conftest import randomize
-from tests.test_eva import (
-    LAYOUTS,
-    assert_outputs_close,
-    build,
-    check_base_unchanged,
-    check_concatenation,
-    check_save_load,
-    check_training,
-    dense_sequence,
-    images_for,
-    make,
-)
+from learnable_memory import testing as lmt
+from tests.helpers import count_packed_blocks, images_for, noisy_backbone
 
 SMALL = {"embed_dim": 64, "num_heads": 4, "patch_size": 8}
 NAFLEX_VARIANTS = {
@@ -80,82 +69,85 @@ def dense_naflex(model, inputs):
     x, rope = e["patches"], e["rope_embeds"]
     b = x.shape[0]
     ropes = list(rope) if rope is not None and base.rope_is_mixed else [rope] * len(base.blocks)
-    c = base.norm_pre(torch.stack([t.class_token for t in model.tasks.values()])).expand(b, -1, -1)
+    c = lmt.new_class_tokens(model, b)
     key_valid = None
     if valid is not None:
         key_valid = torch.cat([valid.new_ones(b, base.num_prefix_tokens), valid], dim=1)
     head = lambda t: base.forward_head(base.norm(t), patch_valid=valid)  # noqa: E731
-    return dense_sequence(model, x, c, ropes, head, key_valid)
+    return lmt.dense_sequence(model, x, c, ropes, head, key_valid)
+
+
+def make(variant: str) -> torch.nn.Module:
+    """The variant's depth-2 backbone, random weights."""
+    return noisy_backbone(*NAFLEX_VARIANTS[variant])
 
 
 @pytest.mark.parametrize("variant", sorted(NAFLEX_VARIANTS))
 def test_naflex_matches_dense_reference_in_every_mode(variant):
-    base = make(*NAFLEX_VARIANTS[variant])
+    base = make(variant)
     for inputs in inputs_for(base, images_for(32)):
-        for layout in LAYOUTS.values():
-            model = build(base, layout)
-            randomize(model)
-            with torch.no_grad():
-                assert_outputs_close(model.forward_all(inputs), dense_naflex(model, inputs))
+        lmt.check_dense_reference(base, inputs, dense_naflex)
 
 
 @pytest.mark.parametrize("variant", sorted(NAFLEX_VARIANTS))
 def test_naflex_base_unchanged_and_concatenation(variant):
-    base = make(*NAFLEX_VARIANTS[variant])
+    base = make(variant)
     for inputs in inputs_for(base, images_for(32), torch.randn(2, 3, 40, 24)):
-        check_base_unchanged(base, inputs)
-        check_concatenation(base, inputs)
+        lmt.check_base_unchanged(base, inputs)
+        lmt.check_concatenation(base, inputs)
 
 
 @pytest.mark.parametrize("mode", ["non_destructive", "extension", "full"])
 def test_naflex_gradients_reach_task_parameters_only(mode):
-    base = make(*NAFLEX_VARIANTS["rope_mixed_gated"])
-    check_training(base, images_for(32, batch=2), mode)
-    check_training(base, patch_dict(), mode)
+    base = make("rope_mixed_gated")
+    lmt.check_training(base, images_for(32, batch=2), mode)
+    lmt.check_training(base, patch_dict(), mode)
 
 
 def test_naflex_save_and_load(tmp_path):
-    arch, kwargs = NAFLEX_VARIANTS["gap_reg"]
-    check_save_load(make(arch, kwargs), make(arch, kwargs), patch_dict(), tmp_path / "adapters")
+    lmt.check_save_load(make("gap_reg"), make("gap_reg"), patch_dict(), tmp_path / "adapters")
 
 
-def test_padded_batches_run_unpacked(monkeypatch):
-    """NaFlexViT's blocks can run packed, but a padded batch brings a key-padding bias for the
-    original tokens: that pass keeps the new class tokens apart; an unpadded one packs."""
-    from tests.test_model import count_packed_blocks
-
-    model = build(make(*NAFLEX_VARIANTS["gap_reg"]), LAYOUTS["concat"])
+@pytest.mark.parametrize("variant", ["gap_reg", "rope_mixed_gated"])
+def test_padded_batches_pack_with_their_padding_bias(variant, monkeypatch):
+    """A padded batch brings a key-padding bias (and rotary tables) for the original tokens; the packed
+    pass applies them as the split pass does: the same outputs, and the base output of the model."""
+    base = make(variant)
+    model = lmt.build(base, "extension", seed=1)
+    for t in model.tasks.values():
+        t.requires_grad_(True)
+    batch = patch_dict()
     calls = count_packed_blocks(monkeypatch)
     with torch.no_grad():
-        model.forward_all(patch_dict())
-        assert not calls
-        model.forward_all(images_for(32))
+        packed, want_base = model.forward_all(batch), base(batch)
     assert len(calls) == model.depth
+    split = {k: v.detach() for k, v in model.forward_all(batch).items()}
+    assert torch.equal(packed["base"], want_base) and torch.equal(split["base"], want_base)
+    lmt.assert_outputs_close(packed, split)
+
 
 def test_new_class_tokens_ignore_padding():
     """What sits in the padding patches changes no output."""
-    model = build(make(*NAFLEX_VARIANTS["rope_axial"]), LAYOUTS["extension"])
-    randomize(model)
+    model = lmt.build(make("rope_axial"), "extension", seed=1)
     batch = patch_dict()
     noisy = dict(batch, patches=torch.where(batch["patch_valid"][..., None], batch["patches"], 100.0))
     with torch.no_grad():
-        assert_outputs_close(model.forward_all(noisy), model.forward_all(batch))
+        lmt.assert_outputs_close(model.forward_all(noisy), model.forward_all(batch))
 
 
 def test_boolean_attn_mask_is_honoured():
-    base = make(*NAFLEX_VARIANTS["gap_reg"])
-    model = build(base, LAYOUTS["concat"])
-    randomize(model)
+    base = make("gap_reg")
+    model = lmt.build(base, "concat", seed=1)
     batch = patch_dict()
     valid = torch.cat([batch["patch_valid"].new_ones(3, base.num_prefix_tokens), batch["patch_valid"]], 1)
     with torch.no_grad():
         want = model.forward_all(batch)
         got = model.forward_all(dict(batch, attn_mask=(valid[:, None, :, None] & valid[:, None, None, :])))
-    assert_outputs_close(got, want)
+    lmt.assert_outputs_close(got, want)
 
 
 def test_rejects_bad_input():
-    model = lm.wrap_model(make(*NAFLEX_VARIANTS["gap_reg"]), n_mem=1, num_classes=3)
+    model = lm.wrap_model(make("gap_reg"), n_mem=1, num_classes=3)
     batch = patch_dict()
     with pytest.raises(ValueError, match="missing: patch_valid"):
         model({k: v for k, v in batch.items() if k != "patch_valid"})
@@ -165,6 +157,6 @@ def test_rejects_bad_input():
         model(torch.randn(1, 3, 30, 32))
     with pytest.raises(ValueError, match="1 channels but the model takes 3"):
         model(torch.randn(1, 1, 32, 32))
-    conv = lm.wrap_model(make(*NAFLEX_VARIANTS["parfac_conv"]), n_mem=1, num_classes=3)
+    conv = lm.wrap_model(make("parfac_conv"), n_mem=1, num_classes=3)
     with pytest.raises(ValueError, match="convolution.*images .* only"):
         conv(batch)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from learnable_memory import wrap_model
 from learnable_memory.train import count_trainable, evaluate, fit, make_optimizer, parameter_groups, warmup_cosine
-from tests.conftest import IMG, make_vit
+from tests.helpers import IMG, make_vit
 
 
 def _blobs(n: int = 256, k: int = 3, d: int = 8, seed: int = 0) -> TensorDataset:

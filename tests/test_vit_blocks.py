@@ -14,8 +14,8 @@ import torch
 from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
 
 import learnable_memory as lm
-from tests.conftest import randomize
-from tests.dense_reference import dense_forward_all
+from learnable_memory import testing as lmt
+from tests.helpers import grid_backbone, images_for, set_fused_attn
 
 NARROW = {"embed_dim": 64, "num_heads": 4}
 
@@ -47,79 +47,28 @@ VARIANTS = {
     "hybrid": ("vit_tiny_r_s16_p8_224", {}),
 }
 
-LAYOUTS = {
-    "non_destructive": [("a", 3, "non_destructive"), ("b", 2, "non_destructive"), ("c", 0, "non_destructive")],
-    "extension": [("a", 3, "non_destructive"), ("b", 2, "extension"), ("c", 1, "extension")],
-    "full": [("a", 4, "full")],
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster than two, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make(variant: str, fused: bool = True, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
     """The variant's depth-2 model (eval) and three images for it."""
     arch, kwargs = VARIANTS[variant]
-    args = {"pretrained": False, "depth": 2, "num_classes": 7, **kwargs}
-    with torch.device("meta"):
-        embed = timm.create_model(arch, **args).patch_embed
-    size = 3 * embed.feat_ratio()
-    torch.manual_seed(seed)
-    model = timm.create_model(arch, img_size=size, **args).eval()
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
-    return model, torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
-
-
-def build(base, layout, num_classes=5):
-    model = base
-    for name, n_mem, mode in layout:
-        model = lm.wrap_model(model, n_mem=n_mem, num_classes=num_classes, task=name, mode=mode)
-    return model
+    model, size = grid_backbone(arch, seed=seed, depth=2, num_classes=7, **kwargs)
+    return set_fused_attn(model, fused), images_for(size, seed=seed + 1)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", sorted(lmt.LAYOUTS))
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_matches_dense_reference(variant, layout, fused):
+    """In the non-full layouts the original tokens also run exactly the base model's computation."""
     base, x = make(variant, fused)
-    with torch.no_grad():
-        want_base = base(x)
-        model = build(base, LAYOUTS[layout])
-        randomize(model)
-        got, want = model.forward_all(x), dense_forward_all(model, x)
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=lambda m, k=k: f"output {k!r}: {m}")
-    if layout != "full":  # the original tokens run exactly the base model's computation
-        assert torch.equal(got["base"], want_base), (got["base"] - want_base).abs().max()
+    lmt.check_dense_reference(base, x, lmt.dense_forward_all, layouts=[layout])
 
 
 @pytest.mark.parametrize("mode", ["non_destructive", "extension", "full"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_gradients_reach_memory_class_token_and_head_only(variant, mode):
     base, x = make(variant)
-    model = lm.wrap_model(base, n_mem=3, num_classes=5, task="a")
-    if mode != "full":  # a second task, frozen, under the one that trains
-        model = lm.wrap_model(model, n_mem=2, num_classes=5, task="t", mode=mode)
-    else:
-        model = lm.wrap_model(base, n_mem=2, num_classes=5, task="t", mode=mode)
-    model.train()
-    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2])).backward()
-    task = model.tasks["t"]
-    for layer in range(model.depth):
-        assert task.memory.grad[layer].abs().sum() > 0, f"no gradient reaches block {layer}'s memory"
-    assert task.class_token.grad.abs().sum() > 0
-    assert task.head.weight.grad.abs().sum() > 0
-    assert all(p.grad is None and not p.requires_grad for p in model.base.parameters())
-    assert all(p.grad is None for n in model.task_names if n != "t" for p in model.tasks[n].parameters())
+    lmt.check_training(base, x, mode)
 
 
 # Modules that only the original tokens and the new class tokens may reach: memory has no MLP,
@@ -170,11 +119,7 @@ def test_hybrid_rejects_wrong_image_size():
 
 def test_dynamic_size_other_resolution_and_bad_size():
     base = timm.create_model("test_vit", pretrained=False, depth=2).eval()  # dynamic_img_size, patch 16
-    model = build(base, LAYOUTS["non_destructive"])
-    randomize(model)
-    x = torch.randn(2, 3, 48, 80)
-    with torch.no_grad():
-        assert torch.equal(model.forward_all(x)["base"], base(x))
-        torch.testing.assert_close(model.forward_all(x)["a"], dense_forward_all(model, x)["a"], atol=1e-5, rtol=1e-5)
+    lmt.check_dense_reference(base, torch.randn(2, 3, 48, 80), lmt.dense_forward_all, layouts=["concat"])
+    model = lm.wrap_model(base, n_mem=2, num_classes=3)
     with pytest.raises(ValueError, match="images are 50x48, not a multiple of the patch size 16x16"):
         model(torch.randn(1, 3, 50, 48))

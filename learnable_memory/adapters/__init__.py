@@ -18,12 +18,13 @@ from .folder import (
     save_adapter,
     save_pretrained,
 )
-from .loading import prepare_tasks, warn_preprocessing
+from .loading import check_backbone, prepare_tasks, warn_preprocessing
 
 __all__ = [
     "AdapterError",
     "TaskModel",
     "adapter_folders",
+    "check_backbone",
     "describe_task",
     "inspect_adapter",
     "prepare_tasks",

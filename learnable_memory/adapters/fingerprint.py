@@ -16,6 +16,13 @@ the same values in another dtype or layout give another fingerprint.
   under a second; nothing is cached, since weights may change between two calls.
 - Task: its four tensors, ``memory``, ``class_token``, ``head.weight``, ``head.bias``, as
   float32, exactly as they are written to ``adapter_model.safetensors``.
+
+The hash is exact, so the same checkpoint cast to bfloat16 or float16 hashes differently, and
+bfloat16 rounds differently from float16. So an adapter also records the hash of the weights cast
+to each serving dtype (:func:`fingerprints`); casting is deterministic (round to nearest even), so
+the same checkpoint served in any of them is recognised exactly, and another checkpoint is refused
+unless it equals this one after rounding to the dtype it is served in. :func:`same_weights` picks
+the hash to compare.
 """
 
 from __future__ import annotations
@@ -43,6 +50,53 @@ def tensors_fingerprint(named: Mapping[str, torch.Tensor] | Iterable[tuple[str, 
     return "sha256:" + h.hexdigest()
 
 
+#: Serving dtypes, finest first; an adapter records the hash of its weights cast to each.
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_PRECISION = {dt: i for i, dt in enumerate(DTYPES)}  # higher = coarser
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _cast(named: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in named.items()}
+
+
+def fingerprints(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{dtype name: fingerprint}`` of the tensors cast (floating ones) to bfloat16 and to float16."""
+    return {_dtype_name(dt): tensors_fingerprint(_cast(named, dt)) for dt in (torch.bfloat16, torch.float16)}
+
+
+def coarsest_dtype(named: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The coarsest floating dtype among the tensors (None without floating tensors)."""
+    found = [v.dtype for v in named.values() if v.is_floating_point() and v.dtype in _PRECISION]
+    return max(found, key=_PRECISION.__getitem__) if found else None
+
+
+def same_weights(
+    fingerprint: str, dtype: str, by_dtype: Mapping[str, str], named: Mapping[str, torch.Tensor]
+) -> bool | None:
+    """Whether ``named`` are the tensors an adapter recorded as ``fingerprint`` (in ``dtype``) and
+    ``by_dtype`` (cast to other dtypes, see :func:`fingerprints`), served in their present dtype.
+
+    The tensors here are compared, cast to their coarsest floating dtype ``d``, with the record for
+    ``d``; a finer ``d`` than the recorded dtype (weights cast up) is compared with the record in
+    its own dtype. None when there is no record to compare with (an adapter saved before
+    ``by_dtype`` was recorded, served in another dtype): the identity can not be checked.
+    """
+    here = coarsest_dtype(named)
+    if here is None or _dtype_name(here) == dtype:
+        return tensors_fingerprint(named) == fingerprint
+    recorded = {**by_dtype, dtype: fingerprint}
+    if _dtype_name(here) in recorded:
+        return tensors_fingerprint(_cast(named, here)) == recorded[_dtype_name(here)]
+    saved = getattr(torch, dtype, None)
+    if saved in _PRECISION and _PRECISION[saved] > _PRECISION.get(here, -1):  # cast up here: cast back down
+        return tensors_fingerprint(_cast(named, saved)) == fingerprint
+    return None
+
+
 def _classifier_prefixes(base: nn.Module) -> list[str]:
     """Module paths of the base classifier(s) (``["head"]`` for a ViT; DeiT distilled has two)."""
     get = getattr(base, "get_classifier", None)
@@ -51,11 +105,15 @@ def _classifier_prefixes(base: nn.Module) -> list[str]:
     return [name for name, mod in base.named_modules() if name and any(mod is h for h in heads)]
 
 
+def base_state(base: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's ``state_dict`` without its classifier(s): what its identity covers."""
+    prefixes = tuple(p + "." for p in _classifier_prefixes(base))
+    return {k: v for k, v in base.state_dict().items() if not (prefixes and k.startswith(prefixes))}
+
+
 def base_fingerprint(base: nn.Module) -> str:
     """Fingerprint of the backbone's weights, its classifier(s) left out."""
-    prefixes = tuple(p + "." for p in _classifier_prefixes(base))
-    state = {k: v for k, v in base.state_dict().items() if not (prefixes and k.startswith(prefixes))}
-    return tensors_fingerprint(state)
+    return tensors_fingerprint(base_state(base))
 
 
 def task_tensors(task: TaskMemory) -> dict[str, torch.Tensor]:
@@ -68,6 +126,13 @@ def task_tensors(task: TaskMemory) -> dict[str, torch.Tensor]:
         "head.bias": task.head.bias,
     }
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in named.items()}
+
+
+def own_tensors(task: TaskMemory) -> dict[str, torch.Tensor]:
+    """The task's four tensors in the dtype the model holds them (detached, CPU)."""
+    named = {"memory": task.memory, "class_token": task.class_token, "head.weight": task.head.weight,
+             "head.bias": task.head.bias}
+    return {k: v.detach().to("cpu").contiguous() for k, v in named.items()}
 
 
 def task_fingerprint(task: TaskMemory) -> str:
@@ -100,8 +165,10 @@ def _jsonable(value: Any) -> tuple[bool, Any]:
 
 
 def base_identity(base: nn.Module) -> dict[str, Any]:
-    """What the adapter config records about the backbone (see ``adapter_io``)."""
+    """What the adapter config records about the backbone (see :mod:`learnable_memory.adapters.folder`)."""
     cfg = dict(getattr(base, "pretrained_cfg", None) or {})
+    state = base_state(base)
+    dtype = coarsest_dtype(state)
     args, dropped = {}, []
     for k, v in sorted((getattr(base, "_model_args", None) or {}).items()):
         ok, jv = _jsonable(v)
@@ -117,7 +184,9 @@ def base_identity(base: nn.Module) -> dict[str, Any]:
         "model_args": args,
         "model_args_not_saved": dropped,  # kwargs JSON can not hold (e.g. layer classes)
         **backbone_shape(base),
-        "fingerprint": base_fingerprint(base),
+        "fingerprint": tensors_fingerprint(state),
+        "dtype": _dtype_name(dtype or torch.float32),
+        "fingerprints_by_dtype": fingerprints(state),
     }
 
 

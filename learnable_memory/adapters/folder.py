@@ -10,14 +10,19 @@ Layout of an adapter folder (the one peft users know)::
 ``save_pretrained`` writes one such folder per task plus ``adapters.json``, the ordered list of
 task folders (order matters for extension tasks).
 
-``adapter_config.json`` holds ``format_version`` (1) and ``method`` ("learnable_memory"); the
+``adapter_config.json`` holds ``format_version`` (2) and ``method`` ("learnable_memory"); the
 task (``task``, ``mode``, ``n_mem``, ``num_classes``, ``class_names``, ``init_std``,
 ``task_fingerprint``, and for extension tasks ``depends_on``: the ordered tasks it attends to,
 each ``{"name", "fingerprint"}``); ``base_model``: class, timm architecture, pretrained tag,
 hf_hub_id, ``model_args`` to recreate it, ``embed_dim``, ``depth``, ``num_prefix_tokens`` and the
-backbone ``fingerprint``; ``preprocessing`` (input size, mean, std, interpolation, crop) and
-``weights_sha256``, the sha256 of ``adapter_model.safetensors``. Fingerprints are defined in
-:mod:`learnable_memory.fingerprint`.
+backbone ``fingerprint`` with its ``dtype`` and ``fingerprints_by_dtype``; ``preprocessing`` (input
+size, mean, std, interpolation, crop) and ``weights_sha256``, the sha256 of
+``adapter_model.safetensors``. Fingerprints are defined in :mod:`learnable_memory.adapters.fingerprint`.
+Saving refuses a task whose tensors hold NaN or Inf, and loading refuses such a file.
+
+Format 2 adds the fields peft needs (``peft_type`` ...), so that ``PeftModel.from_pretrained`` loads our
+folders and ``load_adapters`` loads folders written by peft: see :mod:`learnable_memory.adapters.peft_format`.
+Format 1 (the same without the peft fields) still loads.
 
 Consistent saves. Each file is written to a temporary file in the same folder, flushed and
 fsynced, then renamed over the old one with ``os.replace`` (atomic), and the folder is fsynced.
@@ -30,9 +35,10 @@ files can not be renamed together, so the pair is made consistent by two rules:
 
 When the recorded sha256 matches, the folder is a pair written by one save and the JSON
 (which a user may have edited) is used. When it does not, the save was interrupted between
-the two renames (new tensors, old JSON); the loader warns and uses the config stored in the
-tensor file, i.e. the new adapter. Either way a folder loads the old or the new adapter whole.
-Leftover ``.*.tmp`` files of an interrupted save are ignored.
+the two renames (new tensors, old JSON, or no JSON yet after a first save); the loader warns and
+uses the config stored in the tensor file, i.e. the new adapter. Either way a folder loads the old
+or the new adapter whole. Leftover ``.*.tmp`` files of an interrupted save are ignored by the
+loader and removed by the next save into the folder (those of a writer still running are left).
 
 ``save_pretrained`` saves each task folder this way and writes ``adapters.json`` last. An
 interrupted ``save_pretrained`` leaves every task folder whole, old or new; the task
@@ -60,15 +66,17 @@ from torch import nn
 from ..config import TaskConfig
 from ..memory import TaskMemory
 from ..version import __version__
-from .fingerprint import base_identity, preprocessing, task_fingerprint, task_tensors, tensors_fingerprint
+from .fingerprint import base_identity, fingerprints, preprocessing, task_tensors, tensors_fingerprint
+from .peft_format import TENSOR_NAMES, our_names, peft_fields, written_by_peft
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Format versions this version reads (1: before the peft fields).
+READS = (1, 2)
 METHOD = "learnable_memory"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 INDEX_NAME = "adapters.json"
 META_KEY = "learnable_memory_config"
-TENSOR_NAMES = ("memory", "class_token", "head.weight", "head.bias")
 
 
 class AdapterError(ValueError):
@@ -145,21 +153,68 @@ def _save_one(model: TaskModel, folder: Path, name: str, base: dict[str, Any]) -
     if (folder / INDEX_NAME).exists():
         raise ValueError(f"{folder} holds a save_pretrained model ({INDEX_NAME}); save the adapter elsewhere")
     tensors = task_tensors(task)
+    _refuse_non_finite(name, tensors)
     fields = c.to_dict()  # the TaskConfig, under the adapter config's names
     cfg = {
         "format_version": FORMAT_VERSION, "method": METHOD, "created_with": _version(),
         "task": fields["name"], **{k: fields[k] for k in ("mode", "n_mem", "num_classes", "class_names", "init_std")},
-        "depends_on": [{"name": d, "fingerprint": task_fingerprint(model.tasks[d])} for d in c.depends_on],
+        "depends_on": [_dependency(d, model.tasks[d]) for d in c.depends_on],
         "task_fingerprint": tensors_fingerprint(tensors),
         "base_model": base, "base_model_name_or_path": base["hf_hub_id"] or base["architecture"],
-        "preprocessing": fields["data_config"] or preprocessing(model.base),
+        "preprocessing": fields["data_config"] or preprocessing(model.base), **peft_fields(),
     }
     meta = {"format": "pt", META_KEY: json.dumps(cfg, sort_keys=True)}
     data = safetensors.torch.save(tensors, metadata=meta)
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(folder)
     _write_atomic(folder / WEIGHTS_NAME, data)
     _write_atomic(folder / CONFIG_NAME, _dumps({**cfg, "weights_sha256": hashlib.sha256(data).hexdigest()}))
     return folder
+
+
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """``{tensor name: number of NaN/Inf values}`` for the tensors that hold any."""
+    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if v.is_floating_point()}
+    return {k: n for k, n in counts.items() if n}
+
+
+def _refuse_non_finite(name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    bad = non_finite(tensors)
+    if bad:
+        what = ", ".join(f"{k!r} ({n} of {tensors[k].numel()} values)" for k, n in bad.items())
+        raise ValueError(f"task {name!r} holds NaN or Inf in {what}: its training diverged; nothing was saved. "
+                         "Train it again with a lower learning rate or gradient clipping")
+
+
+def _writer_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still be writing (on this host)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or not a pid: leave its file alone
+    return True
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Remove the temporary files of saves into ``folder`` that were killed: ``.<file>.<pid>.<hex>.tmp``
+    whose writer process is gone. A concurrent writer's file is left alone."""
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for tmp in folder.glob(f".{name}.*.tmp"):
+            pid = tmp.name[len(name) + 2:].split(".", 1)[0]
+            if pid.isdigit() and not _writer_alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+
+def _dependency(name: str, task: TaskMemory) -> dict[str, Any]:
+    """What an extension task records of a task it extends: its name and identity in every dtype."""
+    tensors = task_tensors(task)
+    return {"name": name, "fingerprint": tensors_fingerprint(tensors), "dtype": "float32",
+            "fingerprints_by_dtype": fingerprints(tensors)}
 
 
 def _check_model(model: Any) -> TaskModel:
@@ -188,6 +243,8 @@ def save_pretrained(model: TaskModel, path: str | Path) -> Path:
         raise ValueError(f"{path} is an adapter folder ({CONFIG_NAME}); save the model elsewhere")
     if not _check_model(model).tasks:
         raise ValueError("this TaskModel has no task to save")
+    for name, task in model.tasks.items():  # every task is checked before any folder is written
+        _refuse_non_finite(name, task_tensors(task))
     base = base_identity(model.base)
     used: set[str] = set()
     entries = []
@@ -212,12 +269,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise AdapterError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     method, version = obj.get("method"), obj.get("format_version")
     if method != METHOD:
-        hint = " (a peft adapter: load it with peft)" if "peft_type" in obj else ""
+        hint = f" (a peft adapter of type {obj['peft_type']!r}: load it with peft)" if "peft_type" in obj else ""
         raise AdapterError(f"{path}: method is {method!r}, not {METHOD!r}: not a learnable-memory adapter{hint}")
-    if version != FORMAT_VERSION:
+    if version not in READS:
         raise AdapterError(
-            f"{path}: unknown format_version {version!r} (this learnable_memory reads version {FORMAT_VERSION}); "
-            "upgrade learnable_memory or re-save the adapter"
+            f"{path}: unknown format_version {version!r} (this learnable_memory reads versions "
+            f"{', '.join(map(str, READS))}); upgrade learnable_memory or re-save the adapter"
         )
     return obj
 
@@ -229,7 +286,8 @@ def _task_config(cfg: dict[str, Any], source: Path) -> TaskConfig:
         for key in ("embed_dim", "depth", "num_prefix_tokens"):
             if not isinstance(base[key], int):
                 raise ValueError(f"base_model.{key} must be an integer, got {base[key]!r}")
-        if not isinstance(base["fingerprint"], str) or not isinstance(cfg["task_fingerprint"], str):
+        own = base["fingerprint"], *(() if written_by_peft(cfg) else (cfg["task_fingerprint"],))
+        if not all(isinstance(f, str) for f in own):
             raise ValueError("fingerprints must be strings")
         deps = cfg["depends_on"]
         if not isinstance(deps, list) or not all(isinstance(d, dict) and {"name", "fingerprint"} <= d.keys()
@@ -248,8 +306,8 @@ def _task_config(cfg: dict[str, Any], source: Path) -> TaskConfig:
 def _check_tensors(tensors: dict[str, torch.Tensor], cfg: dict[str, Any], config: TaskConfig,
                    weights: Path, source: Path) -> None:
     d, depth = cfg["base_model"]["embed_dim"], cfg["base_model"]["depth"]
-    want = {"memory": [depth, config.n_mem, d], "class_token": [d],
-            "head.weight": [config.num_classes, d], "head.bias": [config.num_classes]}
+    want = dict(zip(TENSOR_NAMES, ([depth, config.n_mem, d], [d], [config.num_classes, d], [config.num_classes]),
+                    strict=True))
     missing, extra = sorted(want.keys() - tensors.keys()), sorted(tensors.keys() - want.keys())
     if missing or extra:
         raise AdapterError(f"{weights}: expected tensors {sorted(want)}; missing {missing}, unexpected {extra}")
@@ -269,14 +327,14 @@ def _embedded_config(data: bytes) -> dict[str, Any] | None:
         cfg = json.loads(json.loads(data[8:8 + n])["__metadata__"][META_KEY])
     except (ValueError, KeyError, TypeError):
         return None
-    ok = isinstance(cfg, dict) and cfg.get("method") == METHOD and cfg.get("format_version") == FORMAT_VERSION
+    ok = isinstance(cfg, dict) and cfg.get("method") == METHOD and cfg.get("format_version") in READS
     return cfg if ok else None
 
 
-def read_adapter(folder: Path) -> AdapterFile:
-    """Read and check one adapter folder (see the module docstring for how the pair is chosen)."""
+def read_adapter(folder: Path, allow_non_finite: bool = False) -> AdapterFile:
+    """Read and check one adapter folder (see the module docstring for how the pair is chosen).
+    ``allow_non_finite``: accept NaN/Inf tensors (for :func:`inspect_adapter`, which reports them)."""
     cfg_path, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    cfg, source = _read_json(cfg_path), cfg_path
     if not weights.is_file():
         raise AdapterError(f"{weights}: file missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     data = weights.read_bytes()
@@ -285,21 +343,35 @@ def read_adapter(folder: Path) -> AdapterFile:
     except SafetensorError as err:
         raise AdapterError(f"{weights}: not a readable safetensors file ({err}); it is truncated or damaged") from err
     sha = hashlib.sha256(data).hexdigest()
-    if cfg.get("weights_sha256") != sha:
+    if not cfg_path.exists() and _embedded_config(data) is not None:  # a first save killed between its renames
+        cfg, source = {}, cfg_path
+    else:
+        cfg, source = _read_json(cfg_path), cfg_path
+    by_peft = written_by_peft(cfg)  # no pairing hash: the checks below are all its contents allow
+    if by_peft:
+        try:
+            tensors = our_names(tensors)
+        except ValueError as err:
+            raise AdapterError(f"{weights}: {err}") from err
+    elif cfg.get("weights_sha256") != sha:
         embedded = _embedded_config(data)
         if embedded is None:
             config = _task_config(cfg, cfg_path)
             _check_tensors(tensors, cfg, config, weights, cfg_path)
             raise AdapterError(f"{weights}: its sha256 {sha} is not the weights_sha256 recorded in {CONFIG_NAME} "
                                f"({cfg.get('weights_sha256')}): the two files do not belong together; re-save it")
-        warnings.warn(f"{cfg_path} does not describe {weights} (sha256 differs), as after an interrupted save; "
-                      f"using the config stored in {WEIGHTS_NAME}. Save the adapter again to repair the folder.",
-                      stacklevel=3)
+        why = "is missing" if not cfg else "does not describe it (sha256 differs)"
+        warnings.warn(f"{cfg_path} {why}, as after an interrupted save of {weights}; using the config stored in "
+                      f"{WEIGHTS_NAME}. Save the adapter again to repair the folder.", stacklevel=3)
         cfg, source = embedded, weights
     config = _task_config(cfg, source)
     _check_tensors(tensors, cfg, config, weights, source)
+    bad = non_finite(tensors)
+    if bad and not allow_non_finite:
+        raise AdapterError(f"{weights}: tensors {sorted(bad)} hold NaN or Inf ({sum(bad.values())} values): the "
+                           f"task {config.name!r} diverged in training; train it again")
     fingerprint = tensors_fingerprint({k: v.to(torch.float32) for k, v in tensors.items()})
-    if fingerprint != cfg["task_fingerprint"]:
+    if not by_peft and fingerprint != cfg["task_fingerprint"]:
         raise AdapterError(f"{weights}: the tensors' fingerprint {fingerprint} is not the task_fingerprint "
                            f"recorded in {source.name} ({cfg['task_fingerprint']})")
     return AdapterFile(source=source, cfg=cfg, config=config, tensors=tensors, fingerprint=fingerprint)
@@ -348,9 +420,10 @@ def inspect_adapter(path: str | Path, *, cache_dir: str | Path | None = None) ->
     folders = adapter_folders(path, cache_dir)
     if len(folders) != 1:
         raise AdapterError(f"{path} is a save_pretrained folder; inspect one of {[f.name for f in folders]}")
-    ad = read_adapter(folders[0])
+    ad = read_adapter(folders[0], allow_non_finite=True)
     return {
         "path": str(folders[0]),
+        "non_finite": non_finite(ad.tensors),
         **_summary(ad.config, ad.cfg["base_model"], ad.tensors, ad.fingerprint, ad.cfg["preprocessing"]),
         "file_size": sum((folders[0] / n).stat().st_size for n in (CONFIG_NAME, WEIGHTS_NAME)),
         "format_version": ad.cfg["format_version"],

@@ -25,7 +25,15 @@ from torch import nn
 
 from ..config import BASE_KEY
 from ..memory import TaskMemory
-from .fingerprint import backbone_shape, base_fingerprint, preprocessing, task_fingerprint
+from .fingerprint import (
+    backbone_shape,
+    base_state,
+    coarsest_dtype,
+    own_tensors,
+    preprocessing,
+    same_weights,
+    tensors_fingerprint,
+)
 from .folder import AdapterError, AdapterFile, adapter_folders, read_adapter
 
 Rename = Mapping[str, str] | Sequence[str | None] | None
@@ -48,31 +56,60 @@ def _new_names(adapters: list[AdapterFile], rename: Rename) -> list[str]:
     return [n if r is None else r for n, r in zip(old, rename, strict=True)]
 
 
-def _check_backbone(adapters: list[AdapterFile], base: nn.Module, check_fingerprint: bool) -> None:
+def _same(saved: Mapping[str, Any], named: Mapping[str, torch.Tensor]) -> bool | None:
+    """:func:`same_weights` against a record ``{"fingerprint", "dtype", "fingerprints_by_dtype"}``
+    (the last two absent in adapters saved before they were recorded: float32, none)."""
+    return same_weights(saved["fingerprint"], saved.get("dtype", "float32"), saved.get("fingerprints_by_dtype", {}),
+                        named)
+
+
+def _name(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _unverified(what: str, source: str | Path, named: Mapping[str, torch.Tensor], stacklevel: int = 5) -> None:
+    warnings.warn(f"{source}: {what} can not be checked in {coarsest_dtype(named)}: the adapter records only "
+                  "the float32 hash (it was saved by an earlier version); loading it unchecked. Save it again "
+                  "to record the hashes of every serving dtype.", stacklevel=stacklevel)
+
+
+def check_backbone(saved: Mapping[str, Any], task: str, source: str | Path, base: nn.Module,
+                   state: Mapping[str, torch.Tensor] | None) -> None:
+    """Refuse (:class:`AdapterError`) to put task ``task``, read from ``source``, on ``base`` when the
+    backbone its config records (``saved``, the ``base_model`` entry) is another one: another width,
+    depth or prefix tokens, or, when ``state`` (``base_state(base)``) is given, other weights."""
     shape = backbone_shape(base)
     here = f"{type(base).__name__} {getattr(base, 'pretrained_cfg', {}).get('architecture')}"
-    fingerprint = None
+    made_for = f"{saved.get('class')} {saved.get('architecture')} (tag {saved.get('tag')})"
+    labels = {"embed_dim": "width (embed_dim)", "depth": "depth", "num_prefix_tokens": "prefix tokens"}
+    diffs = [f"{labels[k]} {saved[k]} vs {shape[k]} here" for k in labels if saved[k] != shape[k]]
+    if diffs:
+        raise AdapterError(f"{source}: task {task!r} was made for another backbone, {made_for}: "
+                           f"{'; '.join(diffs)} ({here}). Load it onto the backbone it was trained with.")
+    if state is None:
+        return
+    same = _same(saved, state)
+    if same is None:
+        _unverified("the backbone's identity", source, state, stacklevel=6)
+    elif not same:
+        dtype = coarsest_dtype(state)
+        raise AdapterError(
+            f"{source}: task {task!r} was made for a backbone of the same shape but other "
+            f"weights ({made_for}, {saved.get('dtype', 'float32')}; backbone fingerprint {saved['fingerprint']}; "
+            f"this one, {_name(dtype)}, {tensors_fingerprint(state)}; compared in {_name(dtype)}). "
+            "Load the checkpoint it was trained on; if you know the weights are equivalent, skip this check "
+            "(check_fingerprint=False)."
+        )
+
+
+def _check_backbone(adapters: list[AdapterFile], base: nn.Module, check_fingerprint: bool) -> None:
+    state = base_state(base) if check_fingerprint else None
     for a in adapters:
-        saved = a.cfg["base_model"]
-        made_for = f"{saved.get('class')} {saved.get('architecture')} (tag {saved.get('tag')})"
-        labels = {"embed_dim": "width (embed_dim)", "depth": "depth", "num_prefix_tokens": "prefix tokens"}
-        diffs = [f"{labels[k]} {saved[k]} vs {shape[k]} here" for k in labels if saved[k] != shape[k]]
-        if diffs:
-            raise AdapterError(f"{a.source}: task {a.config.name!r} was made for another backbone, {made_for}: "
-                               f"{'; '.join(diffs)} ({here}). Load it onto the backbone it was trained with.")
-        if check_fingerprint:
-            fingerprint = fingerprint or base_fingerprint(base)
-            if saved["fingerprint"] != fingerprint:
-                raise AdapterError(
-                    f"{a.source}: task {a.config.name!r} was made for a backbone of the same shape but other "
-                    f"weights ({made_for}; backbone fingerprint {saved['fingerprint']}, this one {fingerprint}). "
-                    "Load the checkpoint it was trained on; if you know the weights are equivalent, pass "
-                    "check_fingerprint=False."
-                )
+        check_backbone(a.cfg["base_model"], a.config.name, a.source, base, state)
 
 
 def _check_tasks(adapters: list[AdapterFile], names: list[str], existing: dict[str, TaskMemory],
-                 rename: Rename, check_fingerprint: bool) -> list[list[str]]:
+                 rename: Rename, check_fingerprint: bool, dtype: torch.dtype) -> list[list[str]]:
     """Check names, modes and dependencies; return each adapter's ``depends_on`` in model names."""
     where: dict[str, str] = {n: "already in the model" for n in existing}
     for i, (a, n) in enumerate(zip(adapters, names, strict=True)):
@@ -92,12 +129,12 @@ def _check_tasks(adapters: list[AdapterFile], names: list[str], existing: dict[s
         raise AdapterError(f"task {', '.join(full)} was trained in mode 'full', whose memory changes the tokens "
                            f"every task shares, so it can not be combined with other tasks (here "
                            f"{[n for n, _, _ in everything]}). Load a full-mode adapter alone onto its backbone.")
-    fingerprints: dict[str, Any] = {n: t for n, t in existing.items()}  # TaskMemory, hashed when needed
+    served = {n: own_tensors(t) for n, t in existing.items()}  # each task's tensors as the model serves them
     seen: dict[str, str] = {}  # old -> new name of the adapters already placed in this call
     dep_map = dict(rename) if isinstance(rename, Mapping) else {}
     deps_out = []
     for a, n in zip(adapters, names, strict=True):
-        before = list(fingerprints)
+        before = list(served)
         deps = [seen.get(d, dep_map.get(d, d)) for d in a.config.depends_on]
         missing = [d for d in deps if d not in before]
         if missing:
@@ -109,13 +146,15 @@ def _check_tasks(adapters: list[AdapterFile], names: list[str], existing: dict[s
             raise AdapterError(f"{a.source}: extension task {n!r} needs the tasks it extends in the order {deps}, "
                                f"but they come as {present}. Load them in the order they were trained.")
         for d, saved in zip(deps, a.cfg["depends_on"], strict=True):
-            fp = fingerprints[d]
-            fp = task_fingerprint(fp) if isinstance(fp, TaskMemory) else fp
-            if check_fingerprint and fp != saved["fingerprint"]:
+            same = _same(saved, served[d]) if check_fingerprint else True
+            if same is None:
+                _unverified(f"the identity of task {d!r}", a.source, served[d])
+            elif not same:
                 raise AdapterError(f"{a.source}: task {d!r} here is not the one extension task {n!r} was trained "
-                                   f"on (its weights differ: fingerprint {fp}, expected {saved['fingerprint']}). "
-                                   f"Load the same adapter {d!r}; check_fingerprint=False skips this check.")
-        fingerprints[n] = a.fingerprint
+                                   f"on (its weights differ: fingerprint {tensors_fingerprint(served[d])}, expected "
+                                   f"{saved['fingerprint']}). Load the same adapter {d!r}; or skip this check "
+                                   "(check_fingerprint=False).")
+        served[n] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in a.tensors.items()}
         seen[a.config.name] = n
         deps_out.append(deps)
     return deps_out
@@ -171,7 +210,8 @@ def prepare_tasks(
     adapters = [read_adapter(f) for f in folders]
     _check_backbone(adapters, base, check_fingerprint)
     names = _new_names(adapters, rename)
-    deps = _check_tasks(adapters, names, dict(existing), rename, check_fingerprint)
-    shape = backbone_shape(base)
     like = next(iter(base.parameters()), None)
+    dtype = like.dtype if like is not None else torch.float32
+    deps = _check_tasks(adapters, names, dict(existing), rename, check_fingerprint, dtype)
+    shape = backbone_shape(base)
     return [_as_task(a, n, d, shape, like) for a, n, d in zip(adapters, names, deps, strict=True)]

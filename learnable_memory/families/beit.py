@@ -42,7 +42,7 @@ class RelPosBiasAttention(AttentionKind):
     def qkv(self, attn: nn.Module, h: torch.Tensor, rope: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """``h`` ``[B, T, D]`` -> q, k, v ``[B, H, T, hd]``."""
         b, t, _ = h.shape
-        qkv = fused_qkv_with_bias(attn, h).reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = fused_qkv_with_bias(attn, h).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)
 
     def out(self, attn: nn.Module, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ def fused_qkv_with_bias(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """``[B, T, heads * hd]`` -> ``[B, heads, T, hd]``."""
     b, n, _ = t.shape
-    return t.reshape(b, n, heads, -1).transpose(1, 2)
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
 class _RotaryAttention(AttentionKind):
@@ -66,11 +66,6 @@ class _RotaryAttention(AttentionKind):
     @abstractmethod
     def _projections(self, attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``h`` ``[B, T, D]`` -> q, k, v ``[B, heads, T, hd]`` before q/k norm and rotation."""
-
-    @property
-    def packable(self) -> bool:
-        """Not yet: a packed pass would put new class tokens behind the rotated patch rows."""
-        return False
 
     def qkv(self, attn: nn.Module, h: torch.Tensor, rope: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """``h`` ``[B, T, D]`` -> q, k, v ``[B, H, T, hd]``; with ``rope`` (original tokens only)
@@ -103,7 +98,7 @@ class EvaAttentionKind(_RotaryAttention):
     def _projections(self, attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if attn.qkv is not None:
             b, t, _ = h.shape
-            qkv = fused_qkv_with_bias(attn, h).reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            qkv = fused_qkv_with_bias(attn, h).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)
             return qkv.unbind(0)
         return tuple(split_heads(p(h), attn.num_heads) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
 

@@ -16,7 +16,7 @@ from ..blocks import PostNormBlock, PreNormBlock, run_attention
 from ..context import PassContext, PassExtras
 from ..heads import diff_attend_heads
 from ..kinds import AttentionKind, BackboneKind, BlockKind
-from ..registry import register_attention, register_backbone, register_block
+from ..registry import attention_kind, register_attention, register_backbone, register_block
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -65,13 +65,12 @@ class DiffAttentionKind(AttentionKind):
         o = (attn.sub_norm(o) * (1 - attn.lambda_init)).transpose(1, 2).reshape(b, t, -1)
         return attn.proj_drop(attn.proj(attn.norm(o)))
 
-    def attend(self, attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, h_m: torch.Tensor,
-               ctx: PassContext) -> Pair:
+    def attend(self, attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, kv: Pair, ctx: PassContext) -> Pair:
         """Both softmaxes of every head with the Table 1 mask (:func:`~learnable_memory.heads.diff_attend_heads`)."""
         with torch.set_grad_enabled(ctx.orig_grad):
             q_x, k_x, v_x = self.qkv(attn, h_x)
             lam = attn._compute_lambda().type_as(q_x)
-        _, k_m, v_m = (t[0] for t in self.qkv(attn, h_m.unsqueeze(0)))  # once per pass
+        k_m, v_m = kv
         q_c, k_c, v_c = self.qkv(attn, h_c)
         o_x, o_c = diff_attend_heads(q_x, k_x, v_x, q_c, k_c, v_c, k_m, v_m, lam, ctx, attn.scale, attn.fused_attn)
         with torch.set_grad_enabled(ctx.orig_grad):
@@ -90,13 +89,18 @@ class ParallelBranchesBlock(BlockKind):
     def attentions(self, blk: nn.Module) -> list[nn.Module]:
         return [branch.attn for branch in blk.attns]
 
-    def forward(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: PassContext) -> Pair:
+    def memory_kv(self, blk: nn.Module, mem: torch.Tensor) -> tuple[Pair, ...]:
+        """``mem`` ``[M, D]`` through every branch's own norm and key/value projections."""
+        return tuple(attention_kind(b.attn).memory_kv(b.attn, b.norm(mem)) for b in blk.attns)
+
+    def forward(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, kv: tuple[Pair, ...],
+                ctx: PassContext) -> Pair:
         """As :meth:`~learnable_memory.blocks.PreNormBlock.forward`."""
         outs_x, outs_c = [], []
-        for branch in blk.attns:
+        for branch, branch_kv in zip(blk.attns, kv, strict=True):
             with torch.set_grad_enabled(ctx.orig_grad):
                 h_x = branch.norm(x)
-            a_x, a_c = run_attention(branch.attn, h_x, branch.norm(c), branch.norm(mem), ctx)
+            a_x, a_c = run_attention(branch.attn, h_x, branch.norm(c), branch_kv, ctx)
             with torch.set_grad_enabled(ctx.orig_grad):
                 outs_x.append(branch.drop_path(branch.ls(a_x)))
             outs_c.append(branch.drop_path(branch.ls(a_c)))

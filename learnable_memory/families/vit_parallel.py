@@ -25,7 +25,7 @@ from ..registry import register_block
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
-def memory_kv(blk: nn.Module, mem: torch.Tensor) -> Pair:
+def memory_rows_kv(blk: nn.Module, mem: torch.Tensor) -> Pair:
     """``mem`` ``[M, D]`` -> its keys and values ``[M, D]`` each: ``in_norm``, then only the
     k/v rows of ``in_proj`` (laid out as ``[mlp ; q ; k ; v]``)."""
     d = blk.in_split[1]
@@ -71,16 +71,21 @@ class ParallelScaling(BlockKind):
             y = blk.attn_out_proj(x_attn) + blk.mlp_out_proj(x_mlp)
         return t + blk.drop_path(blk.ls(y))
 
-    def forward(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: PassContext) -> Pair:
-        """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]``, ``mem`` ``[M, D]`` -> new ``x``, ``c``."""
+    def memory_kv(self, blk: nn.Module, mem: torch.Tensor) -> tuple[Pair]:
+        """``mem`` ``[M, D]`` -> keys (after ``k_norm``) and values ``[H, M, hd]``."""
+        k_m, v_m = memory_rows_kv(blk, mem)
+        k_m = blk.k_norm(k_m.unflatten(-1, (blk.num_heads, blk.head_dim))).transpose(0, 1)  # [H, M, hd]
+        return ((k_m, v_m.unflatten(-1, (blk.num_heads, blk.head_dim)).transpose(0, 1)),)
+
+    def forward(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, kv: tuple[Pair, ...],
+                ctx: PassContext) -> Pair:
+        """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]`` and the memory's ``kv`` -> new ``x``, ``c``."""
         with torch.set_grad_enabled(ctx.orig_grad):
             mlp_x, *qkv_x = mlp_and_qkv(blk, x)
             q_x, k_x, v_x = self._heads(blk, *qkv_x)
         mlp_c, *qkv_c = mlp_and_qkv(blk, c)
         q_c, k_c, v_c = self._heads(blk, *qkv_c)
-        k_m, v_m = memory_kv(blk, mem)  # [M, D], once per pass
-        k_m = blk.k_norm(k_m.view(-1, blk.num_heads, blk.head_dim)).transpose(0, 1)  # [H, M, hd]
-        v_m = v_m.view(-1, blk.num_heads, blk.head_dim).transpose(0, 1)
+        k_m, v_m = kv[0]
         o_x, o_c = attend_heads(q_x, k_x, v_x, q_c, k_c, v_c, k_m, v_m, ctx, blk.scale, blk.fused_attn)
         with torch.set_grad_enabled(ctx.orig_grad):
             x = self._out(blk, x, o_x, mlp_x)
@@ -113,7 +118,14 @@ class DiffParallelScaling(BlockKind):
         y = blk.out_proj(torch.cat((x_attn, blk.mlp_drop(blk.mlp_act(x_mlp))), dim=-1))
         return t + blk.drop_path(blk.ls(y))
 
-    def forward(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor, ctx: PassContext) -> Pair:
+    def memory_kv(self, blk: nn.Module, mem: torch.Tensor) -> tuple[Pair]:
+        """``mem`` ``[M, D]`` -> keys ``[2H, M, hd]`` (after ``k_norm``) and values ``[H, M, 2hd]``."""
+        k_m, v_m = memory_rows_kv(blk, mem)
+        k_m = blk.k_norm(k_m.unflatten(-1, (2 * blk.num_heads, blk.head_dim)).transpose(0, 1))  # [2H, M, hd]
+        return ((k_m, v_m.unflatten(-1, (blk.num_heads, 2 * blk.head_dim)).transpose(0, 1)),)
+
+    def forward(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, kv: tuple[Pair, ...],
+                ctx: PassContext) -> Pair:
         """As :class:`ParallelScaling`."""
         with torch.set_grad_enabled(ctx.orig_grad):
             mlp_x, *qkv_x = mlp_and_qkv(blk, x)
@@ -121,9 +133,7 @@ class DiffParallelScaling(BlockKind):
             lam = blk._compute_lambda().type_as(q_x)
         mlp_c, *qkv_c = mlp_and_qkv(blk, c)
         q_c, k_c, v_c = self._heads(blk, *qkv_c)
-        k_m, v_m = memory_kv(blk, mem)  # [M, D], once per pass
-        k_m = blk.k_norm(k_m.reshape(-1, 2 * blk.num_heads, blk.head_dim).transpose(0, 1))  # [2H, M, hd]
-        v_m = v_m.reshape(-1, blk.num_heads, 2 * blk.head_dim).transpose(0, 1)  # [H, M, 2hd]
+        k_m, v_m = kv[0]
         o_x, o_c = diff_attend_heads(q_x, k_x, v_x, q_c, k_c, v_c, k_m, v_m, lam, ctx, blk.scale, blk.fused_attn)
         with torch.set_grad_enabled(ctx.orig_grad):
             x = self._out(blk, x, o_x, mlp_x)

@@ -1,0 +1,197 @@
+"""Test-only helpers: small random-weight backbones and inputs for them, and the HTTP server tests'
+images, clients and references. The guarantees and the dense references the tests hold models to are
+public, in :mod:`learnable_memory.testing`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import timm
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+import learnable_memory as lm
+from learnable_memory.serve.background import BackgroundServer
+
+IMG = 32
+
+# name -> kwargs for timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+VIT_VARIANTS = {
+    "cls": {},
+    "cls_reg": {"reg_tokens": 4},
+    "no_embed_class_layerscale": {"no_embed_class": True, "init_values": 0.5},
+    "gap": {"class_token": False, "global_pool": "avg"},
+    "map": {"class_token": False, "global_pool": "map"},
+    "qk_norm_pre_norm": {"qk_norm": True, "pre_norm": True},
+    "dynamic": {"dynamic_img_size": True},
+}
+
+
+def make_vit(seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A depth-2 ViT-Tiny on 32x32 images (16 patches), random weights."""
+    torch.manual_seed(seed)
+    args = dict(pretrained=False, depth=2, img_size=IMG, patch_size=8, num_classes=7)
+    args.update(kwargs)
+    return timm.create_model("vit_tiny_patch16_224", **args).eval()
+
+
+def noisy_backbone(arch: str, kwargs: dict, seed: int = 0) -> torch.nn.Module:
+    """A depth-2 backbone with random weights. timm starts biases at zero and LayerScale near
+    zero (1e-5 in some models), which would hide a wrong bias or attention path: every weight
+    gets noise and every LayerScale is drawn around 1."""
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, depth=2, num_classes=7, **kwargs).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if "gamma" in name:
+                p.copy_(1 + 0.2 * noise)
+            else:
+                p.add_(0.05 * noise)
+    return model
+
+
+def grid_backbone(arch: str, grid: int = 3, seed: int = 0, **kwargs) -> tuple[torch.nn.Module, int]:
+    """``arch`` with random weights (eval), built for ``grid`` x ``grid`` patches, and its image size."""
+    kwargs = {"pretrained": False, **kwargs}
+    with torch.device("meta"):  # find the patch size cheaply
+        probe = timm.create_model(arch, **kwargs)
+    embed = getattr(probe, "patch_embed", None) or probe.embeds
+    size = grid * (embed.feat_ratio() if hasattr(embed, "feat_ratio") else max(embed.patch_size))
+    torch.manual_seed(seed)
+    return timm.create_model(arch, img_size=size, **kwargs).eval(), size
+
+
+def images_for(size: int, batch: int = 3, seed: int = 123) -> torch.Tensor:
+    """``[batch, 3, size, size]`` standard normal images, the same for the same seed."""
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def set_fused_attn(model: torch.nn.Module, fused: bool) -> torch.nn.Module:
+    """Put every attention module on timm's fused SDPA path (True) or its explicit softmax (False)."""
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    return model
+
+
+def count_packed_blocks(monkeypatch) -> list[int]:
+    """Count the attention layers that run a packed pass (see ``PassContext.packed``)."""
+    from learnable_memory.kinds import AttentionKind
+
+    calls = []
+    real = AttentionKind.attend_packed
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AttentionKind, "attend_packed", counted)
+    return calls
+
+
+# ----- the HTTP server (tests/test_serve.py, tests/test_serve_cli.py) -----
+#: Bounds on waits whose expiry is not what a test checks, wide enough for a busy machine (load 5 on
+#: 2 cores makes everything 5-10x slower): ``WAIT_S`` for one wait (an HTTP call, a condition, a
+#: server's start or stop), ``RUN_S`` for a whole run of concurrent clients.
+WAIT_S = 300.0
+RUN_S = 900.0
+
+#: ``httpx.get/post/delete`` bounded by ``WAIT_S`` (httpx's own default is 5 s); a new connection each call.
+http = SimpleNamespace(get=partial(httpx.get, timeout=WAIT_S), post=partial(httpx.post, timeout=WAIT_S),
+                       delete=partial(httpx.delete, timeout=WAIT_S))
+
+
+@contextmanager
+def running(app: Any) -> Iterator[BackgroundServer]:
+    """A live server for the ASGI ``app``, started and stopped within ``WAIT_S``."""
+    server = BackgroundServer(app, start_timeout_s=WAIT_S).start()
+    try:
+        yield server
+    finally:
+        server.stop(WAIT_S)
+
+
+def add_task(model: lm.MemoryViT, name: str, num_classes: int, seed: int, mode: str = "non_destructive",
+             class_names: list[str] | None = None) -> None:
+    """Add a task with large random parameters (so a wrong task or mask shows in the outputs)."""
+    task = model.add_task(lm.TaskConfig(name=name, n_mem=2, num_classes=num_classes, mode=mode,
+                                        class_names=class_names))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in task.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def image_bytes(seed: int, size: tuple[int, int] = (40, 30), mode: str = "RGB", fmt: str = "PNG") -> bytes:
+    """An encoded ``size`` (width, height) image of random pixels, the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = (torch.rand(size[1], size[0], channels, generator=g) * 255).to(torch.uint8).squeeze(-1).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+#: Request images of several sizes, modes and formats.
+IMAGES = [image_bytes(0), image_bytes(1, (64, 64), "L"), image_bytes(2, (20, 50), "RGBA"),
+          image_bytes(3, (33, 33), fmt="JPEG"), image_bytes(4, (32, 32))]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def reference(model: lm.MemoryViT, images: list[bytes], tasks: list[str] | None) -> dict[str, torch.Tensor]:
+    """Probabilities ``task -> [n, C]`` of ``forward_all`` on the images, preprocessed with timm's transform."""
+    cfg = model.data_config()
+    transform = timm.data.create_transform(**cfg, is_training=False)
+    mode = "L" if cfg["input_size"][0] == 1 else "RGB"
+    x = torch.stack([transform(Image.open(io.BytesIO(b)).convert(mode)) for b in images])
+    with torch.inference_mode():
+        return {t: v.float().softmax(-1) for t, v in model.forward_all(x, tasks=tasks).items()}
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The value of one sample of ``GET /metrics`` (0 when absent)."""
+    text = http.get(f"{url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+def error_of(r: httpx.Response, status: int) -> str:
+    """The message of an error response, after checking its status and JSON shape."""
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    assert body["code"] == status and body["message"]
+    return body["message"]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` in one step, so a server polling it never reads half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
