@@ -1,24 +1,65 @@
-"""The base model and the adapters named on the command line, and the ``training.json`` record.
+"""The base model named on the command line: its options, its spec, building it, and saving it.
 
-A base model spec is what ``train`` records in ``training.json`` (``base``), so ``eval`` and ``predict``
-rebuild the same base without being told again.
+A base model spec (:func:`base_spec`) is what ``train`` records in ``training.json`` (``base``), so
+``eval`` and ``predict`` rebuild the same base without being told again. A spec must therefore
+name weights that can be loaded again: the shipped base, a timm export directory, ``hf-hub:`` /
+``local-dir:``, a timm name with ``--pretrained``, or a timm name with ``--checkpoint FILE``. A timm
+name alone means fresh random weights, which no adapter fits; ``train`` takes it only with
+``--save-base DIR`` (:func:`save_base`), which writes those weights for the adapter to point to.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from collections.abc import Sequence
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import data as D
+from .options import json_object
 
-#: Written by ``train`` into the adapter folder: how the adapter was made (data, base model, settings).
-TRAINING_FILE = "training.json"
+
+def add_model_options(p: argparse.ArgumentParser, title: str = "base model (default: the one the adapter was "
+                      "trained on, else the shipped Fashion-MNIST ViT)") -> None:
+    """The ``--model``, ``--pretrained``, ``--checkpoint`` and ``--model-kwargs`` options that
+    :func:`base_spec` reads."""
+    g = p.add_argument_group(title)
+    g.add_argument("--model", help="timm model name, hf-hub:/local-dir: spec, or a timm export directory")
+    g.add_argument("--pretrained", action="store_true", help="load the timm model's pretrained weights")
+    g.add_argument("--checkpoint", help="local weights file (.safetensors/.pth) for --model")
+    g.add_argument("--model-kwargs", type=json_object, metavar="JSON",
+                   help="JSON object of extra timm.create_model arguments, e.g. '{\"img_size\": 96}'")
+
+
+def base_spec(args: argparse.Namespace) -> dict:
+    """The model options of ``args`` as a dict of :func:`create_base` arguments (paths made absolute)."""
+    model = args.model
+    if model is not None and Path(model).is_dir():
+        model = str(Path(model).resolve())
+    return dict(model=model, pretrained=bool(args.pretrained),
+                checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+                model_kwargs=dict(args.model_kwargs or {}))
+
+
+def has_random_weights(spec: dict) -> bool:
+    """Whether ``spec`` is a timm model name with neither pretrained weights nor a checkpoint."""
+    import timm
+
+    model = spec.get("model")
+    if model is None or spec.get("pretrained") or spec.get("checkpoint") or Path(model).exists():
+        return False
+    return timm.is_model(model)
+
+
+def refuse_random_weights(spec: dict) -> None:
+    """A one-line error for a base with random weights, which no saved adapter can be rebuilt on."""
+    if has_random_weights(spec):
+        raise ValueError(f"--model {spec['model']} alone has random weights, which eval and predict can not "
+                         "rebuild: add --pretrained (timm's weights) or --checkpoint FILE (your own), or with train "
+                         "--save-base DIR to save these random weights beside the adapter")
 
 
 def create_base(model: str | None = None, *, pretrained: bool = False, checkpoint: str | None = None,
@@ -32,18 +73,24 @@ def create_base(model: str | None = None, *, pretrained: bool = False, checkpoin
         checkpoint: A local state dict (``.safetensors``/``.pth``) for the timm name; its head size is
             read from the file.
         model_kwargs: Extra ``timm.create_model`` arguments (e.g. ``img_size``, ``in_chans``).
+
+    The model's ``pretrained_cfg`` says what was loaded: for random weights or a checkpoint its
+    pretrained ``tag`` and ``hf_hub_id`` are cleared, so a saved adapter does not claim timm's weights.
     """
     import timm
 
     kwargs = dict(model_kwargs or {})
-    if model is None and checkpoint is None:
-        return D.load_demo_base()
     if model is None:
-        raise ValueError("--checkpoint needs --model NAME, the timm architecture of the checkpoint")
+        if checkpoint is not None:
+            raise ValueError("--checkpoint needs --model NAME, the timm architecture of the checkpoint")
+        if kwargs or pretrained:
+            raise ValueError(f"{'--model-kwargs' if kwargs else '--pretrained'} needs --model NAME; without "
+                             "--model the base is the shipped Fashion-MNIST ViT")
+        return D.load_demo_base()
     if Path(model).is_dir():
-        return D.load_demo_base(model)
+        return _build(f"local-dir:{Path(model).resolve()}", True, kwargs) if kwargs else D.load_demo_base(model)
     if model.startswith(("hf-hub:", "local-dir:")):
-        return _create_pretrained(model, kwargs)
+        return _build(model, True, kwargs)
     if Path(model).suffix in (".safetensors", ".pth", ".pt", ".bin") or Path(model).is_file():
         raise ValueError(f"{model} is a file: give the architecture and the file, --model NAME --checkpoint {model}")
     if not timm.is_model(model):
@@ -52,16 +99,23 @@ def create_base(model: str | None = None, *, pretrained: bool = False, checkpoin
     if checkpoint is not None:
         return _create_from_checkpoint(model, Path(checkpoint), kwargs)
     if pretrained:
-        return _create_pretrained(model, kwargs)
-    return timm.create_model(model, pretrained=False, **kwargs)
+        return _build(model, True, kwargs)
+    return _forget_pretrained_source(_build(model, False, kwargs))
 
 
-def _create_pretrained(name: str, kwargs: dict) -> nn.Module:
+def _build(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """``timm.create_model``, its failures told in terms of the options that caused them."""
     import timm
 
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # an argument the model does not take
+        if not kwargs:
+            raise
+        raise ValueError(f"--model-kwargs {kwargs} do not fit {name}: {e}") from e
     except (OSError, RuntimeError, ValueError) as e:
+        if not pretrained:
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"could not load pretrained weights for {name} ({first}); offline, use weights already "
                          "in the Hugging Face cache (HF_HUB_OFFLINE=1 skips the network), or a local file with "
@@ -69,7 +123,6 @@ def _create_pretrained(name: str, kwargs: dict) -> nn.Module:
 
 
 def _create_from_checkpoint(name: str, path: Path, kwargs: dict) -> nn.Module:
-    import timm
     from timm.models import get_pretrained_cfg, load_state_dict
 
     if not path.is_file():
@@ -80,64 +133,42 @@ def _create_from_checkpoint(name: str, path: Path, kwargs: dict) -> nn.Module:
     head = state.get(f"{classifier}.weight")
     if head is not None and "num_classes" not in kwargs:
         kwargs["num_classes"] = head.shape[0]
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    model = _build(name, False, kwargs)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
         raise ValueError(f"checkpoint {path} does not fit timm model {name!r}: {detail} "
                          "(pass the architecture's arguments with --model-kwargs)") from e
+    return _forget_pretrained_source(model, file=str(path))
+
+
+def _forget_pretrained_source(model: nn.Module, file: str | None = None) -> nn.Module:
+    """Clear the pretrained tag and hub id timm's registry gave a model whose weights did not come
+    from there (random, or ``file``), so the identity an adapter records is what was loaded."""
+    cfg = {**model.pretrained_cfg, "tag": None, "hf_hub_id": None, "file": file}
+    model.pretrained_cfg = model.default_cfg = cfg
     return model
 
 
-def add_model_options(p: argparse.ArgumentParser, title: str = "base model (default: the one the adapter was "
-                      "trained on, else the shipped Fashion-MNIST ViT)") -> None:
-    """The ``--model``, ``--pretrained``, ``--checkpoint`` and ``--model-kwargs`` options that
-    :func:`base_spec` reads."""
-    g = p.add_argument_group(title)
-    g.add_argument("--model", help="timm model name, hf-hub:/local-dir: spec, or a timm export directory")
-    g.add_argument("--pretrained", action="store_true", help="load the timm model's pretrained weights")
-    g.add_argument("--checkpoint", help="local weights file (.safetensors/.pth) for --model")
-    g.add_argument("--model-kwargs", help="JSON object of extra timm.create_model arguments")
+def save_base(base: nn.Module, spec: dict, folder: str | Path, overwrite: bool = False) -> dict:
+    """Write ``base`` (built from ``spec``) to ``folder`` in timm's ``local-dir`` format (``config.json``
+    + ``model.safetensors``); returns :func:`saved_base_spec`."""
+    from timm.models import save_for_hf
+
+    folder = Path(folder).resolve()
+    if folder.exists() and any(folder.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{folder} already exists; choose another --save-base or pass --overwrite")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_for_hf(base, str(folder), model_args=spec.get("model_kwargs") or None, safe_serialization=True)
+    return saved_base_spec(folder)
 
 
-def base_spec(args: argparse.Namespace) -> dict:
-    """The model options of ``args`` as a dict (paths made absolute)."""
-    model = args.model
-    if model is not None and Path(model).is_dir():
-        model = str(Path(model).resolve())
-    return dict(model=model, pretrained=bool(args.pretrained),
-                checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-                model_kwargs=_json_arg(args.model_kwargs))
-
-
-def _json_arg(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--model-kwargs must be a JSON object, e.g. '{{\"img_size\": 28}}': {e}") from e
-    if not isinstance(value, dict):
-        raise ValueError("--model-kwargs must be a JSON object, e.g. '{\"img_size\": 28}'")
-    return value
-
-
-def read_training_info(adapter: str | Path) -> dict:
-    """The ``training.json`` that ``train`` wrote into an adapter folder ({} when absent)."""
-    f = Path(adapter) / TRAINING_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
-def base_for_adapters(args: argparse.Namespace, adapters: Sequence[str]) -> nn.Module:
-    """The base given on the command line, else the one the first adapter was trained on, else the demo base."""
-    for a in adapters:
-        if not Path(a).exists():
-            raise FileNotFoundError(f"adapter {a} not found")
-    if args.model is not None or args.checkpoint is not None:
-        return create_base(**base_spec(args))
-    info = read_training_info(adapters[0]) if adapters else {}
-    return create_base(**info.get("base", {}))
+def saved_base_spec(folder: str | Path) -> dict:
+    """The spec of a base written by :func:`save_base` to ``folder``."""
+    return dict(model=str(Path(folder).resolve()), pretrained=False, checkpoint=None, model_kwargs={})
 
 
 def make_accelerator():

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from .base import read_training_info
+from .records import TRAINING_FILE, read_training_info, resolve_adapters
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("inspect", help="describe a saved adapter",
+                              description="Print what an adapter holds: task, shapes, sizes, base fingerprint, "
+                              "and how it was trained (its training.json).")
+    p.add_argument("adapter", help="adapter folder or hf-hub:owner/repo[/subfolder]")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run)
+    return p
 
 
 def _print_tree(value: dict, indent: int = 1) -> None:
@@ -37,13 +46,16 @@ def _short(v) -> str:
     return str(v)
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Print the adapter's summary and its ``training.json``."""
     from ..adapters.folder import inspect_adapter
 
-    if not Path(args.adapter).exists():
-        raise FileNotFoundError(f"adapter {args.adapter} not found")
-    info = inspect_adapter(args.adapter)
-    training = read_training_info(args.adapter)
+    folders = resolve_adapters([args.adapter])
+    if len(folders) != 1:
+        raise ValueError(f"{args.adapter} is a save_pretrained folder; inspect one of its adapters: "
+                         f"{', '.join(str(f) for f in folders)}")
+    info = inspect_adapter(folders[0])
+    training = read_training_info(folders[0])
     if args.json:
         print(json.dumps(dict(info, training=training) if training else info, indent=2, default=str))
         return 0
@@ -53,7 +65,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           + (f", {size / 1024:.1f} KiB on disk" if isinstance(size, int) else ""))
     _print_tree(info)
     if training:
-        print("  training (training.json):")
+        print(f"  training ({TRAINING_FILE}):")
         keep = {k: training[k] for k in ("data", "class_subset", "base", "extends", "settings", "total_steps",
                                           "val_accuracy", "resumed_from") if training.get(k) not in (None, [])}
         _print_tree(keep, 2)

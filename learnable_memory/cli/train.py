@@ -1,121 +1,263 @@
 """``learnable-memory train``: fine-tune one memory adapter on a frozen base and save it with its
-``training.json``."""
+``training.json`` (data, base model spec, settings, history), from which ``eval`` and ``predict``
+rebuild the base and the data, and ``--resume`` continues."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from .. import data as D
-from ..model import load_adapters
-from .base import TRAINING_FILE, base_spec, create_base, make_accelerator, read_training_info
+from ..config import MODES
+from ..model import MemoryViT
+from ..train import DEFAULTS
+from .base import (
+    add_model_options,
+    base_spec,
+    create_base,
+    make_accelerator,
+    refuse_random_weights,
+    save_base,
+    saved_base_spec,
+)
+from .options import fraction, non_negative_float, non_negative_int, positive_float, positive_int, task_name
+from .records import (
+    TRAINING_FILE,
+    add_adapter_options,
+    load_named_adapters,
+    read_training_info,
+    resolve_adapters,
+)
+
+N_MEM, EPOCHS = 5, 3  # defaults of --n-mem and --epochs (None in the parser, so --resume can tell)
 
 
-def _default_task_name(source: str, subset: str | None) -> str:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train", help="fine-tune one memory adapter",
+        description="Fine-tune a memory adapter (memory, class token and head) on a frozen base. "
+        "Runs unchanged under `accelerate launch` (--batch-size is per process).")
+    p.add_argument("--data", help="fashion-mnist, digits or an ImageFolder directory")
+    p.add_argument("--class-subset", help="classes to train on: indices, ranges or names, e.g. 5-9 or Sandal,Bag")
+    p.add_argument("--task", type=task_name, help="task name (default: from the data)")
+    add_model_options(p)
+    p.add_argument("--save-base", metavar="DIR", help="write the base model to DIR (timm's local-dir format) and "
+                   "record DIR as the adapter's base; needed for a --model with random weights")
+    p.add_argument("--n-mem", type=non_negative_int, help=f"memory tokens per block (default {N_MEM}; "
+                   "0 = head + class token)")
+    p.add_argument("--mode", choices=MODES, help="attention regime (default non_destructive)")
+    p.add_argument("--extend", nargs="+", metavar="ADAPTER", help="earlier adapters loaded frozen first "
+                   "(what --mode extension attends to)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=positive_int, help="optimizer steps")
+    length.add_argument("--epochs", type=positive_int, help=f"passes over the training data (default {EPOCHS})")
+    p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"], help="peak learning rate (default %(default)s)")
+    p.add_argument("--memory-lr-scale", type=positive_float, default=DEFAULTS["memory_lr_scale"],
+                   help="the memory tokens' learning rate is --lr times this (default %(default)s)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=DEFAULTS["optimizer"],
+                   help="default %(default)s (momentum 0.9)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=DEFAULTS["weight_decay"])
+    p.add_argument("--warmup", type=non_negative_float, default=DEFAULTS["warmup"],
+                   help="warm-up steps, or fraction of the steps if < 1 (default %(default)s)")
+    p.add_argument("--clip", type=positive_float, default=DEFAULTS["clip"],
+                   help="max gradient norm (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="per process (default %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--max-train", type=positive_int, help="use at most this many training images")
+    p.add_argument("--val-fraction", type=fraction, help="validate on this fraction of the training images "
+                   "(default: the test split)")
+    p.add_argument("--no-val", action="store_true", help="skip per-epoch validation")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes")
+    p.add_argument("--out", help="adapter folder to write (default adapters/TASK)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --save-base)")
+    p.add_argument("--resume", metavar="ADAPTER", help="continue training a saved adapter (written back in place "
+                   "unless --out is given)")
+    add_adapter_options(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+    return p
+
+
+@dataclass
+class Plan:
+    """What one ``train`` run fine-tunes, and what its ``training.json`` records."""
+
+    spec: dict  # the base spec (``base_spec``) that rebuilds ``base``
+    base: nn.Module
+    extend: list[Path]  # adapter folders loaded frozen before the task
+    task: str
+    source: str  # the data: a built-in name or an ImageFolder directory
+    subset: str | list[str] | None  # --class-subset, or the resumed task's class names
+    model: MemoryViT | None = None  # the resumed adapter, loaded trainable
+    previous: dict = field(default_factory=dict)  # the resumed adapter's training.json
+
+
+def default_task_name(source: str, subset: str | None) -> str:
+    """The data's name (a built-in name or the folder's), with the class subset; only path separators
+    and white space are replaced, since the name is also the default folder ``adapters/NAME``."""
     name = source if D.is_builtin(source) else Path(source).resolve().name
     name = f"{name}-{subset.replace(',', '_')}" if subset else name
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    return re.sub(r"[\s/\\]+", "_", name)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
+def _has_model_options(args: argparse.Namespace) -> bool:
+    return bool(args.model or args.checkpoint or args.pretrained or args.model_kwargs)
 
+
+def new_plan(args: argparse.Namespace, accelerator) -> Plan:
+    """A new task on the base of the model options (saved first with ``--save-base``)."""
+    if args.data is None:
+        raise ValueError("train needs --data: fashion-mnist, digits or an ImageFolder directory")
+    spec = base_spec(args)
+    if not args.save_base:
+        refuse_random_weights(spec)
+    base = create_base(**spec)
+    if args.save_base:
+        MemoryViT(base)  # an unsupported base is refused before it is written
+        if accelerator.is_main_process:
+            save_base(base, spec, args.save_base, overwrite=args.overwrite)
+        accelerator.wait_for_everyone()
+        spec = saved_base_spec(args.save_base)
+        base = create_base(**spec)  # the base as eval and predict will load it
+    task = args.task or default_task_name(args.data, args.class_subset)
+    return Plan(spec, base, resolve_adapters(args.extend or []), task, args.data, args.class_subset)
+
+
+def resume_plan(args: argparse.Namespace) -> Plan:
+    """The saved adapter ``--resume`` names, on the base and data its ``training.json`` records."""
+    if args.save_base:
+        raise ValueError("--save-base is for a new adapter; --resume uses the base the adapter was trained on")
+    if args.resume.startswith("hf-hub:") and not args.out:
+        raise ValueError(f"--resume {args.resume} needs --out DIR: an adapter from the Hub is not written back")
+    folders = resolve_adapters([args.resume])
+    if len(folders) != 1:
+        raise ValueError(f"--resume takes one adapter folder; {args.resume} holds {len(folders)}")
+    info = read_training_info(folders[0])
+    spec = base_spec(args) if _has_model_options(args) else info.get("base", base_spec(args))
+    refuse_random_weights(spec)
+    base = create_base(**spec)
+    extend = resolve_adapters(args.extend or info.get("extends", []))
+    start = load_named_adapters(base, extend, check_fingerprint=not args.no_fingerprint_check) if extend else base
+    model = load_named_adapters(start, folders, check_fingerprint=not args.no_fingerprint_check, trainable=True)
+    task = model.task_names[-1]
+    cfg = model.tasks[task].config
+    for opt, have in (("n_mem", cfg.n_mem), ("mode", cfg.mode)):
+        if getattr(args, opt) is not None and getattr(args, opt) != have:
+            raise ValueError(f"--{opt.replace('_', '-')} {getattr(args, opt)} differs from the resumed "
+                             f"adapter's {have}; drop it to resume")
+    source = args.data or info.get("data")
+    if source is None:
+        raise ValueError(f"no data for resumed task {task!r}: pass --data")
+    subset = cfg.class_names or args.class_subset or info.get("class_subset")
+    return Plan(spec, base, extend, task, source, subset, model, info)
+
+
+def output_folder(args: argparse.Namespace, task: str) -> Path:
+    """``--out``, else the resumed adapter (in place), else ``adapters/TASK``; an existing folder is
+    refused unless ``--overwrite`` or resuming in place, so nothing saved is lost."""
+    out = Path(args.out) if args.out else (Path(args.resume) if args.resume else Path("adapters") / task)
+    in_place = args.resume is not None and out.resolve() == Path(args.resume).resolve()
+    if out.exists() and not (args.overwrite or in_place):
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    return out
+
+
+def datasets(args: argparse.Namespace, plan: Plan, accelerator) -> tuple[Dataset, Dataset | None]:
+    """Training and validation images: ``--val-fraction``, else the test split, else 10% held out."""
+    config = D.data_config(plan.base)
+    train_ds = D.load_dataset(plan.source, "train", config, classes=plan.subset)
+    train_ds = D.subsample(train_ds, args.max_train, seed=args.seed)
+    if args.val_fraction:
+        return D.holdout(train_ds, args.val_fraction, seed=args.seed)
+    if args.no_val:
+        return train_ds, None
+    try:
+        return train_ds, D.load_dataset(plan.source, "test", config, classes=plan.subset)
+    except FileNotFoundError:
+        if D.is_builtin(plan.source):
+            raise
+        accelerator.print("no val/test folder: holding out 10% of the training images for validation")
+        return D.holdout(train_ds, 0.1, seed=args.seed)
+
+
+def task_model(args: argparse.Namespace, plan: Plan, class_names: list[str]) -> MemoryViT:
+    """The model with the task to train active: the resumed one, or a new task on the base (after
+    the ``--extend`` adapters, frozen)."""
     from ..model import wrap_model
+
+    if plan.model is not None:
+        have = plan.model.tasks[plan.task].config.num_classes
+        if len(class_names) != have:
+            raise ValueError(f"the data has {len(class_names)} classes but task {plan.task!r} has {have}")
+        return plan.model.set_task(plan.task)
+    start = plan.base
+    if plan.extend:
+        start = load_named_adapters(plan.base, plan.extend, check_fingerprint=not args.no_fingerprint_check)
+        if plan.task in start.tasks:
+            raise ValueError(f"an --extend adapter already holds task {plan.task!r}: name this one with --task NAME")
+    return wrap_model(start, n_mem=N_MEM if args.n_mem is None else args.n_mem, task=plan.task,
+                      mode=args.mode or "non_destructive", class_names=class_names)
+
+
+def recorded(spec: str | Path) -> str:
+    """An adapter spec as ``training.json`` records it: ``hf-hub:`` as given, a folder made absolute."""
+    return str(spec) if str(spec).startswith("hf-hub:") else str(Path(spec).resolve())
+
+
+def training_record(args: argparse.Namespace, plan: Plan, class_names: list[str], result, processes: int) -> dict:
+    """The ``training.json`` of the saved adapter; a resumed one adds to its steps and history."""
+    previous = plan.previous
+    return dict(
+        task=plan.task, data=plan.source if D.is_builtin(plan.source) else str(Path(plan.source).resolve()),
+        class_subset=plan.subset if isinstance(plan.subset, str) else previous.get("class_subset"),
+        class_names=class_names, base=plan.spec, extends=[recorded(e) for e in plan.extend],
+        settings=dict(steps=result.steps, batch_size=args.batch_size, processes=processes, lr=args.lr,
+                      memory_lr_scale=args.memory_lr_scale, optimizer=args.optimizer,
+                      weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, bf16=args.bf16,
+                      seed=args.seed),
+        total_steps=previous.get("total_steps", 0) + result.steps,
+        resumed_from=recorded(args.resume) if args.resume else None,
+        history=previous.get("history", []) + result.history,
+        val_accuracy=result.val.get("accuracy"))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan, check the output folder, load the data, train, then save the adapter and its record."""
+    from accelerate.utils import set_seed
+
     from ..train import count_trainable, fit
 
-    if args.steps is None and args.epochs is None:
-        args.epochs = 3
     accelerator = make_accelerator()
     set_seed(args.seed)
-    # base model and task
-    spec = base_spec(args)
-    extend = list(args.extend or [])
-    if args.resume:
-        info = read_training_info(args.resume)
-        if args.model is None and args.checkpoint is None:
-            spec = info.get("base", spec)
-        extend = extend or info.get("extends", [])
-        base = create_base(**spec)
-        start = load_adapters(base, extend) if extend else base  # earlier tasks stay frozen
-        model = load_adapters(start, [args.resume], trainable=True)
-        task = model.task_names[-1]
-        cfg = model.tasks[task].config
-        for opt, have in (("n_mem", cfg.n_mem), ("mode", cfg.mode)):
-            if getattr(args, opt) is not None and getattr(args, opt) != have:
-                raise ValueError(f"--{opt.replace('_', '-')} {getattr(args, opt)} differs from the resumed "
-                                 f"adapter's {have}; drop it to resume")
-        classes, source = cfg.class_names, args.data or info.get("data")
-        if source is None:
-            raise ValueError(f"no data for resumed task {task!r}: pass --data")
-        subset = classes if classes else (args.class_subset or info.get("class_subset"))
-    else:
-        if args.data is None:
-            raise ValueError("train needs --data: fashion-mnist, digits or an ImageFolder directory")
-        base = create_base(**spec)
-        source, subset = args.data, args.class_subset
-        task = args.task or _default_task_name(source, subset)
-    out = Path(args.out) if args.out else (Path(args.resume) if args.resume else Path("adapters") / task)
-    resuming_in_place = args.resume is not None and out.resolve() == Path(args.resume).resolve()
-    if out.exists() and not (args.overwrite or resuming_in_place):
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    config = D.data_config(base)
-    train_ds = D.load_dataset(source, "train", config, classes=subset)
-    train_ds = D.subsample(train_ds, args.max_train, seed=args.seed)
-    val_ds = None
-    if args.val_fraction:
-        train_ds, val_ds = D.holdout(train_ds, args.val_fraction, seed=args.seed)
-    elif not args.no_val:
-        try:
-            val_ds = D.load_dataset(source, "test", config, classes=subset)
-        except FileNotFoundError:
-            if D.is_builtin(source):
-                raise
-            accelerator.print("no val/test folder: holding out 10% of the training images for validation")
-            train_ds, val_ds = D.holdout(train_ds, 0.1, seed=args.seed)
+    plan = resume_plan(args) if args.resume else new_plan(args, accelerator)
+    out = output_folder(args, plan.task)
+    train_ds, val_ds = datasets(args, plan, accelerator)
     class_names = list(train_ds.classes)
-
-    if not args.resume:
-        n_mem = args.n_mem if args.n_mem is not None else 5
-        start = load_adapters(base, extend) if extend else base
-        model = wrap_model(start, n_mem=n_mem, task=task, mode=args.mode or "non_destructive",
-                           class_names=class_names)
-    elif len(class_names) != model.tasks[task].config.num_classes:
-        raise ValueError(f"the data has {len(class_names)} classes but task {task!r} has "
-                         f"{model.tasks[task].config.num_classes}")
-    model.set_task(task)
-
+    model = task_model(args, plan, class_names)
     g = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, generator=g,
                               num_workers=args.workers)
     val_loader = DataLoader(val_ds, batch_size=args.batch_size * 2, num_workers=args.workers) if val_ds else None
-    accelerator.print(f"task {task!r}: {len(class_names)} classes, {len(train_ds)} training images"
+    accelerator.print(f"task {plan.task!r}: {len(class_names)} classes, {len(train_ds)} training images"
                       f"{f', {len(val_ds)} validation images' if val_ds else ''}; "
                       f"{count_trainable(model):,} trainable parameters; {accelerator.num_processes} process(es)")
-    result = fit(model, train_loader, val_loader, steps=args.steps, epochs=args.epochs, lr=args.lr,
+    result = fit(model, train_loader, val_loader, steps=args.steps,
+                 epochs=args.epochs or (None if args.steps else EPOCHS), lr=args.lr,
                  memory_lr_scale=args.memory_lr_scale, optimizer=args.optimizer, weight_decay=args.weight_decay,
-                 warmup=args.warmup, clip=args.clip,
-                 bf16=args.bf16, accelerator=accelerator, seed=args.seed, progress=not args.no_progress,
-                 desc=task, log=accelerator.print)
+                 warmup=args.warmup, clip=args.clip, bf16=args.bf16, accelerator=accelerator, seed=args.seed,
+                 progress=not args.no_progress, desc=plan.task, log=accelerator.print)
     if accelerator.is_main_process:
-        saved = Path(model.save_adapter(out, task=task))
-        previous = read_training_info(args.resume) if args.resume else {}
-        info = dict(task=task, data=str(Path(source).resolve()) if not D.is_builtin(source) else source,
-                    class_subset=subset if isinstance(subset, str) else previous.get("class_subset"),
-                    class_names=class_names, base=spec, extends=[str(Path(e).resolve()) for e in extend],
-                    settings=dict(steps=result.steps, batch_size=args.batch_size, processes=accelerator.num_processes,
-                                  lr=args.lr, memory_lr_scale=args.memory_lr_scale,
-                                  optimizer=args.optimizer, weight_decay=args.weight_decay,
-                                  warmup=args.warmup, clip=args.clip, bf16=args.bf16, seed=args.seed),
-                    total_steps=previous.get("total_steps", 0) + result.steps,
-                    resumed_from=str(Path(args.resume).resolve()) if args.resume else None,
-                    history=previous.get("history", []) + result.history,
-                    val_accuracy=result.val.get("accuracy"))
-        (saved / TRAINING_FILE).write_text(json.dumps(info, indent=2))
+        saved = Path(model.save_adapter(out, task=plan.task))
+        record = training_record(args, plan, class_names, result, accelerator.num_processes)
+        (saved / TRAINING_FILE).write_text(json.dumps(record, indent=2))
         acc = f"validation accuracy {result.val['accuracy']:.4f}; " if result.val else ""
         print(f"{acc}saved adapter {saved}")
     accelerator.wait_for_everyone()

@@ -1,0 +1,201 @@
+"""``learnable_memory.export_model``: ONNX (onnxruntime) and ``torch.export`` programs equal the eager
+model on several tasks, for ViT, DeiT distilled and EVA (rotary), at any batch size; outputs named
+after the tasks; the inference layout traced whatever the caller's autograd mode; clear refusals.
+
+Each (family, format) is exported once per session (depth-1 tiny models). ONNX exports take about
+10 s each, so they are ``integration`` tests."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import learnable_memory as lm
+from learnable_memory.export import ExportCheckError, _check, _pt2_runner
+from learnable_memory.kinds import AttentionKind
+from learnable_memory.kv_cache import MemoryKVCache
+from learnable_memory.testing import randomize
+from tests.helpers import grid_backbone, images_for, make_vit
+
+#: family -> a depth-1 backbone with random weights, and its image size
+FAMILIES = {
+    "vit": lambda: (make_vit(depth=1), 32),
+    "deit_distilled": lambda: grid_backbone("deit_tiny_distilled_patch16_224", grid=3, depth=1),
+    "eva_rotary": lambda: grid_backbone("eva02_tiny_patch14_224", grid=3, depth=1),
+}
+OUTPUTS = ["base", "cifar", "v1.0", "pets"]
+
+
+@dataclass
+class Export:
+    model: lm.MemoryViT
+    size: int
+    path: Path
+    sidecar: dict
+    packed_in_trace: int  # attention layers that ran packed while torch.export traced
+    packed_in_eager: int  # attention layers that run packed in one eager inference pass
+    cache_reads_in_trace: int  # key/value cache lookups while tracing (must be none)
+
+
+def build(family: str) -> tuple[lm.MemoryViT, int]:
+    base, size = FAMILIES[family]()
+    model = lm.wrap_model(base, n_mem=2, num_classes=5, task="cifar", class_names=list("abcde"))
+    model = lm.wrap_model(model, n_mem=1, num_classes=3, task="v1.0", mode="extension")
+    model = lm.wrap_model(model, n_mem=3, num_classes=4, task="pets")
+    randomize(model, seed=7)
+    return model, size
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory):
+    """``get(family, format)``: the export of that family's model, made on first use (once per session)."""
+    done: dict[tuple[str, str], Export] = {}
+
+    def get(family: str, fmt: str) -> Export:
+        if (family, fmt) not in done:
+            model, size = build(family)
+            path = tmp_path_factory.mktemp(f"{family}_{fmt}") / f"model.{fmt}"
+            packed, reads = [], []
+            real_packed, real_lookup = AttentionKind.attend_packed, MemoryKVCache.lookup
+
+            def attend_packed(*args, **kwargs):
+                packed.append(torch.compiler.is_compiling())
+                return real_packed(*args, **kwargs)
+
+            def lookup(*args, **kwargs):
+                reads.append(torch.compiler.is_compiling())
+                return real_lookup(*args, **kwargs)
+
+            with pytest.MonkeyPatch.context() as mp, torch.enable_grad():
+                mp.setattr(AttentionKind, "attend_packed", attend_packed)
+                mp.setattr(MemoryKVCache, "lookup", lookup)
+                model.train()  # a caller in the middle of training: the export still traces the inference pass
+                lm.export_model(model, path, format=fmt)
+                assert model.training  # restored
+                model.eval()
+                in_trace, packed[:] = sum(packed), []
+                with torch.no_grad():
+                    model.forward_all(images_for(size))
+            done[family, fmt] = Export(model, size, path, json.loads(path.with_suffix(".json").read_text()),
+                                       in_trace, len(packed), sum(reads))
+        return done[family, fmt]
+
+    return get
+
+
+def run_exported(e: Export, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run the exported file as a user would, independently of export_model's own check."""
+    if e.path.suffix == ".onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(e.path), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        outs = session.run(None, {e.sidecar["input"]["name"]: images.numpy()})
+        return {n: torch.from_numpy(o) for n, o in zip(names, outs, strict=True)}
+    with torch.no_grad():
+        return torch.export.load(str(e.path)).module()(images)
+
+
+def assert_matches_eager(e: Export) -> None:
+    for batch in (1, 4):  # neither is a batch size the export was traced or checked at
+        images = images_for(e.size, batch=batch, seed=100 + batch)
+        got = run_exported(e, images)
+        with torch.no_grad():
+            want = e.model.forward_all(images)
+        assert list(got) == OUTPUTS == list(want)
+        for name in OUTPUTS:
+            assert got[name].shape == want[name].shape
+            torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-4)
+
+
+def assert_sidecar(e: Export) -> None:
+    s = e.sidecar
+    assert [o["name"] for o in s["outputs"]] == OUTPUTS
+    assert [o["num_classes"] for o in s["outputs"][1:]] == [5, 3, 4]
+    assert s["outputs"][1]["class_names"] == list("abcde") and s["outputs"][2]["depends_on"] == ["cifar"]
+    assert s["input"]["shape"] == ["batch", 3, e.size, e.size]
+    assert s["preprocessing"]["input_size"] == [3, e.size, e.size] and "mean" in s["preprocessing"]
+    assert set(s["check"]["max_abs_diff"]) == set(OUTPUTS) and s["check"]["batch_sizes"] == [2, 3]
+
+
+def assert_traced_inference_pass(e: Export, family: str) -> None:
+    """The trace packs exactly as eager inference does (training passes never pack), and reads no cache."""
+    assert e.packed_in_trace == e.packed_in_eager and (e.packed_in_eager > 0 or family != "vit")
+    assert e.cache_reads_in_trace == 0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_pt2_program_equals_eager(exports, family):
+    e = exports(family, "pt2")
+    assert_matches_eager(e)
+    assert_sidecar(e)
+    assert_traced_inference_pass(e, family)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_onnxruntime_equals_eager(exports, family):
+    import onnx
+
+    e = exports(family, "onnx")
+    graph = onnx.load(str(e.path)).graph
+    assert [o.name for o in graph.output] == OUTPUTS and [i.name for i in graph.input] == ["images"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic batch
+    assert_matches_eager(e)
+    assert_sidecar(e)
+    assert_traced_inference_pass(e, family)
+
+
+def test_the_check_catches_a_model_that_differs(exports):
+    e = exports("vit", "pt2")
+    changed = copy.deepcopy(e.model)
+    randomize(changed, seed=8, tasks=["pets"])
+    with pytest.raises(ExportCheckError, match="output 'pets' differs from the eager model"):
+        _check(changed, OUTPUTS, _pt2_runner(e.path), (2,), e.path)
+    _check(e.model, OUTPUTS, _pt2_runner(e.path), (2,), e.path)  # and passes the model it was made from
+
+
+def test_static_batch_and_chosen_outputs(tmp_path):
+    model, size = build("vit")
+    path = lm.export_model(model, tmp_path / "one.pt2", tasks=["pets", "base"], format="pt2", dynamic_batch=False)
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["input"]["shape"] == [1, 3, size, size] and sidecar["check"]["batch_sizes"] == [1]
+    program = torch.export.load(str(path)).module()
+    images = images_for(size, batch=1)
+    with torch.no_grad():
+        got, want = program(images), model.forward_all(images, ["pets", "base"])
+    assert list(got) == ["pets", "base"]
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-4)
+    with pytest.raises(AssertionError, match=r"images.size\(\)\[0\] == 1"):  # torch.export's guard
+        program(images_for(size, batch=2))
+
+
+def test_what_can_not_be_exported_is_refused_clearly(tmp_path, monkeypatch):
+    model = lm.wrap_model(make_vit(depth=1), n_mem=1, num_classes=3, task="a")
+    cases = [
+        (lambda: lm.export_model(model.base, tmp_path / "m.onnx"), TypeError, "takes a MemoryViT"),
+        (lambda: lm.export_model(model, tmp_path / "m.tflite", format="tflite"), ValueError, "unknown format"),
+        (lambda: lm.export_model(model, tmp_path / "m.onnx", format="pt2"), ValueError, r"ending in \.pt2"),
+        (lambda: lm.export_model(model, tmp_path / "m.pt2", tasks=["a", "zz"], format="pt2"), ValueError,
+         r"unknown task\(s\) \['zz'\]"),
+        (lambda: lm.export_model(model, tmp_path / "m.pt2", tasks=[], format="pt2"), ValueError, "tasks is empty"),
+    ]
+    full = lm.wrap_model(make_vit(depth=1), n_mem=1, num_classes=3, task="f", mode="full")
+    cases.append((lambda: lm.export_model(full, tmp_path / "f.pt2", tasks=["base", "f"], format="pt2"), ValueError,
+                  "can not export 'base': full-mode task 'f' changes the original tokens"))
+    half = lm.wrap_model(make_vit(depth=1).to(torch.bfloat16), n_mem=1, num_classes=3, task="h")
+    cases.append((lambda: lm.export_model(half, tmp_path / "h.onnx"), ValueError, "bfloat16"))
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the export extra were not installed
+    with pytest.raises(ImportError, match=r"missing: onnxruntime.*pip install 'learnable-memory\[export\]'"):
+        lm.export_model(model, tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())  # every refusal comes before anything is written

@@ -1,0 +1,161 @@
+"""``learnable-memory serve`` on the command line: option errors, the app it builds (``--dtype``), and
+end to end in subprocesses (several workers with an adapters file; the benchmark script's smoke run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+import learnable_memory as lm
+from tests.helpers import (
+    IMAGES,
+    RUN_S,
+    WAIT_S,
+    add_task,
+    b64,
+    error_of,
+    http,
+    metric,
+    reference,
+    running,
+    wait_for,
+    write_atomic,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def demo_adapter(folder: Path, seed: int = 21) -> lm.MemoryViT:
+    """An adapter on the shipped demo base (what the command line builds when no --model is given)."""
+    from learnable_memory.data import load_demo_base
+
+    model = lm.MemoryViT(load_demo_base())
+    add_task(model, folder.name, 4, seed=seed, class_names=["w", "x", "y", "z"])
+    model.save_adapter(folder)
+    return model.eval()
+
+
+def test_cli_refuses_bad_options_in_one_line(tmp_path, capsys):
+    from learnable_memory.cli import main
+
+    assert main(["serve", "--adapter", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err.strip()
+    assert main(["serve", "--workers", "2", "--adapter-root", str(tmp_path)]) == 2
+    assert "--adapters-file" in capsys.readouterr().err
+    assert main(["serve", "--adapter", "x", "--adapters-file", str(tmp_path / "f")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["serve", "--allow-hub"]) == 2
+    assert "adapter_root" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--max-wait-ms", "-1"])
+    assert e.value.code == 2
+
+
+def test_cli_settings_and_api_key_from_the_environment(tmp_path, monkeypatch):
+    from learnable_memory.cli import build_parser
+    from learnable_memory.cli.serve import settings_from_args
+
+    monkeypatch.setenv("LEARNABLE_MEMORY_API_KEY", "from-env")
+    args = build_parser().parse_args(["serve", "--adapter-root", str(tmp_path), "--max-batch-size", "4",
+                                      "--max-request-mb", "0.5", "--no-fingerprint-check", "--threads", "3"])
+    s = settings_from_args(args)
+    assert (s.api_key, s.adapter_root, s.max_batch_size, s.max_request_bytes, s.check_fingerprint, s.threads) == \
+        ("from-env", tmp_path, 4, 2**19, False, 3)
+    args = build_parser().parse_args(["serve", "--api-key", "given"])
+    assert settings_from_args(args).api_key == "given" and not settings_from_args(args).api_loading
+
+
+def test_cli_app_casts_the_base_to_bfloat16_before_loading(tmp_path):
+    from learnable_memory.cli import build_parser
+    from learnable_memory.cli.serve import build_app
+
+    model = demo_adapter(tmp_path / "gray")
+    args = build_parser().parse_args(["serve", "--adapter", str(tmp_path / "gray"), "--dtype", "bfloat16",
+                                      "--threads", "1", "--device", "cpu", "--timeout", str(WAIT_S)])
+    app = build_app(args)
+    served = app.state.server.adapters.model
+    assert {p.dtype for p in served.parameters()} == {torch.bfloat16}
+    with running(app) as s:
+        r = http.post(f"{s.url}/v1/predict", json={"images": [b64(b) for b in IMAGES], "top_k": 4})
+        assert r.json()["tasks"] == ["base", "gray"]
+        listed = http.get(f"{s.url}/v1/adapters").json()["adapters"]
+        assert [a["source"] for a in listed] == [str(tmp_path / "gray")]
+    ref = reference(model, IMAGES, None)  # float32, images converted to the base's one channel
+    for i, pred in enumerate(r.json()["predictions"]):
+        for task, labels in pred["tasks"].items():
+            for x in labels:
+                assert abs(x["prob"] - ref[task][i, x["index"]].item()) < 0.03, (task, i, x)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_cli_two_workers_follow_the_adapters_file_and_sum_metrics(tmp_path):
+    demo_adapter(tmp_path / "one", seed=31)
+    demo_adapter(tmp_path / "two", seed=32)
+    listing = tmp_path / "adapters.txt"
+    write_atomic(listing, "one\n")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "learnable_memory", "serve", "--adapters-file", str(listing),
+                             "--workers", "2", "--port", str(port), "--threads", "1", "--poll-interval", "0.1",
+                             "--timeout", str(WAIT_S), "--log-level", "warning"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def loaded() -> list[float]:  # loaded_adapters of each live worker
+        text = http.get(f"{url}/metrics").text
+        return [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "learnable_memory_loaded_adapters"]
+
+    def up() -> bool:
+        try:
+            return len(loaded()) == 2
+        except httpx.TransportError:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            return False
+
+    try:
+        wait_for(up, "two workers", timeout=RUN_S)
+        for _ in range(12):  # a new connection each: the workers share them
+            r = http.post(f"{url}/v1/predict", json={"images": [b64(IMAGES[0])]})
+            assert r.status_code == 200 and r.json()["tasks"] == ["base", "one"], r.text
+        assert metric(url, "learnable_memory_requests_total", endpoint="/v1/predict", status="200") == 12
+        assert metric(url, "learnable_memory_task_images_total", task="one") == 12
+        assert "adapters file" in error_of(http.post(f"{url}/v1/adapters", json={"path": "two"}), 403)
+        write_atomic(listing, "one\ntwo\n")
+        wait_for(lambda: loaded() == [2.0, 2.0], "both workers to apply the file")
+        assert http.post(f"{url}/v1/predict", json={"images": [b64(IMAGES[0])]}).json()["tasks"] == \
+            ["base", "one", "two"]
+    finally:
+        proc.terminate()
+        proc.wait(WAIT_S)
+        log.close()
+    assert proc.returncode == 0, (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.integration
+def test_benchmark_quick_run(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "serve.json").read_text())
+    assert {"command", "machine", "settings", "cells", "ratios"} <= data.keys()
+    assert {(c["k"], c["c"], c["design"]) for c in data["cells"]} == {
+        (k, c, d) for k in (1, 2) for c in (1, 4) for d in ("one_pass", "per_task")}
+    assert all(c["failures"] == 0 and c["requests"] == 8 and c["p99_ms"] >= c["p50_ms"] > 0 for c in data["cells"])
+    assert (tmp_path / "serve.png").stat().st_size > 0 and "| K" in proc.stdout
