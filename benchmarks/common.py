@@ -1,5 +1,13 @@
-"""Shared helpers of the benchmark scripts: interleaved timing, median/IQR, peak memory in a
-fresh process, machine description, JSON/PNG writing and table printing.
+"""The shared harness of the benchmark scripts: the models they time, interleaved timing, median/IQR,
+peak memory in a fresh process, machine description, JSON/PNG writing and table printing.
+
+Start-up convention: every script runs as ``python benchmarks/NAME.py`` from an environment where the
+package is installed (``pip install -e .``), imports ``learnable_memory`` like any user, and imports this
+module as ``import common`` (Python puts a script's own folder first on ``sys.path``). No script edits
+``sys.path`` or imports from ``tests/``.
+
+Models: :func:`build_vit` gives a random-weight timm ViT (``QUICK_MODEL`` with ``--quick``), so the
+timings need no download; tasks get ``NUM_CLASSES`` classes.
 
 Timing: every method is warmed up, then each repetition runs every method once, in a fixed
 order (A B C D, A B C D, ...), so slow drifts of a shared machine hit all methods alike. Ratios
@@ -11,16 +19,18 @@ fault fresh pages in again, by an amount that depends on the exact order of allo
 the work done. :func:`keep_freed_memory` turns that off (as jemalloc or tcmalloc, which PyTorch's
 CPU performance guide recommends, do); scripts record which setting a run used.
 
-Peak memory: a fresh subprocess builds the models, resets the kernel's RSS high-water mark
-(``/proc/self/clear_refs``), notes its RSS, runs the method, and reads the high-water mark
-(``VmHWM``). The difference is what running the method adds on top of holding the models (torch's
-CPU allocations are invisible to ``tracemalloc``, but not to RSS); the absolute peak is reported
-too. Where the mark can not be reset, ``ru_maxrss`` is used and the build's own peak may hide part
-of the method's.
+Peak memory: :func:`measure_in_subprocess` runs the script again in a fresh process with
+``--measure-memory JOB`` (:func:`add_memory_child_option`); the child builds the models, then
+:func:`report_memory` resets the kernel's RSS high-water mark (``/proc/self/clear_refs``), notes its
+RSS, runs the method, and reads the high-water mark (``VmHWM``). The difference is what running the
+method adds on top of holding the models (torch's CPU allocations are invisible to ``tracemalloc``,
+but not to RSS); the absolute peak is reported too. Where the mark can not be reset, ``ru_maxrss`` is
+used and the build's own peak may hide part of the method's.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import json
@@ -39,13 +49,26 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out"
+#: Classes of every task the speed benchmarks build.
+NUM_CLASSES = 10
+#: The model of ``--quick`` runs: a depth-2 ViT-Tiny on 32 px images (16 patches).
+QUICK_MODEL = ("vit_tiny_patch16_224", dict(depth=2, img_size=32, patch_size=8))
 
 
-def add_repo_root_to_path() -> None:
-    """Make ``learnable_memory`` and ``tests.dense_reference`` importable when run as a script."""
-    root = str(REPO_ROOT)
-    if root not in sys.path:
-        sys.path.insert(0, root)
+# ----- models -----
+def build_vit(name: str, quick: bool = False) -> torch.nn.Module:
+    """A random-weight timm ViT in eval mode, seeded (``QUICK_MODEL``'s arguments with ``quick``)."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **(QUICK_MODEL[1] if quick else {})).eval()
+
+
+def images_for(vit: torch.nn.Module, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random images ``[batch, C, H, W]`` of the ViT's input size (seed 0 unless ``generator``)."""
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    h, w = vit.patch_embed.img_size
+    return torch.randn(batch, vit.patch_embed.proj.in_channels, h, w, generator=g)
 
 
 # ----- timing -----
@@ -162,14 +185,23 @@ def peak_memory_of(fn: Callable[[], Any], calls: int = 2) -> dict[str, float]:
     return {"baseline_mb": before, "peak_mb": peak, "extra_mb": peak - before, "reset": reset}
 
 
-def measure_in_subprocess(script: Path, args: Sequence[str], timeout: float = 1800) -> dict:
-    """Run ``python script *args`` in a fresh process and parse the JSON on its last stdout line."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+def add_memory_child_option(parser: argparse.ArgumentParser) -> None:
+    """The hidden ``--measure-memory JOB`` option (a JSON object) that :func:`measure_in_subprocess` passes."""
+    parser.add_argument("--measure-memory", type=json.loads, metavar="JOB", help=argparse.SUPPRESS)
+
+
+def report_memory(job: dict, fn: Callable[[], Any], calls: int = 2) -> None:
+    """Child side: run ``fn`` (the models already built) ``calls`` times under :func:`peak_memory_of` and
+    print ``job`` with the measurement as the last stdout line."""
+    print(json.dumps({**job, **peak_memory_of(fn, calls)}))
+
+
+def measure_in_subprocess(script: Path, job: dict, timeout: float = 1800) -> dict:
+    """Parent side: run ``python script --measure-memory JOB`` in a fresh process; the child's JSON line."""
+    proc = subprocess.run([sys.executable, str(script), "--measure-memory", json.dumps(job)], capture_output=True,
+                          text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"memory measurement {args} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"memory measurement {job} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -1,12 +1,17 @@
-"""Family sweep: run the full architecture sweep of ``tests/test_families.py`` and write the support table.
+"""Family sweep: run the architecture sweep of ``tests/test_families.py`` and write the support table.
 
 Runs ``pytest tests/test_families.py -m slow`` (every architecture of timm's ViT modules at
-``depth=2``; ``--quick``: the default sample instead), times it, reads each architecture's outcome
-and kinds from the JUnit XML report (properties recorded by the test), and writes
-``family_sweep.json`` and a Markdown table per timm module: architectures, supported, unsupported
-(with the documented reason), failing, and the backbone/embedding/block/attention kinds met. The
-full run also replaces the README section between ``<!-- families:start -->`` and
-``<!-- families:end -->``.
+``depth=2``; ``--quick``: the default sample instead), times it, and reads each architecture's timm
+module, outcome and kinds from the JUnit XML report (properties the test records, so the list of
+swept modules lives in the test only). Writes ``family_sweep.json`` and a Markdown table per timm
+module: architectures, supported, unsupported (with the documented reason), failing, and the
+backbone/embedding/block/attention kinds met, then the run's summary and the refused classes
+(``learnable_memory.registry.UNSUPPORTED``). The full run puts that generated text between
+``<!-- families:start -->`` and ``<!-- families:end -->`` in README.md; the prose around it is
+written in the README.
+
+    python benchmarks/family_sweep.py            # the full sweep; rewrites the README's table
+    python benchmarks/family_sweep.py --quick    # the default sample; README left alone
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from pathlib import Path
 
 import common
 
+from learnable_memory.registry import UNSUPPORTED, load_families
+
 ROOT = common.REPO_ROOT
 README = ROOT / "README.md"
 START, END = "<!-- families:start -->", "<!-- families:end -->"
-MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "eva", "beit", "naflexvit")
 CASE = re.compile(r"^test_(?:every|sample)_architecture\[(.+)\]$")
 
 
@@ -70,9 +76,11 @@ def read_results(xml: Path) -> dict[str, dict]:
 
 
 def summarize(results: dict[str, dict]) -> dict[str, dict]:
-    """Per timm module: counts, refusal reasons, failing architectures and kinds."""
+    """Per timm module (as the test recorded it), most architectures first: counts, refusal reasons,
+    failing architectures and kinds."""
+    counts = collections.Counter(r["module"] for r in results.values())
     table = {}
-    for module in MODULES:
+    for module in sorted(counts, key=lambda m: (-counts[m], m)):
         rows = {a: r for a, r in results.items() if r["module"] == module}
         kinds: dict[str, set[str]] = collections.defaultdict(set)
         for r in rows.values():
@@ -93,21 +101,19 @@ def summarize(results: dict[str, dict]) -> dict[str, dict]:
     return table
 
 
-def shown(kind: str, ambiguous: set[str]) -> str:
+def shown(kind: str, ambiguous: set[str], modules: set[str]) -> str:
     """``"beit.Block"`` -> ``"Block (beit)"`` when another module has a ``Block`` too, else ``"Block"``;
-    classes of ``timm.layers`` show as ``(timm.layers)``."""
+    classes defined outside the swept ``modules`` show as ``(timm.layers)``."""
     owner, name = kind.rsplit(".", 1)
     if name not in ambiguous:
         return name
-    return f"{name} ({owner if owner in MODULES else 'timm.layers'})"
+    return f"{name} ({owner if owner in modules else 'timm.layers'})"
 
 
 def markdown(table: dict[str, dict], seconds: float, summary_line: str, machine: dict, quick: bool) -> str:
-    """The README section (between the markers)."""
-    common.add_repo_root_to_path()
-    from learnable_memory.registry import UNSUPPORTED
-    from tests.test_families import DEPTH2_KWARGS, SAMPLE
-
+    """The generated part of the README section: the table, the run that made it, the refusals.
+    The prose around it lives in README.md."""
+    load_families()
     command = "python -m pytest tests/test_families.py" + ("" if quick else " -m slow")
     headers = ["timm module", "architectures", "supported", "unsupported", "failing", "block kinds",
                "attention kinds", "backbone, embedding"]
@@ -120,7 +126,7 @@ def markdown(table: dict[str, dict], seconds: float, summary_line: str, machine:
                 owners[n.rsplit(".", 1)[1]].add(n)
     ambiguous = {name for name, kinds in owners.items() if len(kinds) > 1}
     for module, t in table.items():
-        k = {g: [shown(n, ambiguous) for n in names] for g, names in t["kinds"].items()}
+        k = {g: [shown(n, ambiguous, set(table)) for n in names] for g, names in t["kinds"].items()}
         unsupported = "; ".join(f"{n}: {reason}" for reason, n in t["unsupported"].items()) or "0"
         lines.append("| " + " | ".join([
             f"`{module}`", str(t["architectures"]), str(t["supported"]), unsupported,
@@ -131,62 +137,30 @@ def markdown(table: dict[str, dict], seconds: float, summary_line: str, machine:
                      unsupported=sum(t["unsupported"].values()), failed=len(t["failed"]))
     lines.append(f"| **all** | **{total['architectures']}** | **{total['supported']}** | "
                  f"**{total['unsupported']}** | **{total['failed']}** | | | |")
-    refused = (
-        "\n".join(f"- `{key}`: {reason}" for key, reason in sorted(UNSUPPORTED.items()))
-        if UNSUPPORTED else "No architecture or class is refused: `learnable_memory.families.UNSUPPORTED` is empty."
-    )
+    refused = "Refused on purpose: nothing (`learnable_memory.registry.UNSUPPORTED` is empty)."
+    if UNSUPPORTED:
+        refused = ("Refused on purpose (`learnable_memory.registry.UNSUPPORTED`; wrapping raises "
+                   "`UnsupportedModelError`, a `TypeError`, with the reason):\n\n"
+                   + "\n".join(f"- `{key}`: {reason}" for key, reason in sorted(UNSUPPORTED.items())))
     return "\n".join([
-        "Every architecture that `timm.list_models(module=M)` lists for these modules, built with `depth=2` and",
-        "random weights, is checked by `tests/test_families.py`: base output bit-identical after wrapping, two",
-        "concatenated tasks equal to each task alone, a training step reaching only the new task's memory (every",
-        "block), class token and head, and a `save_pretrained` / `load_adapters` round trip. The counts are",
-        "written by `benchmarks/family_sweep.py` from that sweep, not by hand.",
-        "",
         *lines,
         "",
         f"{'Default sample' if quick else 'Full sweep'} (`{command}`): {summary_line}, "
         f"{seconds / 60:.1f} min wall time on {machine['cores']} cores ({machine['cpu']}, load average "
-        f"{machine['load_average'][0]:.1f} at the start), "
-        f"timm {machine['timm']}, torch {machine['torch']}. The default test run checks a fixed sample of "
-        f"{len(SAMPLE)} architectures, one per family and per backbone, embedding, block and attention kind "
-        "(`SAMPLE` in `tests/test_families.py`); the slow sweep also fails if an architecture has a kind the "
-        f"sample lacks. timm can not build {len(DEPTH2_KWARGS)} architectures at `depth=2` as registered "
-        f"({', '.join(f'`{a}`' for a in sorted(DEPTH2_KWARGS))}: one `num_kv_heads` entry per block of the "
-        "full depth); the sweep builds them with one full-attention and one grouped-query block.",
-        "",
-        "How each kind meets the memory (details in the docstrings of `learnable_memory/families/`):",
-        "",
-        "- `Block`: memory goes through `norm1` and the attention's key/value projection. `ResPostBlock`",
-        "  (post-norm) applies nothing before attention, so memory enters the key/value projection as it is.",
-        "  `ParallelThingsBlock`: through each parallel branch's own norm and key/value projection.",
-        "- `ParallelScalingBlock`, `DiffParallelScalingBlock` (fused `in_proj` for MLP and q, k, v): memory goes",
-        "  through `in_norm` and only the key/value rows of `in_proj`.",
-        "- `DiffAttention` and `DiffParallelScalingBlock` (two softmaxes per head): new class tokens get the",
-        "  Table 1 mask on both.",
-        "- DeiT's `VisionTransformerDistilled`: the class and distillation tokens are both prefix tokens; the",
-        "  base output stays timm's own head (the mean of both heads); new class tokens start from the class",
-        "  token. Hybrid ViTs (`HybridEmbed`) take the image size they were built for unless built with",
-        "  `dynamic_img_size=True`; other sizes get a `ValueError` saying how to fix them.",
-        "- `Eva` (rotary embeddings, which skip new class tokens and memory as they skip prefix tokens), `Beit`",
-        "  (relative position bias) and `NaFlexVit` (padding masks, variable length): see `families/eva.py`,",
-        "  `families/beit.py` and `families/naflexvit.py`.",
-        "- The original tokens always run the base model's own arithmetic, unmasked (fused attention where the",
-        "  model uses it), so the base output is bit-identical.",
-        "",
-        "Refused on purpose (a `TypeError` naming the reason and what would lift it):",
+        f"{machine['load_average'][0]:.1f} at the start), timm {machine['timm']}, torch {machine['torch']}.",
         "",
         refused,
     ])
 
 
-def write_readme(section: str) -> None:
+def write_readme(section: str, readme: Path = README) -> None:
     """Replace the text between the markers (they must exist once each) with ``section``."""
-    text = README.read_text()
+    text = readme.read_text()
     if text.count(START) != 1 or text.count(END) != 1:
-        raise SystemExit(f"README.md needs exactly one {START} and one {END}")
+        raise SystemExit(f"{readme} needs exactly one {START} and one {END}")
     head, rest = text.split(START)
     _, tail = rest.split(END)
-    README.write_text(f"{head}{START}\n{section}\n{END}{tail}")
+    readme.write_text(f"{head}{START}\n{section}\n{END}{tail}")
 
 
 def main() -> None:

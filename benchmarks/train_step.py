@@ -14,56 +14,44 @@ step with momentum 0.9 over the trainable parameters, the optimizer the project 
 Step time: interleaved repetitions; per repetition, each method's time over ``full_ft``'s.
 Peak memory: each method in a fresh process (see ``benchmarks/common.py``): the RSS high-water mark
 over two steps minus the RSS once the model and optimizer are built, so it counts gradients,
-optimizer state and activations.
+optimizer state and activations. Run times and results: ``benchmarks/RESULTS.md``.
 
-    python benchmarks/train_step.py            # ViT-S/16, batch 32, 224 px: ~3 min on 2 cores
+    python benchmarks/train_step.py            # ViT-S/16, batch 32, 224 px
     python benchmarks/train_step.py --quick    # tiny model (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import timm
+import common
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from learnable_memory import wrap_model
+from learnable_memory.baselines import HeadOnly, full_finetune, lora
 
-from benchmarks import common  # noqa: E402
-from learnable_memory import wrap_model  # noqa: E402
-from learnable_memory.baselines import HeadOnly, full_finetune, lora  # noqa: E402
-
-NUM_CLASSES = 10
 METHODS = ("memory_nd", "memory_full", "head_only", "head_cls", "full_ft", "lora")
-QUICK_MODEL = ("vit_tiny_patch16_224", dict(depth=2, img_size=32, patch_size=8))
-
-
-def build_vit(name: str, quick: bool) -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **(QUICK_MODEL[1] if quick else {})).eval()
 
 
 def build_method(method: str, vit: nn.Module, m: int, copy_base: bool = True) -> nn.Module:
     """The trainable model of ``method``; ``vit`` is only frozen, never changed (copies are made)."""
     if method == "memory_nd":
-        return wrap_model(vit, n_mem=m, num_classes=NUM_CLASSES, task="t", mode="non_destructive")
+        return wrap_model(vit, n_mem=m, num_classes=common.NUM_CLASSES, task="t", mode="non_destructive")
     if method == "memory_full":
-        return wrap_model(vit, n_mem=m, num_classes=NUM_CLASSES, task="t", mode="full")
+        return wrap_model(vit, n_mem=m, num_classes=common.NUM_CLASSES, task="t", mode="full")
     if method == "head_cls":
-        return wrap_model(vit, n_mem=0, num_classes=NUM_CLASSES, task="t")
+        return wrap_model(vit, n_mem=0, num_classes=common.NUM_CLASSES, task="t")
     if method == "head_only":
-        return HeadOnly(vit, NUM_CLASSES)
+        return HeadOnly(vit, common.NUM_CLASSES)
     if method == "full_ft":
-        return full_finetune(vit, NUM_CLASSES, copy_base=copy_base)
+        return full_finetune(vit, common.NUM_CLASSES, copy_base=copy_base)
     if method == "lora":
-        return lora(vit, NUM_CLASSES, r=8, copy_base=copy_base)
+        return lora(vit, common.NUM_CLASSES, r=8, copy_base=copy_base)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -87,18 +75,18 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], 
 
 
 def batch_for(vit: nn.Module, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images ``[batch, C, H, W]`` and labels ``[batch]``."""
     g = torch.Generator().manual_seed(0)
-    h, w = vit.patch_embed.img_size
-    x = torch.randn(batch, vit.patch_embed.proj.in_channels, h, w, generator=g)
-    return x, torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+    x = common.images_for(vit, batch, g)
+    return x, torch.randint(0, common.NUM_CLASSES, (batch,), generator=g)
 
 
-def measure_memory_child(args: argparse.Namespace) -> None:
-    vit = build_vit(args.model, args.quick)
-    x, y = batch_for(vit, args.batch)
-    model = build_method(args.measure_memory, vit, args.m, copy_base=False)
-    mem = common.peak_memory_of(step_fn(model, x, y))
-    print(json.dumps({"method": args.measure_memory, **mem}))
+def measure_memory_child(job: dict) -> None:
+    """Child mode: build the model of ``job`` and its optimizer, then measure two training steps."""
+    vit = common.build_vit(job["model"], job["quick"])
+    x, y = batch_for(vit, job["batch"])
+    model = build_method(job["method"], vit, job["m"], copy_base=False)
+    common.report_memory(job, step_fn(model, x, y))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -127,20 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--m", type=int, default=10, help="memory tokens per block of the memory methods")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--measure-memory", help=argparse.SUPPRESS)
+    common.add_memory_child_option(p)
     args = p.parse_args(argv)
 
-    if args.quick:
-        args.model, args.batch, args.reps = QUICK_MODEL[0], 4, 1
     if args.measure_memory:
-        measure_memory_child(args)
+        measure_memory_child(args.measure_memory)
         return 0
+    if args.quick:
+        args.model, args.batch, args.reps = common.QUICK_MODEL[0], 4, 1
 
     machine = common.machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
           f"({machine['torch_threads']} threads), load {machine['load_average']}", flush=True)
     start = time.perf_counter()
-    vit = build_vit(args.model, args.quick)
+    vit = common.build_vit(args.model, args.quick)
     x, y = batch_for(vit, args.batch)
     models = {m: build_method(m, vit, args.m) for m in METHODS}
     steps = {m: step_fn(model, x, y) for m, model in models.items()}
@@ -152,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     memory: dict[str, dict] = {}
     if not args.no_memory:
         for method in (["memory_nd", "full_ft"] if args.quick else METHODS):
-            cmd = ["--measure-memory", method, "--model", args.model, "--batch", str(args.batch), "--m", str(args.m)]
-            memory[method] = common.measure_in_subprocess(Path(__file__), cmd + (["--quick"] if args.quick else []))
+            job = {"method": method, "model": args.model, "batch": args.batch, "m": args.m, "quick": args.quick}
+            memory[method] = common.measure_in_subprocess(Path(__file__), job)
             print(f"  memory {method}: +{memory[method]['extra_mb']:.0f} MiB", flush=True)
 
     rows = []
