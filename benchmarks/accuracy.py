@@ -1,13 +1,18 @@
 """The paper's accuracy table in miniature, on real images.
 
-Base model: the small timm ViT shipped with the package (``learnable_memory.data.load_demo_base``),
-pretrained on Fashion-MNIST classes 0-4, or any timm ViT given with ``--model`` (``--pretrained`` for
-its hub weights, ``--checkpoint FILE`` for local ones; images are resized to its input by its own timm
-preprocessing). Downstream tasks:
+Base model: a small timm ViT shipped with the package (``learnable_memory.data.load_demo_base``), chosen
+with ``--base``: ``fmnist`` (the default), pretrained on Fashion-MNIST classes 0-4, or ``glyphs``, the same
+architecture pretrained on 1,188 rendered characters (``learnable_memory.glyphs``); or any timm ViT given with
+``--model`` (``--pretrained`` for its hub weights, ``--checkpoint FILE`` for local ones; images are resized to
+its input by its own timm preprocessing). Downstream tasks:
 
 - ``fmnist_5_9``: Fashion-MNIST classes 5-9 (30,000 training images, 5,000 test);
 - ``digits``: scikit-learn's 8x8 digits, upsampled to 28x28 (1,200 training, 597 test);
-- ``fmnist_10``: all 10 Fashion-MNIST classes (60,000 training, 10,000 test).
+- ``fmnist_10``: all 10 Fashion-MNIST classes (60,000 training, 10,000 test);
+- ``glyphs_near``: 60 Cyrillic letters, a script related to the glyph base's Latin and Greek (12,000
+  training images, 6,000 test);
+- ``glyphs_far``: the 27 Hebrew letters, a script family the glyph base has not seen (5,400 training,
+  2,700 test).
 
 Methods, all trained by ``learnable_memory.train.fit`` with the same step budget, batch 128, SGD with
 momentum 0.9, gradient clipping at 1, 5% linear warm-up and cosine decay:
@@ -31,6 +36,13 @@ After training, every non-destructive adapter of a seed (all tasks, all m) is ad
 ``MemoryViT``; its single ``forward_all`` pass must give each task the same test accuracy (and logits)
 as the task's own model, and the base model's own output unchanged.
 
+Resuming: every training run (a tuning setting or a seed of a task and method) is one grid cell, written to
+its own JSON file under ``--cells`` (default ``<out>/accuracy_cells``), in a folder named after the base, the
+steps, the batch and the image limit; the non-destructive adapters are saved beside their cell. A cell whose
+file is there is read, not run again, so an interrupted grid continues where it stopped, a larger grid reuses
+a smaller one's cells, and re-running a finished command rebuilds its table and plot in seconds. ``--fresh``
+runs every cell again.
+
 Settings:
 
     python benchmarks/accuracy.py                 # default setting (DEFAULT): 6 methods x 2 tasks, 1 seed,
@@ -41,33 +53,40 @@ Settings:
     python benchmarks/accuracy.py --quick         # smoke test: 3 steps on a few hundred images
     python benchmarks/accuracy.py --full --model vit_base_patch32_224.augreg_in21k --pretrained --workers 8
                                                   # the paper's backbone (GPU, weights in the HF cache)
+    python benchmarks/accuracy.py --base glyphs --full --steps 300 --threads 1 --out benchmarks/out/glyphs \
+        --methods head_only head_cls nd_m5 nd_m20 full_m5 full_m20 lora_r4 full_ft
+                                                  # the broad base: 8 methods x 4 tasks x 3 seeds (RESULTS.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
+import re
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from learnable_memory import MemoryViT, load_adapters, wrap_model
+from learnable_memory.baselines import HeadOnly, full_finetune, lora
+from learnable_memory.cli.base import add_model_options, base_spec, create_base
+from learnable_memory.data import DEMO_BASE_DIR, DEMO_BASES, data_config, load_dataset, subsample
+from learnable_memory.train import count_trainable, evaluate, fit
 
-from benchmarks import common  # noqa: E402
-from learnable_memory import MemoryViT, wrap_model  # noqa: E402
-from learnable_memory.baselines import HeadOnly, full_finetune, lora  # noqa: E402
-from learnable_memory.cli.base import add_model_options, base_spec, create_base  # noqa: E402
-from learnable_memory.data import data_config, load_dataset, subsample  # noqa: E402
-from learnable_memory.train import count_trainable, evaluate, fit  # noqa: E402
-
-TASKS = {"fmnist_5_9": ("fashion-mnist", "5-9"), "digits": ("digits", None), "fmnist_10": ("fashion-mnist", None)}
+TASKS = {"fmnist_5_9": ("fashion-mnist", "5-9"), "digits": ("digits", None), "fmnist_10": ("fashion-mnist", None),
+         "glyphs_near": ("glyphs-near", None), "glyphs_far": ("glyphs-far", None)}
+#: The tasks of ``--full`` for each shipped base (the glyph base's own classes are not a task).
+FULL_TASKS = {"fmnist": ["fmnist_5_9", "digits", "fmnist_10"],
+              "glyphs": ["glyphs_near", "glyphs_far", "fmnist_10", "digits"]}
 MEMORY_SIZES = (1, 5, 10, 20)
 #: Validation images held out of a task's training set: 10%, but at least this many (up to a quarter), so
 #: that tuning on a small task (digits: 1,200 training images) is not decided by a handful of images.
@@ -92,7 +111,7 @@ DEFAULT_LR_OTHER = (0.6, 1.0)
 #: The default setting: what a run without --full runs.
 DEFAULT = dict(steps=200, seeds=[0], tasks=["fmnist_5_9", "digits"],
              methods=["full_ft", "head_only", "head_cls", "nd_m5", "full_m5", "lora_r4"])
-FULL = dict(steps=1000, seeds=[0, 1, 2], tasks=list(TASKS), methods=METHODS)
+FULL = dict(steps=1000, seeds=[0, 1, 2], tasks=FULL_TASKS["fmnist"], methods=METHODS)
 
 
 def lr_grid(method: str) -> list[tuple[float, float]]:
@@ -160,6 +179,7 @@ def load_task(task: str, cfg: dict, limit: int | None, cache: dict) -> dict[str,
     once into tensors; larger ones (a 224 px model) are loaded and transformed lazily, image by image.
     """
     source, classes = TASKS[task]
+    names = load_dataset(source, "test", cfg, classes=classes).classes
     if math.prod(cfg["input_size"]) <= MATERIALIZE_MAX:
         train = split_tensors(source, "train", classes, cfg, limit, cache)
         test = split_tensors(source, "test", classes, cfg, limit, cache)
@@ -168,9 +188,8 @@ def load_task(task: str, cfg: dict, limit: int | None, cache: dict) -> dict[str,
                        for split in ("train", "test"))
     order = np.random.default_rng(0).permutation(len(train))
     n_val = max(1, len(train) // 10, min(VAL_MIN, len(train) // 4))
-    num_classes = 10 if classes is None else int(classes.split("-")[1]) - int(classes.split("-")[0]) + 1
     return {"train": Subset(train, order[n_val:].tolist()), "val": Subset(train, order[:n_val].tolist()),
-            "test": test, "num_classes": num_classes}
+            "test": test, "num_classes": len(names)}
 
 
 # ----- methods -----
@@ -205,6 +224,39 @@ def train_one(method: str, base: nn.Module, data: dict, lr: tuple[float, float],
     seconds = time.perf_counter() - start
     res = evaluate(model, DataLoader(data[eval_on], batch_size=EVAL_BATCH, num_workers=workers))
     return model, {"accuracy": res["accuracy"], "seconds": seconds, "trainable_params": count_trainable(model)}
+
+
+# ----- grid cells: one file per training run, so a grid resumes -----
+def cells_folder(root: Path, spec: dict, steps: int, batch: int, limit: int | None) -> Path:
+    """The folder of one setting's cells, ``<base>_s<steps>_b<batch>[_n<limit>]_<hash>``: a base folder is
+    known by its weights file's hash (so its cells survive a move of the repository), other bases by their
+    spec."""
+    model, folder = spec.get("model"), None
+    if model is None and not spec.get("checkpoint"):
+        folder = DEMO_BASE_DIR
+    elif model is not None and Path(model).is_dir():
+        folder = Path(model)
+    if folder is not None:
+        name, ident = folder.name, hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    else:
+        name, ident = re.sub(r"[^\w.-]+", "_", str(model)), json.dumps(spec, sort_keys=True)
+    key = hashlib.sha256(json.dumps([ident, steps, batch, limit, VAL_MIN]).encode()).hexdigest()[:10]
+    return root / f"{name}_s{steps}_b{batch}{f'_n{limit}' if limit else ''}_{key}"
+
+
+def run_cell(cells: Path, task: str, method: str, lr: tuple[float, float], seed: int, eval_on: str, *,
+             base: nn.Module, data: dict, steps: int, batch: int, workers: int = 0, fresh: bool = False) -> dict:
+    """Train ``method`` on ``task`` once and score it on ``eval_on`` ("val" or "test"), or read the cell's file
+    when an earlier run wrote it. Non-destructive adapters scored on test are saved beside the file."""
+    path = cells / task / method / f"{eval_on}_seed{seed}_lr{lr[0]:g}_x{lr[1]:g}.json"
+    if path.is_file() and not fresh:
+        return json.loads(path.read_text()) | {"cached": True}
+    model, r = train_one(method, base, data, lr, seed, steps, batch, eval_on, f"{task}_{method}", workers)
+    r.update(task=task, method=method, seed=seed, lr=lr[0], memory_lr_scale=lr[1], eval_on=eval_on)
+    if eval_on == "test" and isinstance(model, MemoryViT) and model.tasks[model.active_task].config.mode != "full":
+        r["adapter"] = str(model.save_adapter(path.with_suffix("")).relative_to(cells))
+    common.write_json(path, r)
+    return r
 
 
 # ----- concatenation -----
@@ -265,6 +317,17 @@ def plot(results: dict, tasks: list[str], methods: list[str], path: Path) -> Non
     common.save_figure(fig, path)
 
 
+def markdown(results: dict, lrs: dict, tasks: list[str], methods: list[str]) -> str:
+    """The results as RESULTS.md's two tables: accuracy mean ± std (learning rate), and share of the gap closed."""
+    head = "| method | " + " | ".join(tasks) + " |\n|---|" + "---|" * len(tasks)
+    acc = [f"| {m} | " + " | ".join(f"{results[t][m]['mean']:.3f} ± {results[t][m]['std']:.3f} "
+                                    f"({lr_name(lrs[t][m]).removeprefix('lr ')})" for t in tasks) + " |"
+           for m in methods]
+    closed = {m: [results[t][m].get("gap_closed") for t in tasks] for m in methods if m not in ("head_only", "full_ft")}
+    gap = [f"| {m} | " + " | ".join("-" if g is None else f"{g:.2f}" for g in gs) + " |" for m, gs in closed.items()]
+    return "\n".join([head, *acc, "", head, *gap])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 2 methods, a few hundred images")
@@ -277,15 +340,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=METHODS)
     p.add_argument("--fixed-lr", action="store_true", help="skip tuning: use each method's default learning rate")
     p.add_argument("--limit", type=int, help="use at most this many training and test images per task")
+    p.add_argument("--base", choices=list(DEMO_BASES), help="a shipped base by name (default: fmnist; --model for "
+                   "any other)")
     add_model_options(p, "base model (default: the shipped Fashion-MNIST ViT)")
+    p.add_argument("--cells", type=Path, help="where the grid's cells are kept (default: <out>/accuracy_cells)")
+    p.add_argument("--fresh", action="store_true", help="run every cell again, even when its file is there")
     p.add_argument("--workers", type=int, default=0, help="data loader processes (for lazily loaded images)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice); 1 is faster for this "
                    "small model on a busy CPU, where every small parallel op waits for a descheduled thread")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.base is not None:
+        if args.model is not None or args.checkpoint is not None:
+            p.error("give --base or --model, not both")
+        args.model = str(DEMO_BASES[args.base])
 
     setting = dict(FULL if args.full else DEFAULT)
+    if args.full and args.base is not None:
+        setting["tasks"] = FULL_TASKS[args.base]
     if args.quick:
         setting.update(steps=3, seeds=[0], tasks=["fmnist_5_9", "digits"], methods=["head_only", "nd_m1", "full_ft"])
         args.limit = args.limit or 256
@@ -307,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = data_config(base)
     cache: dict = {}
     datas = {t: load_task(t, cfg, args.limit, cache) for t in tasks}
-    print(f"data ready ({time.perf_counter() - start:.0f} s)", flush=True)
+    cells = cells_folder(args.cells or args.out / "accuracy_cells", spec, steps, args.batch, args.limit)
+    cell = dict(base=base, steps=steps, batch=args.batch, workers=args.workers, fresh=args.fresh)
+    print(f"data ready ({time.perf_counter() - start:.0f} s); cells in {cells}", flush=True)
 
     lrs: dict[str, dict[str, tuple[float, float]]] = {t: {} for t in tasks}
     tuning: dict[str, dict[str, dict[str, float]]] = {t: {} for t in tasks}
@@ -317,9 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 lrs[task][method] = default_lr(method)
                 continue
             def score(lr, task=task, method=method):
-                _, r = train_one(method, base, datas[task], lr, seeds[0], steps, args.batch, "val",
-                                 f"{task}_{method}", args.workers)
-                return r["accuracy"]
+                return run_cell(cells, task, method, lr, seeds[0], "val", data=datas[task], **cell)["accuracy"]
 
             best, scores = tune_lr(score, lr_grid(method))
             lrs[task][method] = best
@@ -334,18 +407,18 @@ def main(argv: list[str] | None = None) -> int:
         for task in tasks:
             for method in methods:
                 name = f"{task}_{method}"
-                model, r = train_one(method, base, datas[task], lrs[task][method], seed, steps, args.batch, "test",
-                                     name, args.workers)
+                r = run_cell(cells, task, method, lrs[task][method], seed, "test", data=datas[task], **cell)
                 lr, scale = lrs[task][method]
                 entry = results[task].setdefault(method, {"lr": lr, "memory_lr_scale": scale, "accuracies": [],
                                                           "seconds": []})
                 entry["accuracies"].append(r["accuracy"])
                 entry["seconds"].append(r["seconds"])
                 entry["trainable_params"] = r["trainable_params"]
-                if method.startswith("nd_m") or method == "head_cls":
-                    adapters[name] = (model, task, r["accuracy"])
+                if r.get("adapter"):
+                    adapters[name] = (load_adapters(base, [cells / r["adapter"]]), task, r["accuracy"])
                 print(f"  seed {seed} {task:10s} {method:9s} {lr_name(lrs[task][method]):12s} acc {r['accuracy']:.4f} "
-                      f"({r['seconds']:.0f} s; total {time.perf_counter() - start:.0f} s)", flush=True)
+                      f"({r['seconds']:.0f} s{', read from its cell' if r.get('cached') else ''}; "
+                      f"total {time.perf_counter() - start:.0f} s)", flush=True)
         if adapters:
             concat[str(seed)] = check_concatenation(base, adapters, datas, args.workers)
             print(f"  seed {seed}: {len(adapters)} non-destructive adapters in one model, accuracies unchanged: "
@@ -366,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     machine["load_average_end"] = common.load_average()
     result = {"benchmark": "accuracy", "command": common.command_line(), "machine": machine,
               "settings": {"steps": steps, "batch": args.batch, "seeds": seeds, "tasks": tasks, "methods": methods,
-                           "tuned": tune, "limit": args.limit,
+                           "tuned": tune, "limit": args.limit, "cells": str(cells),
                            "optimizer": "SGD momentum 0.9, clip 1, 5% warm-up, cosine",
                            "base": {k: v for k, v in spec.items() if v} or "learnable_memory.data.load_demo_base()"},
               "learning_rates": lrs, "tuning": tuning, "results": results, "concatenation": concat,
@@ -395,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"concatenation (seed {seed}): {c['tasks_in_model']} adapters in one model, accuracy unchanged "
               f"for all: {'PASS' if c['all_unchanged'] else 'MISS'} (max logit diff {worst:.2e}, "
               f"base {c['base_max_logit_diff']:.2e})")
+    print("\n" + markdown(results, lrs, tasks, methods))
     print(f"\nwrote {args.out / 'accuracy.json'} and {args.out / 'accuracy.png'} in {result['seconds']:.0f} s")
     return 0
 

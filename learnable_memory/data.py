@@ -6,6 +6,9 @@ Everything is read from local files; nothing is downloaded.
   ``/usr/share/datasets/fashion-mnist``, or ``$LEARNABLE_MEMORY_FASHION_MNIST``).
 - Digits come from scikit-learn's bundled 8x8 set: a fixed, seeded split of 1,200 training images,
   the other 597 for test.
+- Glyphs (``glyphs-pretrain``, ``glyphs-near``, ``glyphs-far``) are characters rendered from Debian font
+  packages by :mod:`learnable_memory.glyphs`: one class per character, 28x28, a fixed seed, train and test
+  images drawn from different random streams.
 - An ImageFolder directory is read with torchvision. ``root/train`` and ``root/val`` (or ``root/test``)
   are used as splits when present; otherwise ``root`` itself is the training split.
 
@@ -31,7 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 #: The built-in data sources (anything else is an ImageFolder directory).
-BUILTIN_DATASETS = ("fashion-mnist", "digits")
+BUILTIN_DATASETS = ("fashion-mnist", "digits", "glyphs-pretrain", "glyphs-near", "glyphs-far")
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -42,6 +45,10 @@ DIGITS_TRAIN_SIZE = 1200
 #: The small base model shipped with the package (timm's ``local-dir`` export format:
 #: ``config.json`` + ``model.safetensors``), produced by ``benchmarks/pretrain_base.py``.
 DEMO_BASE_DIR = Path(__file__).parent / "assets" / "fmnist_vit_base"
+#: The broad base: the same architecture pretrained on the 1,188 characters of ``glyphs-pretrain``.
+GLYPH_BASE_DIR = Path(__file__).parent / "assets" / "glyph_vit_base"
+#: The shipped bases by name, for :func:`load_demo_base`.
+DEMO_BASES = {"fmnist": DEMO_BASE_DIR, "glyphs": GLYPH_BASE_DIR}
 
 
 def fashion_mnist_dir() -> Path:
@@ -253,7 +260,8 @@ def load_dataset(source: str, split: str, config: dict, classes: Sequence[str] |
     """A dataset of ``(image [C, H, W] float, label)`` ready for a model with preprocessing ``config``.
 
     Args:
-        source: "fashion-mnist", "digits" or an ImageFolder directory.
+        source: "fashion-mnist", "digits", "glyphs-pretrain", "glyphs-near", "glyphs-far" or an ImageFolder
+            directory.
         split: "train" or "test" (ImageFolder: the ``val``/``test`` sub-directory).
         config: A timm data config, e.g. from :func:`data_config`.
         classes: Optional class subset (see :func:`parse_class_subset`); labels are renumbered in its order.
@@ -268,6 +276,11 @@ def load_dataset(source: str, split: str, config: dict, classes: Sequence[str] |
     elif source == "digits":
         images, labels = load_digits_arrays(split)
         ds = ArrayImages(images, labels, DIGITS_CLASSES, transform, mode)
+    elif source.startswith("glyphs-") and source in BUILTIN_DATASETS:
+        from .glyphs import load_set
+
+        images, labels, names = load_set(source.removeprefix("glyphs-"), split)
+        ds = ArrayImages(images, labels, names, transform, mode)
     else:
         from torchvision.datasets import ImageFolder
 
@@ -287,13 +300,16 @@ def open_image(path: str | Path, mode: str = "RGB") -> Image.Image:
 
 
 def load_demo_base(path: str | Path | None = None) -> nn.Module:
-    """The small Fashion-MNIST ViT shipped with the package (or another timm ``local-dir`` export).
+    """A small ViT shipped with the package, by name (``DEMO_BASES``), or another timm ``local-dir`` export.
 
-    A timm ``VisionTransformer`` (28x28 grayscale, patch 7, width 128, depth 4, 4 heads) pretrained on
-    Fashion-MNIST classes 0-4. Its ``pretrained_cfg`` carries the data mean/std, input size,
-    interpolation and label names, so :func:`data_config` gives the right preprocessing.
+    Both shipped bases are a timm ``VisionTransformer`` (28x28 grayscale, patch 7, width 128, depth 4,
+    4 heads): ``"fmnist"`` (the default) pretrained on Fashion-MNIST classes 0-4, ``"glyphs"`` on the 1,188
+    character classes of ``glyphs-pretrain``. Its ``pretrained_cfg`` carries the data mean/std, input
+    size, interpolation and label names, so :func:`data_config` gives the right preprocessing.
     """
-    path = Path(path) if path is not None else DEMO_BASE_DIR
+    if path is None or (isinstance(path, str) and path in DEMO_BASES):
+        path = DEMO_BASES[path or "fmnist"]
+    path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no base model at {path}: expected config.json and model.safetensors "
                                 "(run benchmarks/pretrain_base.py to create it)")
