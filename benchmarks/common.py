@@ -25,7 +25,11 @@ Peak memory: :func:`measure_in_subprocess` runs the script again in a fresh proc
 RSS, runs the method, and reads the high-water mark (``VmHWM``). The difference is what running the
 method adds on top of holding the models (torch's CPU allocations are invisible to ``tracemalloc``,
 but not to RSS); the absolute peak is reported too. Where the mark can not be reset, ``ru_maxrss`` is
-used and the build's own peak may hide part of the method's.
+used and the build's own peak may hide part of the method's. The child runs with glibc's mmap threshold
+fixed at its 128 KiB default (``MEMORY_CHILD_ENV``): glibc otherwise raises the threshold after the first
+large free, keeps a warm-up call's blocks in the heap, and a later call then adds next to nothing to the
+RSS, whatever it needs. Fixed, every large tensor is mapped when made and returned when freed, so the
+high-water mark over a call is that call's working set.
 """
 
 from __future__ import annotations
@@ -196,10 +200,16 @@ def report_memory(job: dict, fn: Callable[[], Any], calls: int = 2) -> None:
     print(json.dumps({**job, **peak_memory_of(fn, calls)}))
 
 
+#: The memory child's allocator setting (see the module docstring): large blocks always mapped, so freed ones
+#: leave the RSS.
+MEMORY_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
 def measure_in_subprocess(script: Path, job: dict, timeout: float = 1800) -> dict:
-    """Parent side: run ``python script --measure-memory JOB`` in a fresh process; the child's JSON line."""
+    """Parent side: run ``python script --measure-memory JOB`` in a fresh process (with
+    ``MEMORY_CHILD_ENV``); the child's JSON line."""
     proc = subprocess.run([sys.executable, str(script), "--measure-memory", json.dumps(job)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, **MEMORY_CHILD_ENV})
     if proc.returncode != 0:
         raise RuntimeError(f"memory measurement {job} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -27,7 +27,9 @@ Phases, each rewriting the JSON when done (a run cut short keeps what it finishe
 3. compile: ``torch.compile`` (default backend) of ``forward_all`` against eager, one task and K=8,
    on the first model; the compile time of the first call is reported beside.
 4. memory: peak working memory of each method in a fresh process, after one warm-up call (so the
-   memory key/value cache, reported on its own, is excluded), against a plain forward's.
+   memory key/value cache, reported on its own, is excluded), against a plain forward's; the child's
+   large blocks go back to the system when freed (``common.MEMORY_CHILD_ENV``), so the mark is the
+   measured call's own working set.
 
 Allocator: the timings run with glibc keeping freed memory (``common.keep_freed_memory``), so that
 they measure work, not where glibc's page returns happen to fall; ``--malloc default`` times with
@@ -35,6 +37,7 @@ glibc's defaults. The setting is printed and recorded in the JSON. Results: ``be
 
     python benchmarks/inference.py            # every phase
     python benchmarks/inference.py --quick    # tiny model, 1 repetition (smoke test)
+    python benchmarks/inference.py --phases memory   # the peak-memory subprocesses alone
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ LOWER_BOUND_TARGETS = {8: 0.03, 100: 0.10, 256: 0.15}
 FAMILIES = ["eva02_base_patch14_224", "beit_base_patch16_224", "deit_base_distilled_patch16_224",
             "vit_base_patch16_xp_224"]
 SLOW = ("dense", "separate", "lora")
+PHASES = ("scale", "families", "compile", "memory")
 
 
 def memory_model(vit: torch.nn.Module, k: int, m: int, mode: str = "non_destructive") -> MemoryViT:
@@ -334,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--families", nargs="*", default=FAMILIES, help="timm models timed at K=8 (none: skip)")
     p.add_argument("--compile-ks", type=int, nargs="*", default=[1, 8],
                    help="K of the eager/torch.compile comparison on the first model (none: skip)")
+    p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                   help="what to run (default: all); e.g. --phases memory re-measures memory alone")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--malloc", choices=["keep", "default"], default="keep",
                    help="keep: glibc keeps freed memory (common.keep_freed_memory), default: glibc's defaults")
@@ -374,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                          "batch": args.batch, "reps": args.reps, "slow_reps": args.slow_reps,
                          "slow_max_k": args.slow_max_k, "families": args.families, "quick": args.quick,
                          "weights": "random",
-                         "memory_method": "fresh process, after one warm-up call: RSS high-water mark while "
-                                          "running minus RSS before"},
+                         "memory_method": "fresh process, glibc mmap threshold fixed at 128 KiB, after one "
+                                          "warm-up call: RSS high-water mark while running minus RSS before"},
             "grid": rows,
             "families": family_rows,
             "compile": compile_rows,
@@ -388,23 +394,23 @@ def main(argv: list[str] | None = None) -> int:
             plot(rows, args.out / "inference.png")
         return result
 
-    for name in args.models:
+    for name in args.models if "scale" in args.phases else []:
         vit = common.build_vit(name, args.quick)
         x = common.images_for(vit, args.batch)
         print(f"{name}: K={args.ks} m={args.m}, batch {args.batch}", flush=True)
         rows += scale_phase(vit, name, args.ks, args.m, x, args.reps, args.slow_reps, args.slow_max_k)
         save()
         del vit
-    if args.families:
+    if args.families and "families" in args.phases:
         family_rows += families_phase(args.families, 8, args.m, args.batch, args.reps, args.quick)
         save()
-    if args.compile_ks:
+    if args.compile_ks and "compile" in args.phases:
         vit = common.build_vit(target, args.quick)
         compile_rows += compile_phase(vit, target, args.compile_ks, args.m, common.images_for(vit, args.batch),
                                       args.reps)
         save()
         del vit
-    if not args.no_memory:
+    if "memory" in args.phases and not args.no_memory:
         for name in args.models:
             memory += measure_memory(name, args.ks, args.m, args.batch, args.quick, args.slow_max_k)
             save()

@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "train_step", "command": common.command_line(), "machine": machine,
               "settings": {"model": args.model, "batch": args.batch, "m": args.m, "reps": args.reps,
                            "quick": args.quick, "optimizer": "SGD momentum 0.9", "weights": "random",
-                           "memory_method": "fresh process: RSS high-water mark over 2 steps minus RSS after build"},
+                           "memory_method": "fresh process, glibc mmap threshold fixed at 128 KiB: RSS high-water "
+                                            "mark over 2 steps minus RSS after build"},
               "methods": rows, "targets": targets, "seconds": time.perf_counter() - start}
     args.out.mkdir(parents=True, exist_ok=True)
     common.write_json(args.out / "train_step.json", result)

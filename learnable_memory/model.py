@@ -250,12 +250,11 @@ class MemoryViT(nn.Module):
         with torch.set_grad_enabled(orig_grad):
             x, extras = self.backbone.embed(self.base, images)  # [B, N, D]
         layout = self._layout(names, x.device)
-        if tasks:
-            tokens = torch.stack([t.class_token for t in tasks])  # [K, D]
-            memory = torch.cat([t.memory for t in tasks], dim=1)  # [depth, M, D]
-        else:  # the base model alone
-            tokens, memory = x.new_zeros(0, x.shape[-1]), x.new_zeros(self.depth, 0, x.shape[-1])
+        tokens = torch.stack([t.class_token for t in tasks]) if tasks else x.new_zeros(0, x.shape[-1])  # [K, D]
         cached = self._memory_kv(tasks)
+        if cached is None:  # this pass computes the memory's keys and values itself
+            memory = (torch.cat([t.memory for t in tasks], dim=1) if tasks
+                      else x.new_zeros(self.depth, 0, x.shape[-1]))  # [depth, M, D]
         c = self.backbone.embed_new(self.base, tokens).unsqueeze(0).expand(x.shape[0], -1, -1)  # [B, K, D]
         # Inference packs the new class tokens behind the original tokens (see PassContext.packed) where every
         # block's kinds allow it. Training keeps them apart: non-destructive training must keep no graph
