@@ -394,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
             plot(rows, args.out / "inference.png")
         return result
 
-    for name in args.models if "scale" in args.phases else []:
+    for name in args.models:
+        if "scale" not in args.phases:
+            break
         vit = common.build_vit(name, args.quick)
         x = common.images_for(vit, args.batch)
         print(f"{name}: K={args.ks} m={args.m}, batch {args.batch}", flush=True)
