@@ -2,8 +2,9 @@
 
 Every new class token sees every original token; besides them, task i's class token sees itself,
 its own memory and, for an extension task, the class tokens and memory of the tasks it extends.
-:class:`NewTokenLayout` lists exactly those as indices, read off :func:`~learnable_memory.mask.new_token_mask`
-(so ``build_attention_mask`` stays the one source of truth), so that the attention of K new class
+:class:`NewTokenLayout` lists exactly those as indices, read off the cells that ``build_attention_mask``
+draws (:func:`~learnable_memory.mask.table1_cells`; ``tests/test_layout.py`` checks the layout against
+:func:`~learnable_memory.mask.new_token_mask`), so that the attention of K new class
 tokens costs ``K * (N + 1 + m)`` scores, not ``K * (N + K + M)``, and no arithmetic path leads from
 one task's parameters to another task's output (see :func:`learnable_memory.attention.attend_new`).
 

@@ -4,9 +4,10 @@ Token order (queries and keys alike), the order timm uses for its own tokens::
 
     [ prefix (class/register/distillation tokens) ; patches ; C_1 ... C_k ; M_1 ... M_k ]
 
-``build_attention_mask`` is the single source of truth for the attention pattern: the
-forward pass derives its masks from it (see :func:`new_token_mask`) and the tests check the
-model against a dense reference that uses it as ``attn_mask``.
+``build_attention_mask`` is the single source of truth for the attention pattern. It draws the
+cells of :func:`table1_cells`; the forward pass reads what each new class token sees off the same
+cells (:mod:`learnable_memory.layout`), the tests check that layout against this mask
+(:func:`new_token_mask`), and the model against a dense reference that uses the mask as ``attn_mask``.
 """
 
 from __future__ import annotations
