@@ -1,0 +1,75 @@
+"""Which outputs can share one pass: those whose tasks were trained on images prepared the same way.
+
+One pass gives every task the same input tensor. Tasks trained on the same backbone weights can still
+expect different preprocessing (another mean and std, crop or interpolation, e.g. a base rebuilt from a
+checkpoint that lost its ``pretrained_cfg``): served from one tensor, all but one of them would be
+given images they were not trained on, and answer worse with no error. :func:`pass_groups` splits the
+outputs a caller wants into groups, one per preprocessing, so that the caller prepares the images once
+per group and runs one :meth:`~learnable_memory.MemoryViT.forward_all` per group.
+
+A task's preprocessing is the one recorded when it was trained (``TaskConfig.data_config``), or the
+backbone's own (``"base"``, and tasks made in this process). An extension task runs in its own group's
+pass together with the tasks it extends (``forward_all`` computes them), so its predecessors need not
+share its preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .adapters.fingerprint import preprocessing
+from .config import BASE_KEY
+
+if TYPE_CHECKING:
+    from .model import MemoryViT
+
+#: The fields of a timm data config that change the input tensor.
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
+@dataclass(frozen=True)
+class PassGroup:
+    """Outputs served by one pass, and how that pass's images are prepared.
+
+    Attributes:
+        data_config: The timm data config of the pass (``input_size``, ``mean``, ``std``, ...), for
+            ``timm.data.create_transform(**data_config)``.
+        outputs: Output names (task names and/or ``"base"``) in the order the caller asked for them.
+    """
+
+    data_config: dict[str, Any]
+    outputs: tuple[str, ...]
+
+
+def _normalised(config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``config`` that change the input, with tuples as lists (as JSON gives them back)."""
+    return json.loads(json.dumps({k: config[k] for k in PREPROCESSING_KEYS if k in config}))
+
+
+def output_preprocessing(model: MemoryViT, name: str) -> dict[str, Any]:
+    """The preprocessing output ``name`` (a task or ``"base"``) expects its images prepared with."""
+    if name != BASE_KEY and name not in model.tasks:
+        raise ValueError(f"unknown task {name!r}; this model has {model.task_names} and {BASE_KEY!r}")
+    own = None if name == BASE_KEY else model.tasks[name].config.data_config
+    return _normalised(own if own is not None else preprocessing(model.base))
+
+
+def pass_groups(model: MemoryViT, outputs: Sequence[str]) -> list[PassGroup]:
+    """``outputs`` split into groups that share a preprocessing, in order of first appearance.
+
+    Args:
+        model: The ``MemoryViT`` that serves them.
+        outputs: Task names and/or ``"base"``, as ``forward_all(tasks=...)`` takes them (checked there).
+
+    Returns:
+        One :class:`PassGroup` per distinct preprocessing; a single group when all agree (the common case).
+    """
+    groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    for name in outputs:
+        config = output_preprocessing(model, name)
+        key = json.dumps(config, sort_keys=True)
+        groups.setdefault(key, (config, []))[1].append(name)
+    return [PassGroup(config, tuple(names)) for config, names in groups.values()]
