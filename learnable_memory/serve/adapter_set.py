@@ -148,6 +148,9 @@ class AdapterSet:
             raise ServeError(403, "loading and unloading through the API are off: start the server with "
                              "--adapter-root DIR to allow adapters under DIR", "forbidden")
 
+    def _root(self) -> Path:
+        return Path(self.settings.adapter_root).expanduser().resolve()
+
     def _target(self, spec: str) -> str:
         """The path (or hub spec) to load for ``spec``: 403 outside the root or for the hub when it is off."""
         if spec.startswith(HUB_PREFIX):
@@ -155,7 +158,7 @@ class AdapterSet:
                 raise ServeError(403, f"{spec}: loading from the Hugging Face Hub is off; start the server with "
                                  "--allow-hub", "forbidden")
             return spec
-        root = Path(self.settings.adapter_root).expanduser().resolve()
+        root = self._root()
         path = (root / Path(spec).expanduser()).resolve()  # an absolute spec stays absolute
         if not path.is_relative_to(root):
             raise ServeError(403, f"{spec}: only adapters under the adapter root {root} may be loaded", "forbidden")
@@ -163,21 +166,45 @@ class AdapterSet:
             raise ServeError(404, f"{spec}: no adapter folder at {path}", "not_found")
         return str(path)
 
+    def _check_inside_root(self, folders: list[Path]) -> None:
+        """403 when one of ``folders``, or a file in one, is a link that leads out of the adapter root: where
+        the folder is does not bound what a load reads."""
+        root = self._root()
+        for folder in folders:
+            for entry in [folder, *(folder.iterdir() if folder.is_dir() else [])]:
+                if not entry.resolve().is_relative_to(root):
+                    raise ServeError(403, f"{entry} leads to {entry.resolve()}, outside the adapter root {root}: "
+                                     "only files under the root may be loaded", "forbidden")
+
     def _load(self, model: MemoryViT, target: str, name: str | None) -> MemoryViT:
+        """A new model with the adapter(s) at ``target``; each file is read once."""
+        local = not target.startswith(HUB_PREFIX)
+        if local:
+            self._check_inside_root([Path(target)])  # before its index file is read
         try:
             folders = adapter_folders(target, self.settings.cache_dir)
-            for f in folders:
-                read_adapter(f)
+            if local:
+                self._check_inside_root(folders)
+            adapters = [read_adapter(f) for f in folders]
         except AdapterError as err:  # not an adapter, or a damaged one
             raise ServeError(422, str(err), "bad_adapter") from err
-        if name is not None and len(folders) != 1:
-            raise ServeError(422, f"{target} holds {len(folders)} adapters; 'name' renames a single adapter folder",
+        if name is not None and len(adapters) != 1:
+            raise ServeError(422, f"{target} holds {len(adapters)} adapters; 'name' renames a single adapter folder",
                              "bad_request")
+        names = [name] if name is not None else [a.config.name for a in adapters]
+        taken = [n for n in names if n in model.tasks or n == BASE_KEY]
+        if taken:
+            why = "is reserved for the base model's output" if taken[0] == BASE_KEY else "is loaded already"
+            raise ServeError(409, f"task name {taken[0]!r} {why}: send the load again with another name in the "
+                             f"request's 'name' field, e.g. {{\"path\": ..., \"name\": \"{taken[0]}_2\"}}"
+                             + ("" if len(adapters) == 1 else " (for a save_pretrained folder, load its adapter "
+                                "folders one at a time)"), "adapter_conflict")
         try:
-            new = load_adapters(model, folders, rename=None if name is None else [name],
+            new = load_adapters(model, adapters, rename=None if name is None else [name],
                                 check_fingerprint=self.settings.check_fingerprint, cache_dir=self.settings.cache_dir)
-        except AdapterError as err:  # does not fit: another backbone, a name taken, a full-mode clash, ...
-            raise ServeError(409, str(err), "adapter_conflict") from err
+        except AdapterError as err:  # does not fit: another backbone, a full-mode clash, ...
+            message = str(err).replace("check_fingerprint=False", "start the server with --no-fingerprint-check")
+            raise ServeError(409, message, "adapter_conflict") from err
         except ValueError as err:  # e.g. a name the library refuses
             raise ServeError(422, str(err), "bad_request") from err
         return new.eval()
