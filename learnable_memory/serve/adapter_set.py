@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,26 @@ HUB_PREFIX = "hf-hub:"
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One line of an adapters file: an adapter spec and an optional new task name."""
+    """One line of an adapters file: an adapter spec and an optional new task name. ``line`` and ``file`` say
+    where it was written, ``relative`` whether its path was relative (then ``spec`` is under the file's folder)."""
 
     spec: str
     name: str | None = None
+    line: str | None = field(default=None, compare=False)
+    file: Path | None = field(default=None, compare=False)
+    relative: bool = field(default=False, compare=False)
+
+    def where(self) -> str:
+        """Where the entry came from, for error messages: the line, and how a relative path was read."""
+        if self.line is None:
+            return ""
+        how = f"; a relative path is read from the file's folder {self.file.parent}" if self.relative else ""
+        return f" (line {self.line!r} of the adapters file {self.file}{how})"
 
 
 def read_adapters_file(path: Path) -> list[FileEntry]:
-    """The entries of an adapters file, in order (see the module docstring for the format)."""
+    """The entries of an adapters file, in order (see the module docstring for the format; a relative path
+    is read from the file's folder)."""
     entries = []
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
@@ -56,28 +68,49 @@ def read_adapters_file(path: Path) -> list[FileEntry]:
         name, spec = (name.strip() or None) if name else None, spec.strip()
         if not spec:
             raise ValueError(f"{path}: line {line!r} names no adapter; write SPEC or NAME=SPEC")
-        if not spec.startswith(HUB_PREFIX) and not Path(spec).expanduser().is_absolute():
-            spec = str(path.parent / spec)
-        entries.append(FileEntry(spec, name))
+        relative = not spec.startswith(HUB_PREFIX) and not Path(spec).expanduser().is_absolute()
+        entries.append(FileEntry(str(path.parent / spec) if relative else spec, name, line, path, relative))
     return entries
+
+
+#: Entries with the adapter folders each stands for (:func:`resolve_entries`).
+Resolved = list[tuple[FileEntry, list[Path]]]
+
+
+def resolve_entries(entries: list[FileEntry], cache_dir: Path | None = None) -> Resolved:
+    """Each entry with its adapter folders (``hf-hub:`` specs through the cache), each resolved once.
+    Raises ``AdapterError`` naming the line for a missing folder or a NAME given to several adapters."""
+    out = []
+    for e in entries:
+        try:
+            found = adapter_folders(e.spec, cache_dir)
+        except AdapterError as err:
+            raise AdapterError(f"{err}{e.where()}") from err
+        if e.name is not None and len(found) != 1:
+            raise AdapterError(f"{e.spec} holds {len(found)} adapters; NAME=SPEC names a single adapter folder"
+                               f"{e.where()}")
+        out.append((e, found))
+    return out
+
+
+def load_resolved(base: Any, resolved: Resolved, *, check_fingerprint: bool = True,
+                  cache_dir: Path | None = None) -> tuple[MemoryViT, dict[str, str]]:
+    """A new model on the backbone ``base`` with exactly the adapters of ``resolved``, in order, and the spec
+    each task came from. Raises ``AdapterError`` (nothing changes) for an unfit adapter."""
+    folders = [f for _, found in resolved for f in found]
+    if not folders:
+        return MemoryViT(base).eval(), {}
+    names = [e.name for e, found in resolved for _ in found]
+    model = load_adapters(base, folders, rename=names, check_fingerprint=check_fingerprint, cache_dir=cache_dir)
+    specs = [e.spec for e, found in resolved for _ in found]
+    return model.eval(), dict(zip(model.task_names, specs, strict=True))
 
 
 def load_entries(base: Any, entries: list[FileEntry], *, check_fingerprint: bool = True,
                  cache_dir: Path | None = None) -> tuple[MemoryViT, dict[str, str]]:
-    """A new model on the backbone ``base`` with exactly the adapters of ``entries``, in order, and the spec
-    each task came from. Raises ``AdapterError`` (nothing changes) for a missing or unfit adapter."""
-    folders, names, specs = [], [], []
-    for e in entries:
-        found = adapter_folders(e.spec, cache_dir)
-        if e.name is not None and len(found) != 1:
-            raise AdapterError(f"{e.spec} holds {len(found)} adapters; NAME=SPEC names a single adapter folder")
-        folders += found
-        names += [e.name] * len(found)
-        specs += [e.spec] * len(found)
-    if not folders:
-        return MemoryViT(base).eval(), {}
-    model = load_adapters(base, folders, rename=names, check_fingerprint=check_fingerprint, cache_dir=cache_dir)
-    return model.eval(), dict(zip(model.task_names, specs, strict=True))
+    """:func:`load_resolved` of :func:`resolve_entries`: the model with exactly the adapters of ``entries``."""
+    return load_resolved(base, resolve_entries(entries, cache_dir), check_fingerprint=check_fingerprint,
+                         cache_dir=cache_dir)
 
 
 def without_task(model: MemoryViT, name: str) -> MemoryViT:
