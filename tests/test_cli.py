@@ -175,6 +175,42 @@ def test_eval_reports_accuracy_and_confusion(trained, capsys):
     assert code == 0 and "== digits: accuracy" in text and "<- predicted" in text
 
 
+def test_eval_prepares_each_adapters_images_with_its_own_preprocessing(trained, tmp_path, capsys):
+    from torch.utils.data import DataLoader
+
+    from learnable_memory.train import evaluate
+
+    model = load_adapters(D.load_demo_base(), [trained], rename={"digits": "shifted"})
+    own = {**model.tasks["shifted"].config.data_config, "mean": [0.9], "std": [0.2], "crop_pct": 0.8}
+    model.tasks["shifted"].config.data_config = own
+    model.save_adapter(tmp_path / "shifted")
+    shutil.copy(trained / "training.json", tmp_path / "shifted" / "training.json")
+    code, text, err = _run(["eval", trained, tmp_path / "shifted", "--limit", "200", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(text)
+    alone = json.loads(_run(["eval", trained, "--limit", "200", "--json"], capsys)[1])
+    assert res["digits"] == alone["digits"]
+
+    def confusion(config: dict) -> list:
+        ds = D.subsample(D.load_dataset("digits", "test", config, classes=D.DIGITS_CLASSES), 200)
+        return evaluate(model.set_task("shifted"), DataLoader(ds, batch_size=64))["confusion"].tolist()
+
+    assert res["shifted"]["confusion"] == confusion(own)
+    assert res["shifted"]["confusion"] != confusion(D.data_config(model))  # the shared preprocessing differs
+
+
+def test_confusion_matrix_columns_stay_apart():
+    from learnable_memory.cli.evaluate import format_confusion
+
+    names = ["Ankle boot", "T-shirt/top", "Bag"]
+    text = format_confusion(torch.tensor([[100000, 2, 3], [4, 5, 6], [7, 8, 9]]), names)
+    header, *rows = text.splitlines()
+    assert header.split("  ")[-1].strip() == "<- predicted"
+    assert [c.strip() for c in header.split("  ") if c.strip()][:3] == ["Ankle boot", "T-shirt/to", "Bag"]
+    assert [r.split() for r in rows][0][-3:] == ["100000", "2", "3"]
+    assert len({len(line) for line in rows}) == 1 and all(len(r) <= len(header) for r in rows)
+
+
 def test_predict_gives_topk_for_every_task_in_json(trained, tmp_path, capsys):
     x, _ = D.load_fashion_mnist("test")
     paths = []
