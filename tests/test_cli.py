@@ -344,6 +344,20 @@ def test_checkpoint_base_records_no_pretrained_tag_and_fingerprint_advice_names_
     assert code == 0, err
 
 
+def test_a_base_rebuilt_from_its_checkpoint_keeps_its_preprocessing_and_label_names(trained, img, capsys):
+    exported = json.loads((D.DEMO_BASE_DIR / "config.json").read_text())
+    kwargs = {k: v for k, v in exported["model_args"].items() if k != "num_classes"}
+    rebuilt = ["--model", exported["architecture"], "--checkpoint", D.DEMO_BASE_DIR / "model.safetensors",
+               "--model-kwargs", json.dumps(kwargs)]
+    code, text, err = _run(["predict", img, "--adapter", trained, "--top-k", "5", *rebuilt], capsys)
+    assert code == 0, err
+    code, want, err = _run(["predict", img, "--adapter", trained, "--top-k", "5"], capsys)  # the shipped base
+    assert code == 0, err
+    got = json.loads(text)["predictions"][0]["tasks"]
+    assert got == json.loads(want)["predictions"][0]["tasks"]
+    assert {x["label"] for x in got["base"]} == set(exported["label_names"])
+
+
 def test_create_base_from_name_checkpoint_and_folder(tmp_path):
     torch.manual_seed(0)
     kwargs = dict(depth=1, img_size=32, patch_size=8, num_classes=4)
