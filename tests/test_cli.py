@@ -95,15 +95,41 @@ def test_command_modules_are_discovered(tmp_path, monkeypatch, capsys):
         "    return p\n"
     )
     (tmp_path / "zz_helper.py").write_text("VALUE = 1\n")  # no add_parser: not a command
+    (tmp_path / "zz_named.py").write_text(  # a name that is not a literal: imported to find it
+        "NAME = 'named'\n"
+        "def add_parser(subparsers):\n"
+        "    p = subparsers.add_parser(NAME, help='a computed name')\n"
+        "    p.set_defaults(run=lambda args: print('named') or 0)\n"
+        "    return p\n"
+    )
     monkeypatch.setattr(cli, "__path__", [*cli.__path__, str(tmp_path)])
     try:
-        assert [m.__name__.rsplit(".", 1)[1] for m in cli.command_modules()][-1] == "zz_hello"
-        assert _run(["hello", "--name", "memory"], capsys)[:2] == (0, "hello memory\n")
-        code, out, _ = _run(["--help"], capsys)
-        assert code == 0 and "say hello" in out and out.index("demo") < out.index("hello")
-    finally:
-        for name in ("zz_hello", "zz_helper"):
+        assert [m.__name__.rsplit(".", 1)[1] for m in cli.command_modules()][-2:] == ["zz_hello", "zz_named"]
+        for name in ("zz_hello", "zz_helper", "zz_named"):
             sys.modules.pop(f"{cli.__name__}.{name}", None)
+        code, out, _ = _run(["--help"], capsys)
+        assert code == 0 and "say hello" in out and out.index("demo") < out.index("hello") < out.index("named")
+        assert f"{cli.__name__}.zz_hello" not in sys.modules  # listed from its source, not imported
+        assert _run(["hello", "--name", "memory"], capsys)[:2] == (0, "hello memory\n")
+        assert _run(["named"], capsys)[:2] == (0, "named\n")
+    finally:
+        for name in ("zz_hello", "zz_helper", "zz_named"):
+            sys.modules.pop(f"{cli.__name__}.{name}", None)
+
+
+@pytest.mark.integration
+def test_help_imports_no_torch():
+    """``--help`` starts in a fraction of a second: it imports neither torch nor the libraries built on it
+    (the commands whose modules import torch at their top, train and predict, still do for their own help)."""
+    script = ("import runpy, sys\nsys.argv = ['learnable-memory', *sys.argv[1:]]\ntry:\n"
+              "    runpy.run_module('learnable_memory', run_name='__main__')\nexcept SystemExit as e:\n"
+              "    assert e.code == 0, e.code\n"
+              "print(sorted(m for m in ('torch', 'timm', 'peft', 'fastapi', 'uvicorn') if m in sys.modules))\n")
+    for argv in (["--help"], ["eval", "--help"], ["inspect", "--help"], ["serve", "--help"], ["demo", "--help"]):
+        r = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=ROOT,
+                           timeout=1800)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[-1] == "[]", (argv, r.stdout[-500:])
 
 
 def test_train_writes_adapter_and_training_record(trained):
