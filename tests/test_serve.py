@@ -223,6 +223,24 @@ def test_load_list_and_unload_adapters(tmp_path):
         assert metric(s.url, "learnable_memory_loaded_adapters") == 4
 
 
+def test_a_hot_load_reads_each_adapter_once(tmp_path, monkeypatch):
+    import learnable_memory.adapters.loading as loading
+    import learnable_memory.serve.adapter_set as adapter_set
+
+    model = make_model()
+    save_adapters(model.base, tmp_path)
+    lm.save_pretrained(lm.load_adapters(model.base, [tmp_path / "c", tmp_path / "d"]), tmp_path / "both")
+    reads: list[Path] = []
+    for module in (adapter_set, loading):
+        real = module.read_adapter
+        monkeypatch.setattr(module, "read_adapter", lambda folder, *a, real=real, **k: reads.append(folder) or
+                            real(folder, *a, **k))
+    with serve(model, adapter_root=tmp_path) as s:
+        r = http.post(f"{s.url}/v1/adapters", json={"path": "both"})
+        assert r.status_code == 200 and r.json()["loaded"] == ["c", "d"], r.text
+    assert sorted(f.name for f in reads) == ["c", "d"]
+
+
 def test_hot_load_and_unload_while_requests_are_in_flight(tmp_path):
     model = make_model()
     made = save_adapters(model.base, tmp_path)

@@ -104,6 +104,28 @@ def test_cli_app_casts_the_base_to_bfloat16_before_loading(tmp_path):
                 assert abs(x["prob"] - ref[task][i, x["index"]].item()) < 0.03, (task, i, x)
 
 
+def test_cli_app_resolves_each_adapter_spec_once(tmp_path, monkeypatch):
+    import learnable_memory.cli.records as records
+    import learnable_memory.serve.adapter_set as adapter_set
+    from learnable_memory.cli import build_parser
+    from learnable_memory.cli.serve import build_app
+
+    demo_adapter(tmp_path / "one", seed=31)
+    demo_adapter(tmp_path / "two", seed=32)
+    (tmp_path / "adapters.txt").write_text("one\ntwo\n")
+    resolved: list[str] = []
+    for module in (records, adapter_set):
+        real = module.adapter_folders
+        monkeypatch.setattr(module, "adapter_folders", lambda spec, *a, real=real, **k: resolved.append(str(spec)) or
+                            real(spec, *a, **k))
+    for given in (["--adapter", str(tmp_path / "one"), str(tmp_path / "two")],
+                  ["--adapters-file", str(tmp_path / "adapters.txt")]):
+        resolved.clear()
+        app = build_app(build_parser().parse_args(["serve", *given, "--threads", "1", "--device", "cpu"]))
+        assert app.state.server.adapters.model.task_names == ["one", "two"]
+        assert sorted(resolved) == [str(tmp_path / "one"), str(tmp_path / "two")], given
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
