@@ -206,8 +206,8 @@ class AdapterSet:
         for folder in folders:
             for entry in [folder, *(folder.iterdir() if folder.is_dir() else [])]:
                 if not entry.resolve().is_relative_to(root):
-                    raise ServeError(403, f"{entry} leads to {entry.resolve()}, outside the adapter root {root}: "
-                                     "only files under the root may be loaded", "forbidden")
+                    raise ServeError(403, f"{entry} is a link that leads outside the adapter root {root}: only "
+                                     "files under the root may be loaded", "forbidden")
 
     def _load(self, model: MemoryViT, target: str, name: str | None) -> MemoryViT:
         """A new model with the adapter(s) at ``target``; each file is read once."""
