@@ -154,9 +154,11 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def reference(model: lm.MemoryViT, images: list[bytes], tasks: list[str] | None) -> dict[str, torch.Tensor]:
-    """Probabilities ``task -> [n, C]`` of ``forward_all`` on the images, preprocessed with timm's transform."""
-    cfg = model.data_config()
+def reference(model: lm.MemoryViT, images: list[bytes], tasks: list[str] | None,
+              data_config: dict | None = None) -> dict[str, torch.Tensor]:
+    """Probabilities ``task -> [n, C]`` of ``forward_all`` on the images, preprocessed with timm's transform
+    for ``data_config`` (default: the backbone's own)."""
+    cfg = data_config or model.data_config()
     transform = timm.data.create_transform(**cfg, is_training=False)
     mode = "L" if cfg["input_size"][0] == 1 else "RGB"
     x = torch.stack([transform(Image.open(io.BytesIO(b)).convert(mode)) for b in images])

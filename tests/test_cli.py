@@ -95,15 +95,41 @@ def test_command_modules_are_discovered(tmp_path, monkeypatch, capsys):
         "    return p\n"
     )
     (tmp_path / "zz_helper.py").write_text("VALUE = 1\n")  # no add_parser: not a command
+    (tmp_path / "zz_named.py").write_text(  # a name that is not a literal: imported to find it
+        "NAME = 'named'\n"
+        "def add_parser(subparsers):\n"
+        "    p = subparsers.add_parser(NAME, help='a computed name')\n"
+        "    p.set_defaults(run=lambda args: print('named') or 0)\n"
+        "    return p\n"
+    )
     monkeypatch.setattr(cli, "__path__", [*cli.__path__, str(tmp_path)])
     try:
-        assert [m.__name__.rsplit(".", 1)[1] for m in cli.command_modules()][-1] == "zz_hello"
-        assert _run(["hello", "--name", "memory"], capsys)[:2] == (0, "hello memory\n")
-        code, out, _ = _run(["--help"], capsys)
-        assert code == 0 and "say hello" in out and out.index("demo") < out.index("hello")
-    finally:
-        for name in ("zz_hello", "zz_helper"):
+        assert [m.__name__.rsplit(".", 1)[1] for m in cli.command_modules()][-2:] == ["zz_hello", "zz_named"]
+        for name in ("zz_hello", "zz_helper", "zz_named"):
             sys.modules.pop(f"{cli.__name__}.{name}", None)
+        code, out, _ = _run(["--help"], capsys)
+        assert code == 0 and "say hello" in out and out.index("demo") < out.index("hello") < out.index("named")
+        assert f"{cli.__name__}.zz_hello" not in sys.modules  # listed from its source, not imported
+        assert _run(["hello", "--name", "memory"], capsys)[:2] == (0, "hello memory\n")
+        assert _run(["named"], capsys)[:2] == (0, "named\n")
+    finally:
+        for name in ("zz_hello", "zz_helper", "zz_named"):
+            sys.modules.pop(f"{cli.__name__}.{name}", None)
+
+
+@pytest.mark.integration
+def test_help_imports_no_torch():
+    """``--help`` starts in a fraction of a second: it imports neither torch nor the libraries built on it
+    (the commands whose modules import torch at their top, train and predict, still do for their own help)."""
+    script = ("import runpy, sys\nsys.argv = ['learnable-memory', *sys.argv[1:]]\ntry:\n"
+              "    runpy.run_module('learnable_memory', run_name='__main__')\nexcept SystemExit as e:\n"
+              "    assert e.code == 0, e.code\n"
+              "print(sorted(m for m in ('torch', 'timm', 'peft', 'fastapi', 'uvicorn') if m in sys.modules))\n")
+    for argv in (["--help"], ["eval", "--help"], ["inspect", "--help"], ["serve", "--help"], ["demo", "--help"]):
+        r = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=ROOT,
+                           timeout=1800)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[-1] == "[]", (argv, r.stdout[-500:])
 
 
 def test_train_writes_adapter_and_training_record(trained):
@@ -173,6 +199,42 @@ def test_eval_reports_accuracy_and_confusion(trained, capsys):
     assert res["base"]["n"] == 1000 and res["base"]["accuracy"] > 0.8  # classes 0-4, by label name
     code, text, _ = _run(["eval", trained], capsys)
     assert code == 0 and "== digits: accuracy" in text and "<- predicted" in text
+
+
+def test_eval_prepares_each_adapters_images_with_its_own_preprocessing(trained, tmp_path, capsys):
+    from torch.utils.data import DataLoader
+
+    from learnable_memory.train import evaluate
+
+    model = load_adapters(D.load_demo_base(), [trained], rename={"digits": "shifted"})
+    own = {**model.tasks["shifted"].config.data_config, "mean": [0.9], "std": [0.2], "crop_pct": 0.8}
+    model.tasks["shifted"].config.data_config = own
+    model.save_adapter(tmp_path / "shifted")
+    shutil.copy(trained / "training.json", tmp_path / "shifted" / "training.json")
+    code, text, err = _run(["eval", trained, tmp_path / "shifted", "--limit", "200", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(text)
+    alone = json.loads(_run(["eval", trained, "--limit", "200", "--json"], capsys)[1])
+    assert res["digits"] == alone["digits"]
+
+    def confusion(config: dict) -> list:
+        ds = D.subsample(D.load_dataset("digits", "test", config, classes=D.DIGITS_CLASSES), 200)
+        return evaluate(model.set_task("shifted"), DataLoader(ds, batch_size=64))["confusion"].tolist()
+
+    assert res["shifted"]["confusion"] == confusion(own)
+    assert res["shifted"]["confusion"] != confusion(D.data_config(model))  # the shared preprocessing differs
+
+
+def test_confusion_matrix_columns_stay_apart():
+    from learnable_memory.cli.evaluate import format_confusion
+
+    names = ["Ankle boot", "T-shirt/top", "Bag"]
+    text = format_confusion(torch.tensor([[100000, 2, 3], [4, 5, 6], [7, 8, 9]]), names)
+    header, *rows = text.splitlines()
+    assert header.split("  ")[-1].strip() == "<- predicted"
+    assert [c.strip() for c in header.split("  ") if c.strip()][:3] == ["Ankle boot", "T-shirt/to", "Bag"]
+    assert [r.split() for r in rows][0][-3:] == ["100000", "2", "3"]
+    assert len({len(line) for line in rows}) == 1 and all(len(r) <= len(header) for r in rows)
 
 
 def test_predict_gives_topk_for_every_task_in_json(trained, tmp_path, capsys):
@@ -306,6 +368,20 @@ def test_checkpoint_base_records_no_pretrained_tag_and_fingerprint_advice_names_
     assert "check_fingerprint" not in err
     code, text, err = _run(["predict", img, "--adapter", out, *other, "--no-fingerprint-check"], capsys)
     assert code == 0, err
+
+
+def test_a_base_rebuilt_from_its_checkpoint_keeps_its_preprocessing_and_label_names(trained, img, capsys):
+    exported = json.loads((D.DEMO_BASE_DIR / "config.json").read_text())
+    kwargs = {k: v for k, v in exported["model_args"].items() if k != "num_classes"}
+    rebuilt = ["--model", exported["architecture"], "--checkpoint", D.DEMO_BASE_DIR / "model.safetensors",
+               "--model-kwargs", json.dumps(kwargs)]
+    code, text, err = _run(["predict", img, "--adapter", trained, "--top-k", "5", *rebuilt], capsys)
+    assert code == 0, err
+    code, want, err = _run(["predict", img, "--adapter", trained, "--top-k", "5"], capsys)  # the shipped base
+    assert code == 0, err
+    got = json.loads(text)["predictions"][0]["tasks"]
+    assert got == json.loads(want)["predictions"][0]["tasks"]
+    assert {x["label"] for x in got["base"]} == set(exported["label_names"])
 
 
 def test_create_base_from_name_checkpoint_and_folder(tmp_path):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -221,6 +223,24 @@ def test_load_list_and_unload_adapters(tmp_path):
         assert metric(s.url, "learnable_memory_loaded_adapters") == 4
 
 
+def test_a_hot_load_reads_each_adapter_once(tmp_path, monkeypatch):
+    import learnable_memory.adapters.loading as loading
+    import learnable_memory.serve.adapter_set as adapter_set
+
+    model = make_model()
+    save_adapters(model.base, tmp_path)
+    lm.save_pretrained(lm.load_adapters(model.base, [tmp_path / "c", tmp_path / "d"]), tmp_path / "both")
+    reads: list[Path] = []
+    for module in (adapter_set, loading):
+        real = module.read_adapter
+        monkeypatch.setattr(module, "read_adapter", lambda folder, *a, real=real, **k: reads.append(folder) or
+                            real(folder, *a, **k))
+    with serve(model, adapter_root=tmp_path) as s:
+        r = http.post(f"{s.url}/v1/adapters", json={"path": "both"})
+        assert r.status_code == 200 and r.json()["loaded"] == ["c", "d"], r.text
+    assert sorted(f.name for f in reads) == ["c", "d"]
+
+
 def test_hot_load_and_unload_while_requests_are_in_flight(tmp_path):
     model = make_model()
     made = save_adapters(model.base, tmp_path)
@@ -267,6 +287,45 @@ def test_hot_load_and_unload_while_requests_are_in_flight(tmp_path):
         asyncio.run(run(s.url))
     assert len(seen) > 8 and set(seen) <= allowed
 
+
+
+def other_preprocessing_adapter(base: torch.nn.Module, folder: Path) -> tuple[lm.MemoryViT, dict]:
+    """An adapter ``p`` on ``base`` trained, as its config records, with another mean, std and crop than the
+    backbone's own; returns its model and that preprocessing."""
+    from learnable_memory.adapters.fingerprint import preprocessing
+
+    own = {**preprocessing(base), "mean": [0.2, 0.3, 0.4], "std": [0.1, 0.2, 0.3], "crop_pct": 0.75}
+    m = lm.MemoryViT(base)
+    task = m.add_task(lm.TaskConfig(name="p", n_mem=2, num_classes=4, data_config=own))
+    g = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for param in task.parameters():
+            param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+    m.save_adapter(folder)
+    return m.eval(), own
+
+
+def test_a_hot_loaded_adapter_with_other_preprocessing_gets_its_own_images(tmp_path):
+    model = make_model()
+    made, own = other_preprocessing_adapter(model.base, tmp_path / "p")
+    want = {**reference(model, IMAGES, None), "p": reference(made, IMAGES, ["p"], own)["p"]}
+    wrong = reference(made, IMAGES, ["p"])["p"]  # p on the backbone's preprocessing: what a shared pass gave it
+    assert (want["p"] - wrong).abs().max() > 100 * TOL
+    choices = [None, ["p"], ["a", "p"], ["ext"]]
+    jobs = [{"images": [b64(IMAGES[i % len(IMAGES)])], "top_k": 10, **({"tasks": choices[i % 4]} if i % 4 else {})}
+            for i in range(16)]
+    with serve(model, adapter_root=tmp_path, max_batch_size=8, max_wait_ms=100) as s:
+        r = http.post(f"{s.url}/v1/adapters", json={"path": "p"})
+        assert r.status_code == 200, r.text
+        r = http.post(f"{s.url}/v1/predict", json={"images": [b64(b) for b in IMAGES], "top_k": 10})
+        assert r.json()["tasks"] == ["base", "a", "b.v1", "ext", "p"]
+        check_answer(r.json(), want, 10, class_names(model, made))
+        batches = metric(s.url, "learnable_memory_batch_requests_count")
+        for i, r in enumerate(asyncio.run(_clients(s.url, jobs))):
+            assert r.status_code == 200, r.text
+            check_answer(r.json(), want, 10, class_names(model, made), rows=[i % len(IMAGES)])
+        batched = metric(s.url, "learnable_memory_batch_requests_count") - batches
+        assert batched < len(jobs), "requests of two preprocessings were not batched together"
 
 
 # ----- errors -----
@@ -317,7 +376,8 @@ def test_every_error_is_json_and_the_server_keeps_serving(tmp_path):
             (http.post(adapters, json={"path": "damaged"}, headers=key), 422, "safetensors"),
             (http.post(adapters, json={"path": "wide"}, headers=key), 409, "another backbone"),
             (http.post(adapters, json={"path": "w"}, headers=key), 409, "other weights"),
-            (http.post(adapters, json={"path": "c", "name": "a"}, headers=key), 409, "two tasks named 'a'"),
+            (http.post(adapters, json={"path": "c", "name": "a"}, headers=key), 409,
+             "'a' is loaded already: send the load again with another name in the request's 'name' field"),
             (http.post(adapters, json={"path": "c", "name": "base"}, headers=key), 409, "reserved"),
             (http.post(adapters, json={"path": "c", "name": "bad\nname"}, headers=key), 422, "not allowed"),
             (http.delete(f"{adapters}/nope", headers=key), 404, "nope"),
@@ -326,7 +386,7 @@ def test_every_error_is_json_and_the_server_keeps_serving(tmp_path):
             (http.get(f"{s.url}/v1/nothing"), 404, "Not Found"),
         ]
         for i, (r, status, text) in enumerate(cases):
-            assert text in error_of(r, status), (i, r.text)
+            assert text in error_of(r, status) and "rename=" not in r.text, (i, r.text)
             ok = http.post(predict, json=good)
             assert ok.status_code == 200 and ok.json()["tasks"] == ["a"], (i, ok.text)
         assert http.get(f"{s.url}/health").json()["tasks"] == ["a", "b.v1", "ext"]  # failed loads changed nothing
@@ -342,6 +402,88 @@ def test_loading_is_off_without_an_adapter_root(tmp_path):
         assert "--adapter-root" in error_of(http.post(f"{s.url}/v1/adapters", json={"path": str(tmp_path / "c")}), 403)
         assert "--adapter-root" in error_of(http.delete(f"{s.url}/v1/adapters/a"), 403)
         assert http.get(f"{s.url}/v1/adapters").json()["api_loading"] is False
+
+
+def test_files_that_link_out_of_the_adapter_root_are_refused(tmp_path):
+    model = make_model()
+    save_adapters(model.base, tmp_path / "outside")
+    root = tmp_path / "root"
+    for name in ("weights", "config"):  # a folder under the root whose weights (or config) lie outside
+        (root / name).mkdir(parents=True)
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            link = name == "weights" and f.endswith(".safetensors") or name == "config" and f.endswith(".json")
+            if link:
+                (root / name / f).symlink_to(tmp_path / "outside" / "c" / f)
+            else:
+                (root / name / f).write_bytes((tmp_path / "outside" / "c" / f).read_bytes())
+    (root / "folder").symlink_to(tmp_path / "outside" / "d")  # the folder itself a link out
+    save_adapters(model.base, root / "inside")
+    (root / "relinked").symlink_to(root / "inside" / "c")  # a link that stays inside the root is fine
+    with serve(model, adapter_root=root) as s:
+        for path, why in (("weights", "a link that leads outside the adapter root"),
+                          ("config", "a link that leads outside the adapter root"), ("folder", "the adapter root")):
+            r = http.post(f"{s.url}/v1/adapters", json={"path": path})
+            assert why in error_of(r, 403), r.text
+        assert http.get(f"{s.url}/health").json()["tasks"] == ["a", "b.v1", "ext"]
+        r = http.post(f"{s.url}/v1/adapters", json={"path": "relinked"})
+        assert r.status_code == 200 and r.json()["loaded"] == ["c"], r.text
+
+
+def test_loading_without_an_api_key_is_logged_loudly(tmp_path, caplog):
+    model = make_model()
+    with caplog.at_level(logging.WARNING, logger="learnable_memory.serve"):
+        with serve(model, adapter_root=tmp_path):
+            pass
+        warned = [r for r in caplog.records if "no API key" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].levelno == logging.WARNING and str(tmp_path) in warned[0].getMessage()
+        caplog.clear()
+        with serve(model, adapter_root=tmp_path, api_key="k"), serve(model):
+            pass
+        assert not [r for r in caplog.records if "no API key" in r.getMessage()]
+
+
+#: The head of a predict request that announces a body of 100,000 bytes.
+PREDICT_HEAD = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n")
+
+
+def raw_request(url: str, head: bytes, body: bytes = b"", close: bool = False) -> socket.socket:
+    """A connection to the server at ``url`` that sent ``head`` and ``body`` (and closed, with ``close``)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=WAIT_S)
+    sock.sendall(head + body)
+    if close:
+        sock.close()
+    return sock
+
+
+def test_a_client_gone_mid_upload_is_counted_as_its_own_status_with_no_traceback(caplog):
+    model = make_model()
+    app = create_app(model, **SERVER)
+    with caplog.at_level(logging.INFO), BackgroundServer(app, start_timeout_s=WAIT_S, log_config=None) as s:
+        raw_request(s.url, PREDICT_HEAD, b'{"images": ["' + b"A" * 5000, close=True)
+        wait_for(lambda: metric(s.url, "learnable_memory_requests_total", endpoint="/v1/predict") == 1,
+                 "the aborted request to be counted")
+        assert metric(s.url, "learnable_memory_requests_total", endpoint="/v1/predict", status="499") == 1
+        assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
+        r = http.post(f"{s.url}/v1/predict", json={"images": [b64(IMAGES[0])], "tasks": ["a"]})
+        assert r.status_code == 200
+
+
+def test_a_body_that_stops_coming_gets_408_after_the_timeout():
+    model = make_model()
+    with serve(model, request_timeout_s=2) as s:
+        # headers, a little of the body, then nothing: the server answers 408 once --timeout passed, and closes
+        sock = raw_request(s.url, PREDICT_HEAD, b'{"images": [')
+        with sock:
+            answer = b""
+            while chunk := sock.recv(65536):  # bounded by the socket's WAIT_S time-out; ends when the server closes
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"did not arrive within 2" in answer
+        r = http.post(f"{s.url}/v1/predict", json={"images": [b64(IMAGES[0])], "tasks": ["a"]})
+        assert r.status_code == 200
+        check_answer(r.json(), reference(model, IMAGES[:1], ["a"]), 3, class_names(model))
 
 
 class Gate:

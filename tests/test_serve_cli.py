@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -55,6 +56,13 @@ def test_cli_refuses_bad_options_in_one_line(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert main(["serve", "--allow-hub"]) == 2
     assert "adapter_root" in capsys.readouterr().err
+    assert main(["serve", "--adapter-root", str(tmp_path), "--host", "0.0.0.0"]) == 2
+    assert "--allow-unauthenticated" in capsys.readouterr().err
+    listing = tmp_path / "adapters.txt"
+    listing.write_text("missing\n")
+    assert main(["serve", "--adapters-file", str(listing)]) == 2
+    err = capsys.readouterr().err
+    assert f"a relative path is read from the file's folder {tmp_path}" in err and "line 'missing'" in err
     with pytest.raises(SystemExit) as e:
         main(["serve", "--max-wait-ms", "-1"])
     assert e.value.code == 2
@@ -94,6 +102,28 @@ def test_cli_app_casts_the_base_to_bfloat16_before_loading(tmp_path):
         for task, labels in pred["tasks"].items():
             for x in labels:
                 assert abs(x["prob"] - ref[task][i, x["index"]].item()) < 0.03, (task, i, x)
+
+
+def test_cli_app_resolves_each_adapter_spec_once(tmp_path, monkeypatch):
+    import learnable_memory.cli.records as records
+    import learnable_memory.serve.adapter_set as adapter_set
+    from learnable_memory.cli import build_parser
+    from learnable_memory.cli.serve import build_app
+
+    demo_adapter(tmp_path / "one", seed=31)
+    demo_adapter(tmp_path / "two", seed=32)
+    (tmp_path / "adapters.txt").write_text("one\ntwo\n")
+    resolved: list[str] = []
+    for module in (records, adapter_set):
+        real = module.adapter_folders
+        monkeypatch.setattr(module, "adapter_folders", lambda spec, *a, real=real, **k: resolved.append(str(spec)) or
+                            real(spec, *a, **k))
+    for given in (["--adapter", str(tmp_path / "one"), str(tmp_path / "two")],
+                  ["--adapters-file", str(tmp_path / "adapters.txt")]):
+        resolved.clear()
+        app = build_app(build_parser().parse_args(["serve", *given, "--threads", "1", "--device", "cpu"]))
+        assert app.state.server.adapters.model.task_names == ["one", "two"]
+        assert sorted(resolved) == [str(tmp_path / "one"), str(tmp_path / "two")], given
 
 
 def free_port() -> int:
@@ -146,6 +176,55 @@ def test_cli_two_workers_follow_the_adapters_file_and_sum_metrics(tmp_path):
         proc.wait(WAIT_S)
         log.close()
     assert proc.returncode == 0, (tmp_path / "server.log").read_text()
+
+
+def serving(proc: subprocess.Popen, url: str, log: Path) -> bool:
+    """Whether the server process ``proc`` answers ``/health`` with ok (it must not have stopped)."""
+    try:
+        return http.get(f"{url}/health").json()["status"] == "ok"
+    except httpx.TransportError:
+        assert proc.poll() is None, log.read_text()
+        return False
+
+
+def serve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "learnable_memory", "serve", "--threads", "1", "--timeout", str(WAIT_S), *args]
+
+
+@pytest.mark.integration
+def test_cli_hot_loading_without_a_key_is_refused_off_loopback_and_always_logged(tmp_path):
+    proc = subprocess.run(serve_command("--adapter-root", str(tmp_path), "--host", "0.0.0.0"), capture_output=True,
+                          text=True, timeout=WAIT_S)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--allow-unauthenticated" in proc.stderr, \
+        proc.stderr
+    for host in ("127.0.0.1", "0.0.0.0"):
+        port = free_port()
+        log_path = tmp_path / f"server-{host}.log"
+        extra = ["--allow-unauthenticated"] if host != "127.0.0.1" else []
+        with log_path.open("w") as log:
+            server = subprocess.Popen(serve_command("--adapter-root", str(tmp_path), "--host", host, "--port",
+                                                    str(port), *extra), stdout=log, stderr=subprocess.STDOUT)
+            try:
+                wait_for(partial(serving, server, f"http://127.0.0.1:{port}", log_path), "the server")
+            finally:
+                server.terminate()
+                server.wait(WAIT_S)
+        assert "with no API key: anyone can load adapters" in log_path.read_text(), log_path.read_text()
+
+
+@pytest.mark.integration
+def test_cli_several_workers_with_a_bad_adapter_stop_at_once_with_status_2(tmp_path):
+    demo_adapter(tmp_path / "good")
+    demo_adapter(tmp_path / "bad", seed=22)
+    weights = tmp_path / "bad" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    listing = tmp_path / "adapters.txt"
+    listing.write_text("good\nbad\n")
+    proc = subprocess.run(serve_command("--adapters-file", str(listing), "--workers", "2", "--port", str(free_port())),
+                          capture_output=True, text=True, timeout=WAIT_S)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("learnable-memory: error: ") and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert "adapter_model.safetensors" in proc.stderr
 
 
 @pytest.mark.integration

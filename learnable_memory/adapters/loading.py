@@ -199,15 +199,17 @@ def prepare_tasks(
 ) -> list[TaskMemory]:
     """Read and check adapters for ``base``, after the tasks ``existing``; returns the new tasks.
 
-    See :func:`learnable_memory.load_adapters` for the arguments. Raises :class:`AdapterError`
+    See :func:`learnable_memory.load_adapters` for the arguments; ``paths`` may also hold adapters
+    already read with :func:`~.folder.read_adapter`, which are used as they are. Raises :class:`AdapterError`
     (naming the file, what is wrong and how to fix it) before anything is built.
     """
     if isinstance(paths, str | Path):
         paths = [paths]
-    folders = [f for p in paths for f in adapter_folders(p, cache_dir)]
-    if not folders:
+    adapters = []  # an AdapterFile in paths was read already (read_adapter): it is not read again
+    for p in paths:
+        adapters += [p] if isinstance(p, AdapterFile) else [read_adapter(f) for f in adapter_folders(p, cache_dir)]
+    if not adapters:
         raise AdapterError("no adapter to load: paths is empty")
-    adapters = [read_adapter(f) for f in folders]
     _check_backbone(adapters, base, check_fingerprint)
     names = _new_names(adapters, rename)
     like = next(iter(base.parameters()), None)

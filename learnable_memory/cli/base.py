@@ -11,15 +11,16 @@ name alone means fresh random weights, which no adapter fits; ``train`` takes it
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from .. import data as D
 from .options import json_object
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def add_model_options(p: argparse.ArgumentParser, title: str = "base model (default: the one the adapter was "
@@ -78,6 +79,8 @@ def create_base(model: str | None = None, *, pretrained: bool = False, checkpoin
     pretrained ``tag`` and ``hf_hub_id`` are cleared, so a saved adapter does not claim timm's weights.
     """
     import timm
+
+    from .. import data as D
 
     kwargs = dict(model_kwargs or {})
     if model is None:
@@ -140,7 +143,33 @@ def _create_from_checkpoint(name: str, path: Path, kwargs: dict) -> nn.Module:
         detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
         raise ValueError(f"checkpoint {path} does not fit timm model {name!r}: {detail} "
                          "(pass the architecture's arguments with --model-kwargs)") from e
-    return _forget_pretrained_source(model, file=str(path))
+    return _keep_exported_preprocessing(_forget_pretrained_source(model, file=str(path)), path, name)
+
+
+#: The ``pretrained_cfg`` fields of a timm export that say how its images were prepared and what its classes are.
+EXPORTED_FIELDS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
+def _keep_exported_preprocessing(model: nn.Module, checkpoint: Path, name: str) -> nn.Module:
+    """When ``checkpoint`` lies in a timm export folder of the same architecture (``config.json`` beside it,
+    as ``save_base`` and the shipped bases write), the model keeps the export's preprocessing and label
+    names: timm's registry gives a name its default mean, crop and interpolation, which are not the ones
+    these weights were trained with."""
+    config_file = checkpoint.parent / "config.json"
+    try:
+        exported = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return model
+    if not isinstance(exported, dict) or not isinstance(exported.get("pretrained_cfg"), dict) \
+            or str(exported.get("architecture", "")).split(".")[0] != name.split(".")[0]:
+        return model
+    kept = {k: tuple(v) if isinstance(v, list) else v for k, v in exported["pretrained_cfg"].items()
+            if k in EXPORTED_FIELDS}
+    if "label_names" in exported:
+        kept["label_names"] = exported["label_names"]
+    cfg = {**model.pretrained_cfg, **kept}
+    model.pretrained_cfg = model.default_cfg = cfg
+    return model
 
 
 def _forget_pretrained_source(model: nn.Module, file: str | None = None) -> nn.Module:
@@ -174,6 +203,7 @@ def saved_base_spec(folder: str | Path) -> dict:
 def make_accelerator():
     """accelerate's ``Accelerator``; on a machine without GPUs, one that runs distributed on CPU (gloo)
     when started by ``accelerate launch --multi_gpu --num_processes N`` or ``torchrun``."""
+    import torch
     from accelerate import Accelerator
 
     launched = int(os.environ.get("LOCAL_RANK", -1)) != -1

@@ -1,19 +1,20 @@
 """``learnable-memory eval``: accuracy and confusion matrix of every task of one or more adapters, each on
-its own data (from its ``training.json``, or ``--data TASK=SOURCE``)."""
+its own data (from its ``training.json``, or ``--data TASK=SOURCE``) prepared with the preprocessing it was
+trained with (:func:`~learnable_memory.pass_groups.output_preprocessing`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch.utils.data import Dataset
+from .base import add_model_options
+from .options import add_adapter_options, positive_int
 
-from .. import data as D
-from .base import add_model_options, make_accelerator
-from .options import positive_int
-from .records import add_adapter_options, base_for_adapters, load_named_adapters, read_training_info, resolve_adapters
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import Dataset
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -48,7 +49,9 @@ def parse_data_map(items: Sequence[str] | None) -> dict[str, str]:
 
 def task_data(task: str, source: str | None, classes, num_classes: int, split: str, config: dict,
               limit: int | None) -> Dataset:
-    """The ``split`` images of ``source`` for a task with ``num_classes`` outputs."""
+    """The ``split`` images of ``source`` for a task with ``num_classes`` outputs, prepared as ``config`` says."""
+    from .. import data as D
+
     if source is None:
         raise ValueError(f"no data for task {task!r}: pass --data {task}=SOURCE")
     ds = D.subsample(D.load_dataset(source, split, config, classes=classes), limit)
@@ -60,10 +63,11 @@ def task_data(task: str, source: str | None, classes, num_classes: int, split: s
 def format_confusion(conf: torch.Tensor, names: Sequence[str]) -> str:
     """A confusion matrix (rows true, columns predicted) as aligned text."""
     labels = [str(n)[:10] for n in names]
-    width = max(6, *(len(lbl) for lbl in labels), len(str(int(conf.max()))) + 1)
-    lines = [" " * (width + 2) + "".join(f"{lbl:>{width}}" for lbl in labels) + "   <- predicted"]
+    width = max(6, *(len(lbl) for lbl in labels), len(str(int(conf.max()))))
+    cell = f"  {{:>{width}}}"  # two spaces before every column, so the longest labels never touch
+    lines = [" " * width + "".join(cell.format(lbl) for lbl in labels) + "   <- predicted"]
     for lbl, row in zip(labels, conf.tolist(), strict=True):
-        lines.append(f"{lbl:>{width}}  " + "".join(f"{v:>{width}}" for v in row))
+        lines.append(f"{lbl:>{width}}" + "".join(cell.format(v) for v in row))
     return "\n".join(lines)
 
 
@@ -81,7 +85,11 @@ def run(args: argparse.Namespace) -> int:
     """Load the adapters on their base, evaluate every task (and ``base=``) on its data, print."""
     from torch.utils.data import DataLoader
 
+    from .. import data as D
+    from ..pass_groups import output_preprocessing
     from ..train import evaluate
+    from .base import make_accelerator
+    from .records import base_for_adapters, load_named_adapters, read_training_info, resolve_adapters
 
     accelerator = make_accelerator()
     folders = resolve_adapters(args.adapters)
@@ -92,16 +100,16 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"--data names unknown task(s) {unknown}; the tasks are {model.task_names} (and base)")
     infos = {name: read_training_info(folder) for name, folder in zip(model.task_names, folders, strict=True)}
-    config = D.data_config(base)
-    jobs = []  # (task, model to evaluate, dataset)
+    jobs = []  # (task, model to evaluate, dataset prepared with the task's own preprocessing)
     for task in model.task_names:
         cfg, info = model.tasks[task].config, infos[task]
         source = mapping.get(task) or info.get("data")
         ds = task_data(task, source, cfg.class_names or info.get("class_subset"), cfg.num_classes, args.split,
-                       config, args.limit)
+                       output_preprocessing(model, task), args.limit)
         jobs.append((task, model, ds))
     if "base" in mapping:
-        ds = task_data("base", mapping["base"], D.label_names(base), base.num_classes, args.split, config, args.limit)
+        ds = task_data("base", mapping["base"], D.label_names(base), base.num_classes, args.split,
+                       output_preprocessing(model, "base"), args.limit)
         jobs.append(("base", base, ds))
     results = {}
     for task, net, ds in jobs:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from .records import TRAINING_FILE, read_training_info, resolve_adapters
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("inspect", help="describe a saved adapter",
@@ -49,6 +47,7 @@ def _short(v) -> str:
 def run(args: argparse.Namespace) -> int:
     """Print the adapter's summary and its ``training.json``."""
     from ..adapters.folder import inspect_adapter
+    from .records import TRAINING_FILE, read_training_info, resolve_adapters
 
     folders = resolve_adapters([args.adapter])
     if len(folders) != 1:

@@ -71,3 +71,10 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, {example}; got a JSON {type(value).__name__}")
     return value
+
+
+def add_adapter_options(p: argparse.ArgumentParser) -> None:
+    """``--no-fingerprint-check``, which :func:`~.records.load_named_adapters` reads as ``check_fingerprint``."""
+    p.add_argument("--no-fingerprint-check", action="store_true",
+                   help="load adapters onto a backbone whose weights are not byte-identical to the one they were "
+                        "trained on (only when you know the weights are equivalent)")

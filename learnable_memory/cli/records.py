@@ -17,6 +17,7 @@ from torch import nn
 from ..adapters.folder import AdapterError, adapter_folders, read_adapter
 from ..model import MemoryViT, load_adapters
 from .base import base_spec, create_base, refuse_random_weights
+from .options import add_adapter_options as add_adapter_options  # where the parsers of the commands take it
 
 #: Written by ``train`` into the adapter folder: how the adapter was made (data, base model, settings).
 TRAINING_FILE = "training.json"
@@ -39,13 +40,6 @@ BASE_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "checkpoint": (_STR + _NONE, "a string or null"),
     "model_kwargs": (_DICT, "an object"),
 }
-
-
-def add_adapter_options(p: argparse.ArgumentParser) -> None:
-    """``--no-fingerprint-check``, which :func:`load_named_adapters` reads as ``check_fingerprint``."""
-    p.add_argument("--no-fingerprint-check", action="store_true",
-                   help="load adapters onto a backbone whose weights are not byte-identical to the one they were "
-                        "trained on (only when you know the weights are equivalent)")
 
 
 def read_training_info(folder: str | Path) -> dict:

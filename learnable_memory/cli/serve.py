@@ -9,31 +9,39 @@ The server itself is :func:`learnable_memory.serve.create_app`; it needs the ``s
 Several workers (``--workers N``) are uvicorn worker processes, each with its own model; the adapter
 set then comes from ``--adapters-file`` or ``--adapter`` (a load through the API would reach one
 worker only, so it is refused), and metrics are summed over the workers with prometheus-client's
-multiprocess mode (in ``$PROMETHEUS_MULTIPROC_DIR``, or a temporary directory).
+multiprocess mode (in ``$PROMETHEUS_MULTIPROC_DIR``, or a temporary directory). The parent builds the
+model once before it starts them, so a bad adapter is a one-line error (status 2), not workers that
+die and restart.
+
+Hot loading (``--adapter-root``) without ``--api-key`` lets every client that reaches the port load and
+unload adapters: it is refused on an address other than loopback unless ``--allow-unauthenticated``,
+and the server logs a warning whenever it runs so.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import ipaddress
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from .base import add_model_options
-from .options import non_negative_int, positive_float, positive_int
-from .records import add_adapter_options, base_for_adapters, load_named_adapters, resolve_adapters
+from .options import add_adapter_options, non_negative_int, positive_float, positive_int
 
 #: Where the parent process hands the parsed options to its worker processes (``--workers`` > 1).
 ARGS_ENV = "LEARNABLE_MEMORY_SERVE_ARGS"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: ``--dtype`` choices: names of torch dtypes.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def device_name(text: str) -> str:
     """A torch device, e.g. ``cpu``, ``cuda`` or ``cuda:1``."""
+    import torch
+
     try:
         torch.device(text)
     except RuntimeError:
@@ -65,8 +73,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--adapter", nargs="+", default=[], metavar="ADAPTER",
                    help="adapter folders, save_pretrained folders or hf-hub:owner/repo (none: the base model alone)")
     p.add_argument("--adapters-file", type=Path, metavar="FILE",
-                   help="the adapter set, one SPEC or NAME=SPEC per line, re-read when it changes (for several "
-                        "replicas: the one source of truth); API loading is then off")
+                   help="the adapter set, one SPEC or NAME=SPEC per line (a relative path is read from FILE's "
+                        "folder), re-read when it changes (for several replicas: the one source of truth); API "
+                        "loading is then off")
     add_model_options(p)
     add_adapter_options(p)
     g = p.add_argument_group("server")
@@ -74,9 +83,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--port", type=non_negative_int, default=8000, help="port (default %(default)s; 0: any free)")
     g.add_argument("--workers", type=positive_int, default=1, help="uvicorn worker processes, each with its own "
                    "model (default %(default)s)")
-    g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda (default %(default)s)")
-    g.add_argument("--dtype", choices=list(DTYPES), default="float32",
+    g.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda when there is one, else cpu)")
+    g.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="the base model is cast to it before the adapters load (default %(default)s)")
     g.add_argument("--threads", type=positive_int, help="torch threads for inference (default: every core this "
                    "process may use)")
@@ -89,7 +97,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     b.add_argument("--max-queue-images", type=positive_int, default=d.max_queue_images,
                    help="images waiting at most; beyond: 503 with Retry-After (default %(default)s)")
     b.add_argument("--timeout", type=positive_float, default=d.request_timeout_s,
-                   help="seconds a request may wait for its results; then 504 (default %(default)s)")
+                   help="seconds a request's body may take to arrive (then 408) and it may wait for its results "
+                   "(then 504) (default %(default)s)")
     b.add_argument("--drain-timeout", type=non_negative_float, default=d.drain_timeout_s,
                    help="seconds requests in flight may take to finish at shutdown (default %(default)s)")
     b.add_argument("--max-images", type=positive_int, default=d.max_images,
@@ -106,6 +115,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     a.add_argument("--allow-hub", action="store_true", help="with --adapter-root: also load hf-hub: specs")
     a.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"key the load and unload calls must send (default: ${API_KEY_ENV})")
+    a.add_argument("--allow-unauthenticated", action="store_true",
+                   help="with --adapter-root and no --api-key on a --host other than loopback: let every client "
+                   "that reaches the port load and unload adapters (refused without this)")
     a.add_argument("--poll-interval", type=positive_float, default=d.poll_interval_s,
                    help="seconds between checks of --adapters-file (default %(default)s)")
     p.set_defaults(run=run)
@@ -127,26 +139,56 @@ def settings_from_args(args: argparse.Namespace):
     ).check()
 
 
-def build_app(args: argparse.Namespace):
-    """Build the base (cast to ``--dtype``, on ``--device``), load the adapters, and create the app."""
-    from ..model import MemoryViT
-    from ..serve import create_app
-    from ..serve.adapter_set import load_entries, read_adapters_file
+def build_model(args: argparse.Namespace, settings):
+    """The model to serve and the spec each task came from: the base (cast to ``--dtype``, on ``--device``)
+    and the adapters of ``--adapters-file`` or ``--adapter``, each spec resolved once."""
+    import torch
 
-    settings = settings_from_args(args)
-    entries = read_adapters_file(settings.adapters_file) if settings.adapters_file else []
-    specs = [e.spec for e in entries] or list(args.adapter)
-    folders = resolve_adapters(specs[:1])
-    base = base_for_adapters(args, folders).to(device=torch.device(args.device), dtype=DTYPES[args.dtype])
+    from ..model import MemoryViT
+    from ..serve.adapter_set import load_resolved, read_adapters_file, resolve_entries
+    from .records import base_for_adapters, load_named_adapters, resolve_adapters
+
     check = not args.no_fingerprint_check
     if settings.adapters_file is not None:
-        model, sources = load_entries(base, entries, check_fingerprint=check)
+        resolved = resolve_entries(read_adapters_file(settings.adapters_file))
+        folders = [f for _, found in resolved for f in found]
     else:
         pairs = [(spec, f) for spec in args.adapter for f in resolve_adapters([spec])]
         folders = [f for _, f in pairs]
-        model = load_named_adapters(base, folders, check_fingerprint=check) if folders else MemoryViT(base)
-        sources = dict(zip(model.task_names, [spec for spec, _ in pairs], strict=True))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base = base_for_adapters(args, folders[:1]).to(device=torch.device(device), dtype=getattr(torch, args.dtype))
+    if settings.adapters_file is not None:
+        return load_resolved(base, resolved, check_fingerprint=check)
+    model = load_named_adapters(base, folders, check_fingerprint=check) if folders else MemoryViT(base)
+    return model, dict(zip(model.task_names, [spec for spec, _ in pairs], strict=True))
+
+
+def build_app(args: argparse.Namespace):
+    """The app :func:`build_model`'s model is served by."""
+    from ..serve import create_app
+
+    settings = settings_from_args(args)
+    model, sources = build_model(args, settings)
     return create_app(model, settings, sources=sources)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only takes connections from this machine (``localhost``, ``127.x``, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any address
+        return False
+
+
+def check_unauthenticated(args: argparse.Namespace, settings) -> None:
+    """Refuse hot loading without a key on an address other than loopback, unless ``--allow-unauthenticated``."""
+    if settings.api_loading and settings.api_key is None and not is_loopback(args.host) \
+            and not args.allow_unauthenticated:
+        raise ValueError(f"--adapter-root without --api-key on --host {args.host} would let every client that reaches "
+                         "the port load and unload adapters: set --api-key KEY (or $LEARNABLE_MEMORY_API_KEY), "
+                         "listen on 127.0.0.1, or pass --allow-unauthenticated if only trusted clients can connect")
 
 
 def app_from_environment():
@@ -179,11 +221,14 @@ def run(args: argparse.Namespace) -> int:
     if args.workers > 1 and settings.api_loading:
         raise ValueError("--adapter-root with --workers > 1: a load or unload through the API would reach one worker "
                          "only; list the adapters in --adapters-file (re-read by every worker) instead")
+    check_unauthenticated(args, settings)
     options = dict(host=args.host, port=args.port, log_level=args.log_level,
                    timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s))
     if args.workers == 1:
         uvicorn.run(build_app(args), **options)
         return 0
+    build_model(args, settings)  # a bad adapter stops here, once, not in every worker that restarts
+    gc.collect()
     _multiprocess_metrics_dir()
     values = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("run", "debug")}
     os.environ[ARGS_ENV] = json.dumps(values)

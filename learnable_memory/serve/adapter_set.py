@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,26 @@ HUB_PREFIX = "hf-hub:"
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One line of an adapters file: an adapter spec and an optional new task name."""
+    """One line of an adapters file: an adapter spec and an optional new task name. ``line`` and ``file`` say
+    where it was written, ``relative`` whether its path was relative (then ``spec`` is under the file's folder)."""
 
     spec: str
     name: str | None = None
+    line: str | None = field(default=None, compare=False)
+    file: Path | None = field(default=None, compare=False)
+    relative: bool = field(default=False, compare=False)
+
+    def where(self) -> str:
+        """Where the entry came from, for error messages: the line, and how a relative path was read."""
+        if self.line is None:
+            return ""
+        how = f"; a relative path is read from the file's folder {self.file.parent}" if self.relative else ""
+        return f" (line {self.line!r} of the adapters file {self.file}{how})"
 
 
 def read_adapters_file(path: Path) -> list[FileEntry]:
-    """The entries of an adapters file, in order (see the module docstring for the format)."""
+    """The entries of an adapters file, in order (see the module docstring for the format; a relative path
+    is read from the file's folder)."""
     entries = []
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
@@ -56,28 +68,49 @@ def read_adapters_file(path: Path) -> list[FileEntry]:
         name, spec = (name.strip() or None) if name else None, spec.strip()
         if not spec:
             raise ValueError(f"{path}: line {line!r} names no adapter; write SPEC or NAME=SPEC")
-        if not spec.startswith(HUB_PREFIX) and not Path(spec).expanduser().is_absolute():
-            spec = str(path.parent / spec)
-        entries.append(FileEntry(spec, name))
+        relative = not spec.startswith(HUB_PREFIX) and not Path(spec).expanduser().is_absolute()
+        entries.append(FileEntry(str(path.parent / spec) if relative else spec, name, line, path, relative))
     return entries
+
+
+#: Entries with the adapter folders each stands for (:func:`resolve_entries`).
+Resolved = list[tuple[FileEntry, list[Path]]]
+
+
+def resolve_entries(entries: list[FileEntry], cache_dir: Path | None = None) -> Resolved:
+    """Each entry with its adapter folders (``hf-hub:`` specs through the cache), each resolved once.
+    Raises ``AdapterError`` naming the line for a missing folder or a NAME given to several adapters."""
+    out = []
+    for e in entries:
+        try:
+            found = adapter_folders(e.spec, cache_dir)
+        except AdapterError as err:
+            raise AdapterError(f"{err}{e.where()}") from err
+        if e.name is not None and len(found) != 1:
+            raise AdapterError(f"{e.spec} holds {len(found)} adapters; NAME=SPEC names a single adapter folder"
+                               f"{e.where()}")
+        out.append((e, found))
+    return out
+
+
+def load_resolved(base: Any, resolved: Resolved, *, check_fingerprint: bool = True,
+                  cache_dir: Path | None = None) -> tuple[MemoryViT, dict[str, str]]:
+    """A new model on the backbone ``base`` with exactly the adapters of ``resolved``, in order, and the spec
+    each task came from. Raises ``AdapterError`` (nothing changes) for an unfit adapter."""
+    folders = [f for _, found in resolved for f in found]
+    if not folders:
+        return MemoryViT(base).eval(), {}
+    names = [e.name for e, found in resolved for _ in found]
+    model = load_adapters(base, folders, rename=names, check_fingerprint=check_fingerprint, cache_dir=cache_dir)
+    specs = [e.spec for e, found in resolved for _ in found]
+    return model.eval(), dict(zip(model.task_names, specs, strict=True))
 
 
 def load_entries(base: Any, entries: list[FileEntry], *, check_fingerprint: bool = True,
                  cache_dir: Path | None = None) -> tuple[MemoryViT, dict[str, str]]:
-    """A new model on the backbone ``base`` with exactly the adapters of ``entries``, in order, and the spec
-    each task came from. Raises ``AdapterError`` (nothing changes) for a missing or unfit adapter."""
-    folders, names, specs = [], [], []
-    for e in entries:
-        found = adapter_folders(e.spec, cache_dir)
-        if e.name is not None and len(found) != 1:
-            raise AdapterError(f"{e.spec} holds {len(found)} adapters; NAME=SPEC names a single adapter folder")
-        folders += found
-        names += [e.name] * len(found)
-        specs += [e.spec] * len(found)
-    if not folders:
-        return MemoryViT(base).eval(), {}
-    model = load_adapters(base, folders, rename=names, check_fingerprint=check_fingerprint, cache_dir=cache_dir)
-    return model.eval(), dict(zip(model.task_names, specs, strict=True))
+    """:func:`load_resolved` of :func:`resolve_entries`: the model with exactly the adapters of ``entries``."""
+    return load_resolved(base, resolve_entries(entries, cache_dir), check_fingerprint=check_fingerprint,
+                         cache_dir=cache_dir)
 
 
 def without_task(model: MemoryViT, name: str) -> MemoryViT:
@@ -148,6 +181,9 @@ class AdapterSet:
             raise ServeError(403, "loading and unloading through the API are off: start the server with "
                              "--adapter-root DIR to allow adapters under DIR", "forbidden")
 
+    def _root(self) -> Path:
+        return Path(self.settings.adapter_root).expanduser().resolve()
+
     def _target(self, spec: str) -> str:
         """The path (or hub spec) to load for ``spec``: 403 outside the root or for the hub when it is off."""
         if spec.startswith(HUB_PREFIX):
@@ -155,7 +191,7 @@ class AdapterSet:
                 raise ServeError(403, f"{spec}: loading from the Hugging Face Hub is off; start the server with "
                                  "--allow-hub", "forbidden")
             return spec
-        root = Path(self.settings.adapter_root).expanduser().resolve()
+        root = self._root()
         path = (root / Path(spec).expanduser()).resolve()  # an absolute spec stays absolute
         if not path.is_relative_to(root):
             raise ServeError(403, f"{spec}: only adapters under the adapter root {root} may be loaded", "forbidden")
@@ -163,21 +199,45 @@ class AdapterSet:
             raise ServeError(404, f"{spec}: no adapter folder at {path}", "not_found")
         return str(path)
 
+    def _check_inside_root(self, folders: list[Path]) -> None:
+        """403 when one of ``folders``, or a file in one, is a link that leads out of the adapter root: where
+        the folder is does not bound what a load reads."""
+        root = self._root()
+        for folder in folders:
+            for entry in [folder, *(folder.iterdir() if folder.is_dir() else [])]:
+                if not entry.resolve().is_relative_to(root):
+                    raise ServeError(403, f"{entry} is a link that leads outside the adapter root {root}: only "
+                                     "files under the root may be loaded", "forbidden")
+
     def _load(self, model: MemoryViT, target: str, name: str | None) -> MemoryViT:
+        """A new model with the adapter(s) at ``target``; each file is read once."""
+        local = not target.startswith(HUB_PREFIX)
+        if local:
+            self._check_inside_root([Path(target)])  # before its index file is read
         try:
             folders = adapter_folders(target, self.settings.cache_dir)
-            for f in folders:
-                read_adapter(f)
+            if local:
+                self._check_inside_root(folders)
+            adapters = [read_adapter(f) for f in folders]
         except AdapterError as err:  # not an adapter, or a damaged one
             raise ServeError(422, str(err), "bad_adapter") from err
-        if name is not None and len(folders) != 1:
-            raise ServeError(422, f"{target} holds {len(folders)} adapters; 'name' renames a single adapter folder",
+        if name is not None and len(adapters) != 1:
+            raise ServeError(422, f"{target} holds {len(adapters)} adapters; 'name' renames a single adapter folder",
                              "bad_request")
+        names = [name] if name is not None else [a.config.name for a in adapters]
+        taken = [n for n in names if n in model.tasks or n == BASE_KEY]
+        if taken:
+            why = "is reserved for the base model's output" if taken[0] == BASE_KEY else "is loaded already"
+            raise ServeError(409, f"task name {taken[0]!r} {why}: send the load again with another name in the "
+                             f"request's 'name' field, e.g. {{\"path\": ..., \"name\": \"{taken[0]}_2\"}}"
+                             + ("" if len(adapters) == 1 else " (for a save_pretrained folder, load its adapter "
+                                "folders one at a time)"), "adapter_conflict")
         try:
-            new = load_adapters(model, folders, rename=None if name is None else [name],
+            new = load_adapters(model, adapters, rename=None if name is None else [name],
                                 check_fingerprint=self.settings.check_fingerprint, cache_dir=self.settings.cache_dir)
-        except AdapterError as err:  # does not fit: another backbone, a name taken, a full-mode clash, ...
-            raise ServeError(409, str(err), "adapter_conflict") from err
+        except AdapterError as err:  # does not fit: another backbone, a full-mode clash, ...
+            message = str(err).replace("check_fingerprint=False", "start the server with --no-fingerprint-check")
+            raise ServeError(409, message, "adapter_conflict") from err
         except ValueError as err:  # e.g. a name the library refuses
             raise ServeError(422, str(err), "bad_request") from err
         return new.eval()

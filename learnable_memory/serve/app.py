@@ -2,7 +2,9 @@
 
 - ``POST /v1/predict``: images (multipart files or base64 JSON), optional ``tasks`` and ``top_k``;
   per image and task the top-k labels with probabilities. Requests are micro-batched
-  (:mod:`.batcher`); a batch runs ONE ``forward_all`` over the union of the tasks its requests ask for.
+  (:mod:`.batcher`); a batch runs ONE ``forward_all`` over the union of the tasks its requests ask for,
+  one per preprocessing when tasks trained with different preprocessing are asked for
+  (:func:`~learnable_memory.pass_groups.pass_groups`): each task sees images prepared as in its training.
 - ``GET /v1/adapters``: each loaded task's configuration and sizes (``describe_task``), and its source.
 - ``POST /v1/adapters`` ``{"path", "name"}`` and ``DELETE /v1/adapters/{task}``: hot load and unload
   (off unless ``adapter_root`` is set; guarded by ``api_key`` when one is set).
@@ -17,6 +19,7 @@ import asyncio
 import dataclasses
 import hmac
 import itertools
+import logging
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -32,15 +35,17 @@ from torch import nn
 
 from ..data import label_names
 from ..model import MemoryViT
+from ..pass_groups import PassGroup, pass_groups
 from ..version import __version__
 from .adapter_set import AdapterSet
 from .batcher import MicroBatcher
-from .images import Preprocessor
+from .images import Preprocessor, check_channels, preprocessing_key
 from .inference import Chunk, forward, has_full_task, resolve_tasks, run_batch
 from .metrics import Metrics, MetricsMiddleware
 from .payloads import LoadJSON, PredictRequest, parse_model, parse_predict, read_body
-from .settings import ServeError, ServeSettings, available_cores
+from .settings import API_KEY_ENV, ServeError, ServeSettings, available_cores
 
+log = logging.getLogger("learnable_memory.serve")
 #: Threads that decode and preprocess request images (beside the one inference thread).
 DECODE_THREADS = min(4, available_cores())
 
@@ -56,7 +61,8 @@ class Server:
         self.settings = settings
         self.metrics = Metrics()
         self.adapters = AdapterSet(model, settings, sources, on_change=self._on_change)
-        self.preprocess = Preprocessor(model.data_config(), settings.max_image_pixels)
+        check_channels(model.data_config())
+        self.preprocess = Preprocessor(settings.max_image_pixels)
         self.base_labels = label_names(model.base)
         self.status = "starting"
         self.batcher: MicroBatcher | None = None
@@ -81,6 +87,10 @@ class Server:
             max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000, max_queue_images=s.max_queue_images,
             threads=s.torch_threads, observe=self._observe_batch)
         self._decode = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="learnable-memory-decode")
+        if s.api_loading and s.api_key is None:
+            log.warning("!!! POST/DELETE /v1/adapters are open to every client that reaches this server, with no "
+                        "API key: anyone can load adapters under %s and unload the served ones. Set --api-key (or "
+                        "$%s) unless only trusted clients can connect !!!", s.adapter_root, API_KEY_ENV)
         self.batcher.start()
         watcher = None
         try:
@@ -102,15 +112,19 @@ class Server:
             self.metrics.process_exit()
 
     def _warmup(self) -> None:
-        """One full batch through every output, so the first request does not pay for first-call setup."""
+        """One full batch through every output, one pass per preprocessing, so the first request does not pay
+        for first-call setup."""
         model = self.adapters.model
-        c, h, w = model.data_config()["input_size"]
-        images = torch.zeros(self.settings.max_batch_size, c, h, w)
-        forward(model, images, list(resolve_tasks(model, None)), self.settings.per_task_forward)
+        for group in pass_groups(model, resolve_tasks(model, None)):
+            images = torch.zeros(self.settings.max_batch_size, *group.data_config["input_size"])
+            forward(model, images, list(group.outputs), self.settings.per_task_forward)
 
     # ----- endpoints -----
-    def _prepare(self, req: PredictRequest) -> torch.Tensor:
-        return torch.stack([self.preprocess(data, label) for data, label in zip(req.images, req.labels, strict=True)])
+    def _prepare(self, req: PredictRequest, groups: list[PassGroup]) -> list[torch.Tensor]:
+        """The request's images for each group, ``[n, C, H, W]`` each, prepared with the group's preprocessing."""
+        configs = [g.data_config for g in groups]
+        per_image = [self.preprocess(data, label, configs) for data, label in zip(req.images, req.labels, strict=True)]
+        return [torch.stack([x[i] for x in per_image]) for i in range(len(groups))]
 
     async def predict(self, request: Request) -> JSONResponse:
         if self.status != "ok":
@@ -118,11 +132,17 @@ class Server:
         req = await parse_predict(request, self.settings)
         model = self.adapters.model  # the request runs on the model current now, whatever is loaded later
         tasks = resolve_tasks(model, req.tasks)
+        groups = pass_groups(model, tasks)
         loop = asyncio.get_running_loop()
-        images = await loop.run_in_executor(self._decode, self._prepare, req)  # [n, C, H, W]
+        prepared = await loop.run_in_executor(self._decode, self._prepare, req, groups)
         rid, step = next(self._ids), self.settings.max_batch_size
-        chunks = [Chunk(images[i:i + step], model, tasks, req.top_k, rid, loop.create_future())
-                  for i in range(0, len(images), step)]
+        starts, chunks = [], []  # the first image of each chunk, and the chunk
+        for group, images in zip(groups, prepared, strict=True):
+            key = preprocessing_key(group.data_config)
+            for i in range(0, len(images), step):
+                starts.append(i)
+                chunks.append(Chunk(images[i:i + step], model, group.outputs, req.top_k, rid, loop.create_future(),
+                                    key))
         self.batcher.submit(chunks)
         self.metrics.queued_images.set(self.batcher.queued_images)
         try:
@@ -135,7 +155,11 @@ class Server:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        rows = [row for chunk_rows in results for row in chunk_rows]
+        merged: list[dict[str, Any]] = [{} for _ in req.images]  # each image's labels, from every group's pass
+        for start, chunk_rows in zip(starts, results, strict=True):
+            for i, row in enumerate(chunk_rows):
+                merged[start + i].update(row)
+        rows = [{t: labels[t] for t in tasks} for labels in merged]
         for t in tasks:
             self.metrics.task_images.labels(t).inc(len(rows))
         predictions = [{"image": i, "filename": name, "tasks": row}
@@ -156,7 +180,7 @@ class Server:
     async def load(self, request: Request) -> dict[str, Any]:
         self.adapters.check_api()
         self._authorize(request)
-        body = parse_model(LoadJSON, await read_body(request, 1 << 20))
+        body = parse_model(LoadJSON, await read_body(request, 1 << 20, self.settings.request_timeout_s))
         added = await self.adapters.load(body.path, body.name)
         return {"loaded": added, "tasks": self.adapters.model.task_names}
 

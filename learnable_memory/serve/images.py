@@ -1,8 +1,9 @@
-"""Request images -> model inputs: decoding under limits, then the base model's own preprocessing.
+"""Request images -> model inputs: decoding under limits, then each pass's own preprocessing.
 
 Any image PIL can read is accepted and converted to the model's channels (``"L"`` for one channel,
-``"RGB"`` for three), then run through timm's evaluation transform for the base model's data config
-(resize, centre crop, normalise), as ``learnable-memory predict`` does.
+``"RGB"`` for three), then run through timm's evaluation transform (resize, centre crop, normalise)
+for the data config of each pass it goes into: the preprocessing its tasks were trained with
+(:func:`learnable_memory.pass_groups.pass_groups`), as ``learnable-memory predict`` does.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -31,30 +34,47 @@ def decode_base64(text: str, where: str) -> bytes:
                          "bad_request") from err
 
 
+def check_channels(data_config: dict) -> None:
+    """``ValueError`` unless the model takes one or three channels (what PIL's ``"L"``/``"RGB"`` give)."""
+    channels = data_config["input_size"][0]
+    if channels not in (1, 3):
+        raise ValueError(f"the server feeds images as grayscale or RGB, but this model takes {channels} channels")
+
+
+def preprocessing_key(data_config: dict) -> str:
+    """A key naming one preprocessing: equal for data configs that prepare images the same way."""
+    return json.dumps(data_config, sort_keys=True)
+
+
 class Preprocessor:
-    """Bytes of one image -> ``[C, H, W]`` float tensor for the model.
+    """Bytes of one image -> one ``[C, H, W]`` float tensor per preprocessing asked for.
 
     Args:
-        data_config: The base model's timm data config (``MemoryViT.data_config()``).
         max_pixels: Largest width x height accepted (413 beyond); PIL's own decompression-bomb guard
             (``Image.MAX_IMAGE_PIXELS``) applies as well.
     """
 
-    def __init__(self, data_config: dict, max_pixels: int):
-        channels = data_config["input_size"][0]
-        if channels not in (1, 3):
-            raise ValueError(f"the server feeds images as grayscale or RGB, but this model takes {channels} "
-                             "channels")
-        self.transform = D.model_transform(data_config)
-        self.mode = D.pil_mode(data_config)
+    def __init__(self, max_pixels: int):
         self.max_pixels = max_pixels
+        self._transforms: dict[str, Callable] = {}  # preprocessing_key -> timm's transform
 
-    def __call__(self, data: bytes, where: str) -> torch.Tensor:
-        """Decode and preprocess; ``where`` names the image in error messages (e.g. ``"image 2 (cat.png)"``)."""
-        return self.transform(self.decode(data, where))
+    def transform(self, data_config: dict) -> Callable:
+        """timm's evaluation transform for ``data_config``, built once per preprocessing."""
+        key = preprocessing_key(data_config)
+        if key not in self._transforms:
+            check_channels(data_config)
+            self._transforms[key] = D.model_transform(data_config)
+        return self._transforms[key]
 
-    def decode(self, data: bytes, where: str) -> Image.Image:
-        """The image in the model's PIL mode: 413 for too many pixels, 400 for bytes PIL can not read."""
+    def __call__(self, data: bytes, where: str, data_configs: Sequence[dict]) -> list[torch.Tensor]:
+        """Decode once, then preprocess for each of ``data_configs``; ``where`` names the image in error
+        messages (e.g. ``"image 2 (cat.png)"``)."""
+        image = self.decode(data, where, D.pil_mode(data_configs[0]))
+        return [self.transform(c)(image) for c in data_configs]
+
+    def decode(self, data: bytes, where: str, mode: str) -> Image.Image:
+        """The image in PIL mode ``mode`` (the model's channels): 413 for too many pixels, 400 for bytes PIL
+        can not read."""
         if not data:
             raise ServeError(400, f"{where}: empty file", "bad_image")
         try:
@@ -63,7 +83,7 @@ class Preprocessor:
                 if width * height > self.max_pixels:
                     raise ServeError(413, f"{where}: {width}x{height} = {width * height} pixels, more than the "
                                      f"{self.max_pixels} allowed per image; send a smaller image", "too_large")
-                return img.convert(self.mode)
+                return img.convert(mode)
         except ServeError:
             raise
         except Image.DecompressionBombError as err:

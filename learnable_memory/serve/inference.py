@@ -1,9 +1,10 @@
 """One batch of requests -> one model pass -> each request's own top-k labels.
 
-A :class:`Chunk` is up to ``max_batch_size`` images of one request, with the tasks it asked for,
+A :class:`Chunk` is up to ``max_batch_size`` images of one request, prepared with one preprocessing,
+with the tasks of that request that expect it (one :class:`~learnable_memory.pass_groups.PassGroup`),
 resolved against the model that was current when the request was admitted (the chunk holds that model).
-:func:`run_batch` runs chunks of one model in ONE ``forward_all`` over the union of their tasks and
-hands each chunk only its own tasks.
+:func:`run_batch` runs chunks of one model in ONE ``forward_all`` per preprocessing (in the common case
+one in all) over the union of their tasks, and hands each chunk only its own tasks.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ class Chunk:
     Attributes:
         images: ``[n, C, H, W]`` preprocessed, float32, on the CPU.
         model: The model the request was admitted on; it runs on this one even if another is loaded since.
-        tasks: Outputs wanted (task names and/or ``"base"``), checked against ``model``.
+        tasks: Outputs wanted (task names and/or ``"base"``), checked against ``model``, all expecting the
+            images prepared as ``images`` are.
         top_k: Labels per task and image.
         request: Id of the request the chunk belongs to (a request larger than a batch has several chunks).
         future: Receives the chunk's :func:`run_batch` result.
+        preprocessing: The key of the preprocessing ``images`` went through: chunks with the same key
+            share a pass.
     """
 
     images: torch.Tensor
@@ -41,6 +45,7 @@ class Chunk:
     top_k: int
     request: int
     future: asyncio.Future = field(repr=False)
+    preprocessing: str = ""
 
     @property
     def n(self) -> int:
@@ -101,18 +106,23 @@ def top_labels(probs: torch.Tensor, k: int, names: Sequence[str] | None) -> list
 
 def run_batch(chunks: Sequence[Chunk], base_labels: Sequence[str] | None,
               per_task: bool = False) -> list[list[dict[str, list[Label]]]]:
-    """Run chunks of one model in one pass. Returns, per chunk, per image, ``task -> top-k labels``
-    for the chunk's own tasks only."""
+    """Run chunks of one model, one pass per preprocessing among them. Returns, per chunk, per image,
+    ``task -> top-k labels`` for the chunk's own tasks only."""
     model = chunks[0].model
     if any(c.model is not model for c in chunks):
         raise ValueError("a batch runs on one model; the batcher groups chunks by model")
-    tasks = union_tasks(model, chunks)
-    logits = forward(model, torch.cat([c.images for c in chunks]), tasks, per_task)
-    probs = {t: v.float().softmax(-1).cpu() for t, v in logits.items()}
     labels = class_labels(model, base_labels)
-    out, start = [], 0
-    for c in chunks:
-        per_task_labels = {t: top_labels(probs[t][start:start + c.n], c.top_k, labels[t]) for t in c.tasks}
-        out.append([{t: per_task_labels[t][i] for t in c.tasks} for i in range(c.n)])
-        start += c.n
-    return out
+    by_preprocessing: dict[str, list[int]] = {}
+    for i, c in enumerate(chunks):
+        by_preprocessing.setdefault(c.preprocessing, []).append(i)
+    out: dict[int, list[dict[str, list[Label]]]] = {}
+    for indices in by_preprocessing.values():
+        group = [chunks[i] for i in indices]
+        logits = forward(model, torch.cat([c.images for c in group]), union_tasks(model, group), per_task)
+        probs = {t: v.float().softmax(-1).cpu() for t, v in logits.items()}
+        start = 0
+        for i, c in zip(indices, group, strict=True):
+            per_task_labels = {t: top_labels(probs[t][start:start + c.n], c.top_k, labels[t]) for t in c.tasks}
+            out[i] = [{t: per_task_labels[t][j] for t in c.tasks} for j in range(c.n)]
+            start += c.n
+    return [out[i] for i in range(len(chunks))]

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import TypeVar
@@ -19,7 +20,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
 from .images import decode_base64
@@ -56,19 +57,34 @@ class PredictRequest:
     top_k: int
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes ``limit`` bytes (or says it will)."""
+#: The status a request gets when its client went away before the body arrived (nginx's "client closed
+#: request"): no response can reach the client, but the metrics count it apart from the server's errors.
+CLIENT_CLOSED = 499
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refused with 413 as soon as it passes ``limit`` bytes (or says it will), with 408 when
+    it has not all arrived within ``timeout_s`` seconds, and with :data:`CLIENT_CLOSED` when the client
+    disconnects before the end."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServeError(413, f"request body of {declared} bytes is over the limit of {limit} bytes; send fewer or "
                          "smaller images per request", "too_large")
     parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServeError(413, f"request body is over the limit of {limit} bytes; send fewer or smaller images "
-                             "per request", "too_large")
-        parts.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ServeError(413, f"request body is over the limit of {limit} bytes; send fewer or smaller "
+                                     "images per request", "too_large")
+                parts.append(chunk)
+    except TimeoutError:
+        raise ServeError(408, f"the request body did not arrive within {timeout_s} s ({size} bytes came); send it "
+                         "whole, or raise the server's --timeout", "timeout", {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ServeError(CLIENT_CLOSED, f"the client closed the connection after {size} bytes of the body",
+                         "client_closed") from None
     return b"".join(parts)
 
 
@@ -135,7 +151,7 @@ async def _from_multipart(request: Request, body: bytes, settings: ServeSettings
 
 async def parse_predict(request: Request, settings: ServeSettings) -> PredictRequest:
     """Read and parse a predict request (415 for a content type other than JSON or multipart)."""
-    body = await read_body(request, settings.max_request_bytes)
+    body = await read_body(request, settings.max_request_bytes, settings.request_timeout_s)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
         return _from_json(body, settings)

@@ -41,8 +41,9 @@ class ServeSettings:
     Batching: requests are queued and run in batches of at most ``max_batch_size`` images; a batch waits
     at most ``max_wait_ms`` for more requests once its first one arrives. ``max_queue_images`` bounds the
     images waiting (beyond it: 503 with ``Retry-After``). ``threads``: torch's intra-op threads for the
-    model (default: every core this process may use). ``request_timeout_s``: a request still waiting for its
-    results after this long gets 504. ``drain_timeout_s``: at shutdown, how long queued requests may take.
+    model (default: every core this process may use). ``request_timeout_s``: a request whose body has not
+    all arrived after this long gets 408 (and its connection is closed); one still waiting for its results
+    after this long gets 504. ``drain_timeout_s``: at shutdown, how long queued requests may take.
 
     Limits per request: ``max_images`` images, ``max_request_bytes`` bytes of body, ``max_image_pixels``
     pixels per image (413 beyond each). ``top_k``: labels per task and image when a request does not say.
