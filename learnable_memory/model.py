@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .adapters import prepare_tasks, save_adapter, save_pretrained, warn_preprocessing
+from .adapters.fingerprint import dependency_record, own_tensors
+from .adapters.loading import check_predecessors, trainable_tasks
 from .config import BASE_KEY, TaskConfig, UnknownTaskError
 from .context import PassContext, PassExtras
 from .kinds import BlockKind
@@ -113,9 +116,12 @@ class MemoryViT(nn.Module):
                 separately are concatenated).
 
         An extension task with no ``depends_on`` extends every task already present (set on the new
-        task's own copy of the config; the caller's ``TaskConfig`` is left as it is). Raises
-        ``ValueError`` for a reserved or duplicate name, a full-mode conflict or a ``TaskMemory`` of
-        the wrong shape, before anything changes.
+        task's own copy of the config; the caller's ``TaskConfig`` is left as it is), and records their
+        fingerprints (``TaskMemory.trained_on``). An extension ``TaskMemory`` is refused on top of
+        predecessors with other weights than the ones it recorded (``AdapterError``, as ``load_adapters``
+        does); one that records none (built by hand) can not be checked, and is added with a warning.
+        Raises ``ValueError`` for a reserved or duplicate name, a full-mode conflict or a dependency out
+        of order (``mask.check_layout``) or a ``TaskMemory`` of the wrong shape, before anything changes.
         """
         config = task.config if isinstance(task, TaskMemory) else dataclasses.replace(task)
         config.validate()
@@ -129,15 +135,33 @@ class MemoryViT(nn.Module):
                     f"task {config.name!r} has memory of shape {tuple(task.memory.shape)} but this backbone "
                     f"needs {expected} [depth, n_mem, embed_dim]: it was made for another backbone"
                 )
+            self._check_predecessors(task)
         else:
             init = self.backbone.class_token_init(self.base)
             task = TaskMemory(config, self.depth, self.embed_dim, init).to(init.device, init.dtype)
+            if config.depends_on:
+                task.trained_on = [dependency_record(d, self.tasks[d].named_tensors()) for d in config.depends_on]
         for t in self.tasks.values():
             t.requires_grad_(False)
         self.tasks.add(task)
         self.active_task = config.name
         self._layouts.clear()
         return task
+
+    def _check_predecessors(self, task: TaskMemory) -> None:
+        """Refuse (``AdapterError``) an extension ``TaskMemory`` whose predecessors here are not the tasks it
+        was trained on (by fingerprint, as ``load_adapters``); warn when it records none (built by hand)."""
+        deps = task.config.depends_on
+        if not deps:
+            return
+        if task.trained_on is None:
+            warnings.warn(f"extension task {task.name!r} records nothing of the tasks it extends ({deps}): it was "
+                          "built by hand, so add_task can not check that they are the ones it was trained on",
+                          stacklevel=3)
+            return
+        served = {d: own_tensors(self.tasks[d]) for d in deps}
+        check_predecessors(task.name, list(zip(deps, task.trained_on, strict=True)), served,
+                           f"add_task({task.name!r})", "add it to a model that holds the tasks it was trained on")
 
     def remove_task(self, name: str) -> TaskMemory:
         """Remove task ``name`` in place and return it. Refused (``ValueError``) while another task
@@ -462,20 +486,7 @@ def load_adapters(
     existing = dict(model.tasks.items()) if isinstance(model, MemoryViT) else {}
     tasks = prepare_tasks(base, existing, paths, rename=rename, check_fingerprint=check_fingerprint,
                           cache_dir=cache_dir)
-    extended = {d for t in [*existing.values(), *tasks] for d in t.config.depends_on}
-    if trainable is True:
-        train = {t.name for t in tasks if t.name not in extended}
-    elif trainable is False:
-        train = set()
-    else:
-        train = {trainable} if isinstance(trainable, str) else set(trainable)
-        loaded = [t.name for t in tasks]
-        if not train <= set(loaded):
-            raise ValueError(f"trainable names {sorted(train - set(loaded))}, which are not among the tasks loaded "
-                             f"here ({loaded})")
-        if train & extended:
-            raise ValueError(f"task(s) {sorted(train & extended)} can not be trained: other loaded tasks extend "
-                             "them and would no longer match; train the extension task instead")
+    train = trainable_tasks(trainable, tasks, existing.values())
     out = MemoryViT(base)
     for t in [*existing.values(), *tasks]:
         out.add_task(t)

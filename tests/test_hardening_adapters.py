@@ -8,6 +8,7 @@ import torch
 
 import learnable_memory as lm
 from learnable_memory.config import UnknownTaskError
+from learnable_memory.memory import TaskMemory
 from learnable_memory.serve.inference import resolve_tasks
 from learnable_memory.serve.settings import ServeError
 from tests.helpers import images_for, make_vit
@@ -70,3 +71,122 @@ def test_unknown_outputs_are_404_in_the_server_and_named_by_export(tmp_path):
         assert err.value.status == 404 and repr(name) in str(err.value)
         with pytest.raises(ValueError, match=f"can not export '{name}'"):
             lm.export_model(m, tmp_path / "m.pt2", tasks=[name], format="pt2")
+
+
+# ----- one list of tensor names, one tensor check, each adapter read once -----
+def test_named_tensors_is_the_one_list_of_a_tasks_tensors():
+    from learnable_memory.adapters import fingerprint, peft_format
+    from learnable_memory.memory import TENSOR_NAMES
+
+    task = small(["a"]).tasks["a"]
+    named = task.named_tensors()
+    assert tuple(named) == TENSOR_NAMES == ("memory", "class_token", "head.weight", "head.bias")
+    assert named["head.weight"] is task.head.weight and named["memory"] is task.memory
+    assert peft_format.TENSOR_NAMES is TENSOR_NAMES
+    assert tuple(fingerprint.task_tensors(task)) == tuple(fingerprint.own_tensors(task)) == TENSOR_NAMES
+    assert not hasattr(fingerprint, "task_fingerprint")  # it had no callers
+
+
+def test_the_command_line_reads_each_adapter_once(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from learnable_memory.cli.records import load_named_adapters
+
+    model = small(["a", "b"])
+    model.save_pretrained(tmp_path / "m")
+    model.save_adapter(tmp_path / "again", task="a")
+    reads: list[int] = []
+    load = safetensors.torch.load
+    monkeypatch.setattr(safetensors.torch, "load", lambda data: reads.append(1) or load(data))
+    folders = [tmp_path / "m" / "a", tmp_path / "m" / "b"]
+    assert load_named_adapters(make_vit(depth=1), folders).task_names == ["a", "b"]
+    assert len(reads) == 2
+    with pytest.raises(lm.AdapterError, match="two adapters hold task 'a'.*give one of them at a time"):
+        load_named_adapters(make_vit(depth=1), [*folders, tmp_path / "again"])
+
+
+def test_the_loader_refuses_by_check_layout_and_names_the_file(tmp_path):
+    from learnable_memory.mask import LayoutError
+
+    small(["a"]).save_adapter(tmp_path / "a")
+    small(["b"], mode="full").save_adapter(tmp_path / "f")
+    cases = [([tmp_path / "a", tmp_path / "a"], None, "duplicate"), ([tmp_path / "a"], {"a": "base"}, "reserved"),
+             ([tmp_path / "a", tmp_path / "f"], None, "full")]
+    for paths, rename, rule in cases:
+        with pytest.raises(lm.AdapterError) as err:
+            lm.load_adapters(make_vit(depth=1), paths, rename=rename)
+        assert isinstance(err.value.__cause__, LayoutError) and err.value.__cause__.rule == rule
+        assert str(err.value).startswith(str(paths[-1])) and str(err.value.__cause__) in str(err.value)
+
+
+def test_trainable_policy_is_apart_from_loading():
+    from learnable_memory.adapters.loading import trainable_tasks
+
+    model = lm.wrap_model(small(["a"]), n_mem=1, num_classes=2, task="e", mode="extension")
+    a, e = model.tasks["a"], model.tasks["e"]
+    assert trainable_tasks(True, [a, e], []) == {"e"} and trainable_tasks(False, [a, e], []) == set()
+    assert trainable_tasks("e", [e], [a]) == {"e"}
+    with pytest.raises(ValueError, match=r"\['a'\] can not be trained"):
+        trainable_tasks(["a"], [a, e], [])
+    with pytest.raises(ValueError, match="not among the tasks loaded"):
+        trainable_tasks(["zz"], [a, e], [])
+
+
+def test_task_names_are_unescaped_once_not_on_every_access(monkeypatch):
+    import learnable_memory.memory as memory
+
+    model = small(["v1.0", "b", "50%"])
+    calls: list[str] = []
+    unescape = memory.task_name
+    monkeypatch.setattr(memory, "task_name", lambda key: calls.append(key) or unescape(key))
+    for _ in range(10):
+        assert model.task_names == ["v1.0", "b", "50%"]
+        assert [n for n, _ in model.tasks.items()] == ["v1.0", "b", "50%"]
+    assert len(calls) <= 3
+    model.remove_task("b")
+    model.add_task(lm.TaskConfig("c.d", 1, 2))
+    assert model.task_names == ["v1.0", "50%", "c.d"] and list(model.tasks) == ["v1.0", "50%", "c.d"]
+    names = model.task_names
+    names.append("mutated")  # the cache hands out copies
+    assert model.task_names == ["v1.0", "50%", "c.d"]
+
+
+# ----- extension tasks on other predecessors; reserved names -----
+def test_add_task_refuses_an_extension_task_on_other_predecessors():
+    torch.manual_seed(0)
+    first = small(["A"])
+    ext = lm.wrap_model(first, n_mem=1, num_classes=2, task="E", mode="extension").tasks["E"]
+    same = lm.MemoryViT(first.base)
+    same.add_task(first.tasks["A"])
+    same.add_task(ext)  # the very task it was trained on: fine
+    other = lm.MemoryViT(first.base)
+    other.add_task(lm.TaskConfig("A", 1, 3))  # another "A": other weights
+    with pytest.raises(lm.AdapterError, match="task 'A' here is not the one extension task 'E' was trained on"):
+        other.add_task(ext)
+    assert other.task_names == ["A"]  # nothing changed
+    by_hand = TaskMemory(ext.config, 1, 192, torch.zeros(192))
+    with pytest.warns(UserWarning, match="built by hand, so add_task can not check"):
+        again = lm.MemoryViT(first.base)
+        again.add_task(first.tasks["A"])
+        again.add_task(by_hand)
+
+
+@pytest.mark.parametrize("name", ["base", "__base__"])
+def test_reserved_names_are_refused_in_every_entry_point(tmp_path, name):
+    import peft
+
+    from learnable_memory.config import RESERVED_NAMES
+    from learnable_memory.peft import LearnableMemoryConfig
+
+    assert name in RESERVED_NAMES
+    with pytest.raises(ValueError, match=f"task name '{name}' is reserved"):
+        small([name])
+    small(["a"]).save_adapter(tmp_path / "a")
+    with pytest.raises(lm.AdapterError, match=f"task name '{name}' is reserved"):
+        lm.load_adapters(make_vit(depth=1), tmp_path / "a", rename={"a": name})
+    model = peft.get_peft_model(make_vit(depth=1), LearnableMemoryConfig(n_mem=1, num_classes=2), adapter_name="a")
+    with pytest.raises(ValueError, match=f"task name '{name}' is reserved"):
+        model.add_adapter(name, LearnableMemoryConfig(n_mem=1, num_classes=2))
+    assert list(model.peft_config) == ["a"]
+    with pytest.raises(ValueError, match=f"task name '{name}' is reserved"):
+        peft.get_peft_model(make_vit(depth=1), LearnableMemoryConfig(n_mem=1, num_classes=2), adapter_name=name)

@@ -12,14 +12,9 @@ from typing import Any
 
 from peft import PeftConfig
 
-from ..adapters.folder import FORMAT_VERSION, METHOD
+from ..adapters.folder import FORMAT_VERSION, METHOD, created_with
 from ..adapters.peft_format import PEFT_TYPE
 from ..config import TaskConfig
-from ..version import __version__
-
-
-def _created_with() -> str:
-    return f"{METHOD} {__version__}"
 
 
 @dataclass
@@ -59,7 +54,7 @@ class LearnableMemoryConfig(PeftConfig):
     depends_on: list[Any] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
     method: str = METHOD
-    created_with: str = field(default_factory=_created_with)
+    created_with: str = field(default_factory=created_with)
     task_fingerprint: str | None = None
     weights_sha256: str | None = None
 

@@ -39,11 +39,11 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..adapters.fingerprint import base_identity, base_state, preprocessing, tensors_fingerprint
-from ..adapters.folder import AdapterError, non_finite
+from ..adapters.fingerprint import base_identity, base_state, preprocessing
 from ..adapters.loading import check_backbone
-from ..adapters.peft_format import PEFT_TASKS_PATH, TENSOR_NAMES, our_names
-from ..memory import task_key
+from ..adapters.peft_format import PEFT_TASKS_PATH, our_names
+from ..adapters.tensors import AdapterError, check_tensors
+from ..memory import TENSOR_NAMES, task_key
 from ..model import MemoryViT
 from .config import LearnableMemoryConfig
 from .layer import MERGE_ERROR, PEFT_BASE, MemoryTasks, PeftMemoryViT
@@ -51,13 +51,17 @@ from .layer import MERGE_ERROR, PEFT_BASE, MemoryTasks, PeftMemoryViT
 Tensors = dict[str, torch.Tensor]
 
 
-def _tasks_prefix(model: nn.Module) -> str:
-    """The state dict prefix of the tasks in ``model`` (a PeftModel, a tuner or a PeftMemoryViT):
-    ``base_model.model.tasks.`` in a PeftModel."""
+def _find_tasks(model: nn.Module) -> tuple[str, MemoryTasks]:
+    """The state dict prefix of the tasks in ``model`` (a PeftModel, a tuner or a PeftMemoryViT;
+    ``base_model.model.tasks.`` in a PeftModel), and the tasks."""
     for path, module in model.named_modules():
         if isinstance(module, MemoryTasks):
-            return f"{path}." if path else ""
+            return (f"{path}." if path else ""), module
     raise TypeError(f"{type(model).__name__} holds no learnable-memory adapters (no MemoryTasks inside)")
+
+
+def _tasks_prefix(model: nn.Module) -> str:
+    return _find_tasks(model)[0]
 
 
 class LearnableMemoryModel(BaseTuner):
@@ -208,28 +212,15 @@ class LearnableMemoryModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: Any, adapter_name: str,
                                            state_dict: Tensors) -> Tensors:
         """Saved tensors (peft's names or ours) -> the model keys of adapter ``adapter_name``, checked."""
-        prefix = _tasks_prefix(model) + task_key(adapter_name) + "."
+        path, tasks = _find_tasks(model)
+        prefix = path + task_key(adapter_name) + "."
         where = f"adapter {adapter_name!r}"
         try:
             named = our_names(state_dict)
         except ValueError as err:
             raise AdapterError(f"{where}: {err}") from err
-        missing, extra = sorted(set(TENSOR_NAMES) - named.keys()), sorted(named.keys() - set(TENSOR_NAMES))
-        if missing or extra:
-            raise AdapterError(f"{where}: expected tensors {list(TENSOR_NAMES)}; missing {missing}, unexpected {extra}")
-        own = dict(model.state_dict())
-        for name in TENSOR_NAMES:
-            want, got = list(own[prefix + name].shape), list(named[name].shape)
-            if got != want:
-                raise AdapterError(f"{where}: tensor {name!r} has shape {got} but this adapter "
-                                   f"(n_mem={config.n_mem}, num_classes={config.num_classes}) needs {want}")
-        bad = non_finite(named)
-        if bad:
-            raise AdapterError(f"{where}: tensors {sorted(bad)} hold NaN or Inf: the adapter diverged in training")
-        if config.task_fingerprint is not None:  # a folder our save_adapter wrote: the pair must match
-            got = tensors_fingerprint({k: v.to("cpu", torch.float32) for k, v in named.items()})
-            if got != config.task_fingerprint:
-                raise AdapterError(f"{where}: the tensors' fingerprint {got} is not the task_fingerprint of its "
-                                   f"config ({config.task_fingerprint}): the two files do not belong together")
-            config.task_fingerprint = None  # it describes the file just loaded, not the adapter from now on
+        shapes = {k: list(v.shape) for k, v in tasks[adapter_name].named_tensors().items()}
+        check_tensors(named, shapes, where, f"this adapter (n_mem={config.n_mem}, num_classes={config.num_classes})",
+                      fingerprint=config.task_fingerprint)  # a folder our save_adapter wrote: the pair must match
+        config.task_fingerprint = None  # it describes the file just loaded, not the adapter from now on
         return {prefix + k: v for k, v in named.items()}
