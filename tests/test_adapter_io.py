@@ -319,7 +319,7 @@ CORRUPTIONS = {
     "unknown version": (lambda f: edit_json(f, format_version=7), CONFIG_NAME, "unknown format_version 7"),
     "shapes vs config": (lambda f: edit_json(f, n_mem=5), WEIGHTS_NAME, r"'memory' has shape \[2, 3, 192\]"),
     "missing tensor name": (_drop_head_bias, WEIGHTS_NAME, r"missing \['head.bias'\]"),
-    "missing field": (lambda f: edit_json(f, base_model=None), CONFIG_NAME, "bad adapter config"),
+    "missing field": (lambda f: edit_json(f, base_model=None), CONFIG_NAME, "'base_model' is null, expected an object"),
     "bad mode": (lambda f: edit_json(f, mode="sideways"), CONFIG_NAME, "unknown mode"),
 }
 

@@ -3,6 +3,8 @@ returns, reserved and odd names in every entry point, malformed adapter files, a
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -190,3 +192,126 @@ def test_reserved_names_are_refused_in_every_entry_point(tmp_path, name):
     assert list(model.peft_config) == ["a"]
     with pytest.raises(ValueError, match=f"task name '{name}' is reserved"):
         peft.get_peft_model(make_vit(depth=1), LearnableMemoryConfig(n_mem=1, num_classes=2), adapter_name=name)
+
+
+# ----- save_pretrained folders -----
+@pytest.mark.parametrize("names", [["task_1", "é"], ["é", "task_0"], ["A", "a"], ["é", "task_0", "ü", "task_0_1"]])
+def test_save_pretrained_gives_every_task_its_own_folder(tmp_path, names):
+    torch.manual_seed(0)
+    model = small(names)
+    model.save_pretrained(tmp_path / "m")
+    folders = [e["folder"] for e in json.loads((tmp_path / "m" / "adapters.json").read_text())["adapters"]]
+    assert len({f.lower() for f in folders}) == len(names)
+    loaded = lm.load_adapters(make_vit(depth=1), tmp_path / "m")
+    x = images_for(32)
+    with torch.no_grad():
+        want, got = model.forward_all(x), loaded.forward_all(x)
+    assert list(got) == list(want)
+    for k in want:
+        assert torch.equal(got[k], want[k])
+
+
+# ----- malformed files -----
+def edit_json(path, change) -> None:
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj))
+
+
+INDEX_DAMAGE = [lambda o: o.update(adapters=5), lambda o: o.update(adapters="ab"), lambda o: o.update(adapters=[5]),
+                lambda o: o.update(adapters={"a": 1}), lambda o: o.update(adapters=[{"folder": 3}])]
+CONFIG_DAMAGE = {
+    "class_names a number": lambda c: c.update(class_names=5),
+    "class_names of numbers": lambda c: c.update(class_names=[1, 2, 3]),
+    "base_model a string": lambda c: c.update(base_model="vit"),
+    "depends_on a string": lambda c: c.update(depends_on="a"),
+    "depends_on of numbers": lambda c: c.update(depends_on=[5]),
+    "preprocessing a list": lambda c: c.update(preprocessing=[1]),
+    "init_std a string": lambda c: c.update(init_std="small"),
+    "dtype a number": lambda c: c["base_model"].update(dtype=3),
+    "fingerprints_by_dtype a list": lambda c: c["base_model"].update(fingerprints_by_dtype=[1]),
+    "fingerprints_by_dtype of numbers": lambda c: c["base_model"].update(fingerprints_by_dtype={"float16": 1}),
+}
+
+
+@pytest.mark.parametrize("damage", range(len(INDEX_DAMAGE)))
+def test_malformed_adapters_json_is_an_adapter_error(tmp_path, damage):
+    small(["a"]).save_pretrained(tmp_path / "m")
+    edit_json(tmp_path / "m" / "adapters.json", INDEX_DAMAGE[damage])
+    with pytest.raises(lm.AdapterError, match="adapters.json: 'adapters' must list the task folders"):
+        lm.load_adapters(make_vit(depth=1), tmp_path / "m")
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_DAMAGE))
+def test_config_fields_of_the_wrong_type_are_an_adapter_error(tmp_path, case):
+    """Raw TypeErrors before (``len(5)``, ``5["name"]``, ``str < 0`` ...); both loaders read the same fields."""
+    import peft
+
+    import learnable_memory.peft  # noqa: F401  (registers the method with peft)
+
+    small(["a"]).save_adapter(tmp_path / "a")
+    edit_json(tmp_path / "a" / "adapter_config.json", CONFIG_DAMAGE[case])
+    with pytest.raises(lm.AdapterError, match="adapter_config.json: '.*' (is|must)"):
+        lm.load_adapters(make_vit(depth=1), tmp_path / "a")
+    if case.startswith("depends_on"):
+        return  # peft refuses any depends_on (no extension tasks through peft)
+    with pytest.raises(lm.AdapterError, match="adapter config of task 'a': '.*' (is|must)"):
+        peft.PeftModel.from_pretrained(make_vit(depth=1), tmp_path / "a")
+
+
+# ----- the peft bridge's edges -----
+def peft_pair():
+    import peft
+
+    from learnable_memory.peft import LearnableMemoryConfig
+
+    model = peft.get_peft_model(make_vit(depth=1), LearnableMemoryConfig(n_mem=1, num_classes=3), adapter_name="a")
+    model.add_adapter("b", LearnableMemoryConfig(n_mem=1, num_classes=3))
+    return model
+
+
+def test_peft_set_adapter_with_a_list_is_a_clear_error():
+    model = peft_pair()
+    for names in (["a", "b"], ["a"]):
+        with pytest.raises(ValueError, match=r"one adapter name at a time, got \[.*forward_all"):
+            model.set_adapter(names)  # a raw TypeError (unhashable list) from peft before
+    assert model.active_adapters == ["a"]
+
+
+def test_peft_disable_adapter_leaves_only_the_base_output():
+    model = peft_pair()
+    x = images_for(32)
+    with torch.no_grad():
+        with model.disable_adapter():
+            out = model.forward_all(x)
+            assert list(out) == ["base"] and torch.equal(out["base"], model.base_model.model.base(x))
+            with pytest.raises(UnknownTaskError, match=r"adapters are disabled.*\['a'\]"):
+                model.forward_all(x, tasks=["a", "base"])
+        assert list(model.forward_all(x)) == ["base", "a", "b"]
+
+
+def test_peft_keeps_its_last_adapter_with_a_clear_error():
+    model = peft_pair()
+    model.delete_adapter("a")
+    with pytest.raises(ValueError, match="'b' is the last one.*unload"):
+        model.delete_adapter("b")  # deleting it left peft's forward with a raw KeyError
+    assert list(model.peft_config) == ["b"]
+    with torch.no_grad():
+        assert model(images_for(32)).shape == (3, 3)
+
+
+def test_the_root_of_a_peft_save_names_its_adapter_subfolders(tmp_path):
+    import peft
+
+    from learnable_memory.peft import LearnableMemoryConfig
+
+    model = peft_pair()
+    model.delete_adapter("a")
+    model.add_adapter("c", LearnableMemoryConfig(n_mem=1, num_classes=2))
+    model.save_pretrained(tmp_path)  # named adapters go to subfolders b/ and c/
+    subfolders = r"it holds the adapter folders \['b', 'c'\].*subfolder="
+    with pytest.raises(lm.AdapterError, match=f"holds neither adapter_config.json.*{subfolders}"):
+        lm.load_adapters(make_vit(depth=1), tmp_path)
+    with pytest.raises(lm.AdapterError, match=f"holds no adapter_config.json.*{subfolders}"):
+        peft.PeftModel.from_pretrained(make_vit(depth=1), tmp_path)
+    assert lm.load_adapters(make_vit(depth=1), [tmp_path / "b", tmp_path / "c"]).task_names == ["b", "c"]

@@ -68,6 +68,7 @@ from ..memory import TaskMemory
 from ..version import __version__
 from .fingerprint import base_identity, dependency_record, preprocessing, task_tensors, tensors_fingerprint
 from .peft_format import our_names, peft_fields, written_by_peft
+from .schema import check_config_fields, index_folders
 from .tensors import AdapterError, check_tensors, non_finite
 
 FORMAT_VERSION = 2
@@ -215,8 +216,14 @@ def save_adapter(model: TaskModel, path: str | Path, task: str | None = None) ->
 
 
 def _folder_name(name: str, i: int, used: set[str]) -> str:
+    """The folder of task ``name`` (the ``i``-th): the name itself where it is a portable folder name, else
+    ``task_{i}``; never one already in ``used`` (lower-cased, for case-insensitive file systems), to
+    which it is added."""
     ok = name[:1].isalnum() and all(ch.isalnum() or ch in "_.-" for ch in name) and name.isascii()
-    folder = name if ok and name.lower() not in used else f"task_{i}"
+    folder = name if ok else f"task_{i}"
+    k = 1
+    while folder.lower() in used:  # e.g. task_1 for "é" next to a task named "task_1"
+        folder, k = f"task_{i}_{k}", k + 1
     used.add(folder.lower())
     return folder
 
@@ -266,6 +273,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _task_config(cfg: dict[str, Any], source: Path) -> TaskConfig:
     """The TaskConfig a config describes, its fields checked."""
+    check_config_fields(cfg, source)
     try:
         base = cfg["base_model"]
         for key in ("embed_dim", "depth", "num_prefix_tokens"):
@@ -371,19 +379,24 @@ def adapter_folders(path: str | Path, cache_dir: str | Path | None = None) -> li
     """The adapter folders ``path`` stands for: itself, or those of a ``save_pretrained`` folder, in order."""
     folder = _hub_folder(path, cache_dir) if str(path).startswith("hf-hub:") else Path(path).expanduser()
     if (folder / INDEX_NAME).is_file():
-        index = _read_json(folder / INDEX_NAME)
-        entries = index.get("adapters")
-        names = [e.get("folder") if isinstance(e, dict) else None for e in entries or []]
-        if not names or not all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")
-                                for n in names):
-            raise AdapterError(f"{folder / INDEX_NAME}: 'adapters' must list the task folders, got {entries!r}")
-        return [folder / n for n in names]
+        return [folder / n for n in index_folders(_read_json(folder / INDEX_NAME), folder / INDEX_NAME)]
     if folder.is_dir() and ((folder / CONFIG_NAME).exists() or (folder / WEIGHTS_NAME).exists()):
         return [folder]
     if not folder.is_dir():
         raise AdapterError(f"{folder}: no such adapter folder")
     raise AdapterError(f"{folder}: holds neither {CONFIG_NAME} (an adapter) nor {INDEX_NAME} (a save_pretrained "
-                       "folder)")
+                       f"folder){subfolders_hint(folder)}")
+
+
+def subfolders_hint(folder: Path) -> str:
+    """For a folder that is no adapter: the adapter folders just inside it, as peft's ``save_pretrained``
+    writes adapters other than ``"default"`` (``"; it holds the adapter folders [...]: load those ..."``),
+    or ``""`` when there are none."""
+    subs = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file()) if folder.is_dir() else []
+    if not subs:
+        return ""
+    return (f"; it holds the adapter folders {subs} (as peft's save_pretrained writes named adapters): load those, "
+            f"e.g. {[str(folder / n) for n in subs]} (peft: PeftModel.from_pretrained(model, path, subfolder=...))")
 
 
 def inspect_adapter(path: str | Path, *, cache_dir: str | Path | None = None) -> dict[str, Any]:

@@ -31,7 +31,7 @@ checking names, shapes, finiteness and, for folders our ``save_adapter`` wrote, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -64,6 +64,19 @@ def _tasks_prefix(model: nn.Module) -> str:
     return _find_tasks(model)[0]
 
 
+class AdapterConfigs(dict):
+    """The tuner's ``peft_config`` (adapter name -> config): a dict whose ``in`` says what is wrong with a
+    name that is not a string. peft's ``PeftModel.set_adapter`` asks ``name in peft_config`` first, which
+    for a list (``set_adapter(["a", "b"])``) would be a raw ``TypeError: unhashable type``."""
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, Hashable):
+            raise ValueError(f"one adapter name at a time, got {name!r}: set_adapter('name') serves one adapter; "
+                             "for several in one pass use forward_all(images, tasks=[...]) or "
+                             "forward(images, adapter_names=[...])")
+        return super().__contains__(name)
+
+
 class LearnableMemoryModel(BaseTuner):
     """Learnable memory as a peft tuner (experimental): ``peft.get_peft_model(vit, LearnableMemoryConfig(...))``.
 
@@ -91,6 +104,7 @@ class LearnableMemoryModel(BaseTuner):
         self._identity: dict[str, Any] | None = None
         super().__init__(PeftMemoryViT(model), peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
                          state_dict=state_dict)
+        self.peft_config = AdapterConfigs(self.peft_config)
 
     # ----- adapters -----
     def inject_adapter(self, model: PeftMemoryViT, adapter_name: str, autocast_adapter_dtype: bool = True,
@@ -141,9 +155,14 @@ class LearnableMemoryModel(BaseTuner):
         self._activate(name)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove adapter ``adapter_name``; if it was active, the last adapter left becomes active."""
+        """Remove adapter ``adapter_name``; if it was active, the last adapter left becomes active. The last
+        adapter is not removed (``ValueError``): peft's forward looks the active adapter up."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
+        if len(self.peft_config) == 1:
+            raise ValueError(f"adapter {adapter_name!r} is the last one, and a PeftModel needs an adapter (its forward "
+                             "looks the active one up): add another adapter first, or call unload() to get the timm "
+                             "model back")
         self.model.remove_task(adapter_name)
         del self.peft_config[adapter_name]
         if self.model.active_task is None:
