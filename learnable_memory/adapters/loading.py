@@ -144,7 +144,8 @@ def _check_layout(existing: Mapping[str, TaskMemory], adapters: list[AdapterFile
             first.setdefault(c.name, str(a.source))
         hints = {
             "reserved": f"load it with rename={{{err.task!r}: 'new_name'}}",
-            "duplicate": f"the other is {first.get(err.task)}. Load one under another name, e.g. rename="
+            "duplicate": f"two tasks named {err.task!r}: the other is {first.get(err.task)}. Load one under "
+                         "another name, e.g. rename="
                          f"{{{err.task!r}: '{err.task}_2'}} or a list with one entry (a new name or None) per adapter",
             "full": "load a full-mode adapter alone onto its backbone",
             "missing": "load the adapters of the tasks it extends before it, in the order they were trained",
