@@ -155,7 +155,6 @@ def test_task_names_are_unescaped_once_not_on_every_access(monkeypatch):
 
 # ----- extension tasks on other predecessors; reserved names -----
 def test_add_task_refuses_an_extension_task_on_other_predecessors():
-    torch.manual_seed(0)
     first = small(["A"])
     ext = lm.wrap_model(first, n_mem=1, num_classes=2, task="E", mode="extension").tasks["E"]
     same = lm.MemoryViT(first.base)
@@ -315,3 +314,44 @@ def test_the_root_of_a_peft_save_names_its_adapter_subfolders(tmp_path):
     with pytest.raises(lm.AdapterError, match=f"holds no adapter_config.json.*{subfolders}"):
         peft.PeftModel.from_pretrained(make_vit(depth=1), tmp_path)
     assert lm.load_adapters(make_vit(depth=1), [tmp_path / "b", tmp_path / "c"]).task_names == ["b", "c"]
+
+
+def test_unchecked_extension_load_binds_to_the_predecessors_it_was_given(tmp_path):
+    """``check_fingerprint=False`` accepts other predecessor weights; add_task (which load_adapters calls)
+    then checks against those, so the load goes through, and moving the task elsewhere is checked again."""
+    chain = lm.wrap_model(small(["a"]), n_mem=1, num_classes=2, task="e", mode="extension")
+    chain.save_pretrained(tmp_path / "chain")
+    other = small(["a"])
+    with torch.no_grad():
+        other.tasks["a"].memory.add_(1)
+    other.save_adapter(tmp_path / "other_a")
+    paths = [tmp_path / "other_a", tmp_path / "chain" / "e"]
+    with pytest.raises(lm.AdapterError, match="task 'a' here is not the one extension task 'e' was trained on"):
+        lm.load_adapters(make_vit(depth=1), paths)
+    loose = lm.load_adapters(make_vit(depth=1), paths, check_fingerprint=False)
+    assert loose.task_names == ["a", "e"]
+    with pytest.raises(lm.AdapterError, match="task 'a' here is not the one extension task 'e'"):
+        moved = lm.MemoryViT(chain.base)
+        moved.add_task(chain.tasks["a"])
+        moved.add_task(loose.tasks["e"])
+
+
+def test_both_loaders_run_one_tensor_check(tmp_path):
+    """A tensor of an integer dtype: refused by load_adapters, and by peft's loader, which checked names,
+    shapes and NaN on its own before and let the dtype through."""
+    import peft
+    import safetensors.torch
+
+    import learnable_memory.peft  # noqa: F401  (registers the method with peft)
+
+    folder = small(["a"]).save_adapter(tmp_path / "a")
+    tensors = safetensors.torch.load_file(folder / "adapter_model.safetensors")
+    tensors["head.bias"] = tensors["head.bias"].to(torch.int64)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.pop("weights_sha256")  # as peft writes it: no pairing hash, so the tensors are checked as they are
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    safetensors.torch.save_file(tensors, folder / "adapter_model.safetensors")
+    for load in (lambda: lm.load_adapters(make_vit(depth=1), folder),
+                 lambda: peft.PeftModel.from_pretrained(make_vit(depth=1), folder)):
+        with pytest.raises(lm.AdapterError, match="tensor 'head.bias' has dtype torch.int64, expected float32"):
+            load()
