@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -12,8 +11,8 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .adapters import prepare_tasks, save_adapter, save_pretrained, warn_preprocessing
-from .adapters.fingerprint import dependency_record, own_tensors
-from .adapters.loading import check_predecessors, trainable_tasks
+from .adapters.fingerprint import dependency_record
+from .adapters.loading import check_trained_on, trainable_tasks
 from .config import BASE_KEY, TaskConfig, UnknownTaskError
 from .context import PassContext, PassExtras
 from .kinds import BlockKind
@@ -135,7 +134,7 @@ class MemoryViT(nn.Module):
                     f"task {config.name!r} has memory of shape {tuple(task.memory.shape)} but this backbone "
                     f"needs {expected} [depth, n_mem, embed_dim]: it was made for another backbone"
                 )
-            self._check_predecessors(task)
+            check_trained_on(task, self.tasks)
         else:
             init = self.backbone.class_token_init(self.base)
             task = TaskMemory(config, self.depth, self.embed_dim, init).to(init.device, init.dtype)
@@ -147,21 +146,6 @@ class MemoryViT(nn.Module):
         self.active_task = config.name
         self._layouts.clear()
         return task
-
-    def _check_predecessors(self, task: TaskMemory) -> None:
-        """Refuse (``AdapterError``) an extension ``TaskMemory`` whose predecessors here are not the tasks it
-        was trained on (by fingerprint, as ``load_adapters``); warn when it records none (built by hand)."""
-        deps = task.config.depends_on
-        if not deps:
-            return
-        if task.trained_on is None:
-            warnings.warn(f"extension task {task.name!r} records nothing of the tasks it extends ({deps}): it was "
-                          "built by hand, so add_task can not check that they are the ones it was trained on",
-                          stacklevel=3)
-            return
-        served = {d: own_tensors(self.tasks[d]) for d in deps}
-        check_predecessors(task.name, list(zip(deps, task.trained_on, strict=True)), served,
-                           f"add_task({task.name!r})", "add it to a model that holds the tasks it was trained on")
 
     def remove_task(self, name: str) -> TaskMemory:
         """Remove task ``name`` in place and return it. Refused (``ValueError``) while another task
@@ -315,6 +299,9 @@ class MemoryViT(nn.Module):
         if tasks is None:
             wanted = ([] if full else [BASE_KEY]) + self.task_names
             return wanted, tuple(self.task_names)
+        if not isinstance(tasks, str | Iterable):
+            raise ValueError(f"tasks must be a list of output names (task names and/or {BASE_KEY!r}) or None, got "
+                             f"{tasks!r} ({type(tasks).__name__})")
         entries = [tasks] if isinstance(tasks, str) else list(tasks)
         odd = [e for e in entries if not isinstance(e, str)]
         if odd:

@@ -117,6 +117,24 @@ def check_predecessors(task: str, trained_on: Sequence[tuple[str, Mapping[str, A
                                f"{record['fingerprint']}). Put it on the same task {name!r}; {fix}")
 
 
+def check_trained_on(task: TaskMemory, tasks: Mapping[str, TaskMemory]) -> None:
+    """``add_task``'s check of an extension ``TaskMemory`` joining a model whose tasks are ``tasks``: refuse
+    it (:class:`AdapterError`) when its predecessors there are not the ones it recorded
+    (``TaskMemory.trained_on``), as :func:`prepare_tasks` does for a file; warn when it records none
+    (built by hand: it can not be checked)."""
+    deps = task.config.depends_on
+    if not deps:
+        return
+    if task.trained_on is None:
+        warnings.warn(f"extension task {task.name!r} records nothing of the tasks it extends ({deps}): it was "
+                      "built by hand, so add_task can not check that they are the ones it was trained on",
+                      stacklevel=4)
+        return
+    served = {d: own_tensors(tasks[d]) for d in deps}
+    check_predecessors(task.name, list(zip(deps, task.trained_on, strict=True)), served, f"add_task({task.name!r})",
+                       "add it to a model that holds the tasks it was trained on")
+
+
 def _dependency_names(adapters: list[AdapterFile], names: list[str], rename: Rename) -> list[list[str]]:
     """Each adapter's ``depends_on`` in model names: a predecessor loaded earlier in this call under a new
     name, else renamed by a ``rename`` mapping, else as saved."""
