@@ -281,6 +281,10 @@ def test_peft_set_adapter_with_a_list_is_a_clear_error():
 
 
 def test_peft_disable_adapter_leaves_only_the_base_output():
+    import peft
+
+    from learnable_memory.peft import LearnableMemoryConfig
+
     model = peft_pair()
     x = images_for(32)
     with torch.no_grad():
@@ -290,6 +294,13 @@ def test_peft_disable_adapter_leaves_only_the_base_output():
             with pytest.raises(UnknownTaskError, match=r"adapters are disabled.*\['a'\]"):
                 model.forward_all(x, tasks=["a", "base"])
         assert list(model.forward_all(x)) == ["base", "a", "b"]
+        full = peft.get_peft_model(make_vit(depth=1), LearnableMemoryConfig(n_mem=1, num_classes=3, mode="full"))
+        with full.disable_adapter():  # a full-mode adapter changes the base output, but not while disabled
+            assert torch.equal(full.forward_all(x, tasks=["base"])["base"], full.base_model.model.base(x))
+            with pytest.raises(UnknownTaskError, match=r"adapters are disabled.*\['default'\]"):
+                full.forward_all(x, tasks=["base", "default"])
+        with pytest.raises(UnknownTaskError, match="no 'base' output"):
+            full.forward_all(x, tasks=["base"])
 
 
 def test_peft_keeps_its_last_adapter_with_a_clear_error():

@@ -80,9 +80,14 @@ class PeftMemoryViT(MemoryViT):
         ``"base"``: by default only it, and asking for an adapter is an ``UnknownTaskError``."""
         if not self.tasks.disable_adapters:
             return super().resolve_outputs(tasks)
-        wanted, _ = super().resolve_outputs(tasks)
         if tasks is None:
             return [BASE_KEY], ()
+        try:
+            wanted, _ = super().resolve_outputs(tasks)
+        except UnknownTaskError as err:  # a full-mode adapter has no base output, but it is disabled
+            if err.names != [BASE_KEY]:
+                raise
+            wanted = list(dict.fromkeys([tasks] if isinstance(tasks, str) else tasks))
         adapters = [n for n in wanted if n != BASE_KEY]
         if adapters:
             raise UnknownTaskError(f"adapters are disabled (inside disable_adapter()), so {adapters} give no output; "
