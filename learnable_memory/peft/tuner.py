@@ -26,7 +26,8 @@ State dict keys. In the model a task's tensors are ``base_model.model.tasks.<tas
 ``.class_token``, ``.head.weight``, ``.head.bias`` (``<task>`` is the adapter name, with ``.`` and
 ``%`` escaped). peft saves them without the adapter name, ``base_model.model.tasks.memory`` and so
 on; loading maps those names, and our own (``memory`` ...), back onto the adapter being loaded, after
-checking names, shapes, finiteness and, for folders our ``save_adapter`` wrote, the task fingerprint.
+the check ``load_adapters`` runs too (:func:`~learnable_memory.adapters.tensors.check_tensors`: names,
+shapes, dtype, finiteness and, for folders our ``save_adapter`` wrote, the task fingerprint).
 """
 
 from __future__ import annotations
