@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 #: The attention regimes of the paper.
@@ -16,8 +17,26 @@ MODES = ("non_destructive", "extension", "full")
 
 #: The key of the base model's own output in ``MemoryViT.forward_all``; no task may take this name.
 BASE_KEY = "base"
+#: peft's name, in ``adapter_names``, for the rows that get the base model's own output.
+PEFT_BASE = "__base__"
+#: Names no task may take, in any entry point (``add_task``, ``load_adapters``, peft, the server): they
+#: stand for the base model's output.
+RESERVED_NAMES = (BASE_KEY, PEFT_BASE)
 #: Task names: any printable string up to this length (they key outputs, folders, URLs and files).
 MAX_NAME_LENGTH = 200
+
+
+class UnknownTaskError(ValueError):
+    """An output was asked for that the model does not have: an unknown task, or ``"base"`` while a
+    full-mode task is loaded (see ``MemoryViT.resolve_outputs``).
+
+    Attributes:
+        names: The outputs asked for that the model does not have.
+    """
+
+    def __init__(self, message: str, names: Sequence[str] = ()):
+        super().__init__(message)
+        self.names = list(names)
 
 
 @dataclass

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .adapters.fingerprint import base_identity, preprocessing
-from .config import BASE_KEY
+from .config import BASE_KEY, UnknownTaskError
 from .model import MemoryViT
 from .version import __version__
 
@@ -67,21 +67,13 @@ class TaskOutputs(nn.Module):
 
 
 def _output_names(model: MemoryViT, tasks: Sequence[str] | None) -> list[str]:
-    """The outputs to export, as ``forward_all`` would return them (same defaults, same refusals)."""
-    full = [t.name for t in model.tasks.values() if t.mode == "full"]
-    if tasks is None:
-        return ([] if full else [BASE_KEY]) + model.task_names
-    names = list(dict.fromkeys([tasks] if isinstance(tasks, str) else tasks))
-    if not names:
-        raise ValueError("tasks is empty: name the outputs to export (task names and/or 'base'), or leave it None")
-    unknown = [n for n in names if n != BASE_KEY and n not in model.tasks]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; this model has {model.task_names} and {BASE_KEY!r}")
-    if full and BASE_KEY in names:
-        raise ValueError(f"can not export {BASE_KEY!r}: full-mode task {full[0]!r} changes the original tokens, so "
-                         f"this model has no base output; export the tasks alone (tasks={model.task_names}) and the "
-                         "base model from a MemoryViT without that task")
-    return names
+    """The outputs to export, as ``forward_all`` would return them (``MemoryViT.resolve_outputs``)."""
+    try:
+        return model.resolve_outputs(tasks)[0]
+    except UnknownTaskError as err:
+        raise ValueError(f"can not export {', '.join(map(repr, err.names))}: {err}") from err
+    except ValueError as err:
+        raise ValueError(f"can not export tasks={tasks!r}: {err}") from err
 
 
 def _require_onnx() -> None:

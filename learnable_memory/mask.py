@@ -12,11 +12,12 @@ cells (:mod:`learnable_memory.layout`), the tests check that layout against this
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
-from .config import MODES, TaskConfig
+from .config import MODES, RESERVED_NAMES, TaskConfig
+from .memory import TaskMemory
 
 TaskLike = TaskConfig | tuple[int, str]
 
@@ -36,34 +37,61 @@ def _as_configs(tasks: Sequence[TaskLike]) -> list[TaskConfig]:
     return configs
 
 
+def has_full_task(tasks: Iterable[TaskConfig | TaskMemory]) -> bool:
+    """Whether any of ``tasks`` (configs or ``TaskMemory``) is in mode ``"full"``: its memory changes the
+    original tokens, so it stands alone in its model and the model has no base output."""
+    return any(t.mode == "full" for t in tasks)
+
+
+class LayoutError(ValueError):
+    """Tasks that can not share one model in this order (see :func:`check_layout`).
+
+    Attributes:
+        task: The name of the task that breaks the rule (for a full-mode conflict, the full-mode task).
+        rule: Which rule: ``"reserved"``, ``"duplicate"``, ``"full"``, ``"missing"`` (an extension task's
+            predecessor is absent or comes after it) or ``"order"`` (its predecessors come in another order).
+    """
+
+    def __init__(self, message: str, task: str = "", rule: str = ""):
+        super().__init__(message)
+        self.task, self.rule = task, rule
+
+
 def check_layout(tasks: Sequence[TaskConfig]) -> None:
-    """Raise ``ValueError`` if these tasks can not share one model, in this order."""
+    """Raise :class:`LayoutError` (a ``ValueError``) if these tasks can not share one model, in this order:
+    a reserved name (:data:`~learnable_memory.config.RESERVED_NAMES`), two tasks with one name, a full-mode
+    task with others, or an extension task whose predecessors are not all before it, in its order."""
     names = [t.name for t in tasks]
     seen: set[str] = set()
-    for t in tasks:
+    for i, t in enumerate(tasks):
+        if t.name in RESERVED_NAMES:
+            raise LayoutError(f"task name {t.name!r} is reserved for the base model's output (reserved: "
+                              f"{list(RESERVED_NAMES)}); pick another name", t.name, "reserved")
         if t.name in seen:
-            raise ValueError(f"duplicate task name {t.name!r}: every task in a model needs its own name")
+            raise LayoutError(f"duplicate task name {t.name!r}: a task named {t.name!r} already exists (tasks: "
+                              f"{names[:i]}); every task in a model needs its own name, pick another", t.name,
+                              "duplicate")
         seen.add(t.name)
-    if len(tasks) > 1 and any(t.mode == "full" for t in tasks):
+    if len(tasks) > 1 and has_full_task(tasks):
         full = [t.name for t in tasks if t.mode == "full"]
-        raise ValueError(
+        raise LayoutError(
             f"task(s) {full} use mode 'full', whose memory changes the shared tokens, so they can not "
             f"share a model with other tasks (here: {names}). Train them with mode='non_destructive' or "
-            "'extension' to concatenate, or serve the full-mode task in a model of its own."
+            "'extension' to concatenate, or serve the full-mode task in a model of its own.", full[0], "full"
         )
+    index = {n: i for i, n in enumerate(names)}
     for i, t in enumerate(tasks):
-        earlier = names[:i]
-        missing = [d for d in t.depends_on if d not in earlier]
+        missing = [d for d in t.depends_on if index.get(d, i) >= i]
         if missing:
-            raise ValueError(
+            raise LayoutError(
                 f"extension task {t.name!r} attends to {t.depends_on}, which must all come before it; "
-                f"missing or later: {missing} (tasks before it: {earlier})"
+                f"missing or later: {missing} (tasks before it: {names[:i]})", t.name, "missing"
             )
-        order = [earlier.index(d) for d in t.depends_on]
+        order = [index[d] for d in t.depends_on]
         if order != sorted(order):
-            raise ValueError(
+            raise LayoutError(
                 f"extension task {t.name!r} needs its predecessors in the order {t.depends_on}, "
-                f"but the model has them as {[n for n in earlier if n in t.depends_on]}"
+                f"but the model has them as {[n for n in names[:i] if n in t.depends_on]}", t.name, "order"
             )
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import TaskConfig
+
+#: The tensors of a task, by the names adapter files and ``TaskMemory.named_tensors`` give them.
+TENSOR_NAMES = ("memory", "class_token", "head.weight", "head.bias")
 
 
 class TaskMemory(nn.Module):
@@ -21,6 +25,11 @@ class TaskMemory(nn.Module):
         class_token: ``[embed_dim]``, the task's class token as it enters the blocks
             (position embedding included).
         head: ``nn.Linear(embed_dim, num_classes)`` on the task's feature.
+        trained_on: For an extension task, what it recorded of each task it extends (in
+            ``config.depends_on`` order; ``{"name", "fingerprint", "dtype", "fingerprints_by_dtype"}``,
+            see ``adapters.fingerprint.dependency_record``), so that ``add_task`` refuses it on top of
+            other weights; set by ``add_task`` and ``load_adapters``. None where unknown (a TaskMemory
+            built by hand): such a task can not be checked.
     """
 
     def __init__(self, config: TaskConfig, depth: int, embed_dim: int, class_token_init: torch.Tensor):
@@ -30,6 +39,7 @@ class TaskMemory(nn.Module):
         nn.init.normal_(self.memory, std=config.init_std)
         self.class_token = nn.Parameter(class_token_init.detach().clone().reshape(embed_dim))
         self.head = nn.Linear(embed_dim, config.num_classes)  # PyTorch's default init, as timm's reset_classifier
+        self.trained_on: list[dict[str, Any]] | None = None
 
     @property
     def name(self) -> str:
@@ -42,6 +52,18 @@ class TaskMemory(nn.Module):
     @property
     def n_mem(self) -> int:
         return self.config.n_mem
+
+    def named_tensors(self) -> dict[str, nn.Parameter]:
+        """The task's tensors by their names in adapter files (:data:`TENSOR_NAMES`): ``memory``
+        ``[depth, n_mem, D]``, ``class_token`` ``[D]``, ``head.weight`` ``[num_classes, D]``, ``head.bias``
+        ``[num_classes]``; the parameters themselves, not copies."""
+        return {n: self.get_parameter(n) for n in TENSOR_NAMES}
+
+    @staticmethod
+    def tensor_shapes(depth: int, n_mem: int, embed_dim: int, num_classes: int) -> dict[str, list[int]]:
+        """The shape of each tensor of :meth:`named_tensors` for a task of this size."""
+        return dict(zip(TENSOR_NAMES, ([depth, n_mem, embed_dim], [embed_dim], [num_classes, embed_dim],
+                                       [num_classes]), strict=True))
 
     def extra_repr(self) -> str:
         c = self.config
@@ -85,13 +107,20 @@ class TaskStore(nn.Module):
         return len(self._modules)
 
     def keys(self) -> list[str]:
-        return [task_name(k) for k in self._modules]
+        """The task names in model order. Unescaping every key is kept from one call to the next until the
+        keys change (a pass reads the names many times)."""
+        keys = tuple(self._modules)
+        cached_keys, names = self.__dict__.get("_names", ((), []))
+        if keys != cached_keys:
+            names = [task_name(k) for k in keys]
+            self.__dict__["_names"] = (keys, names)
+        return list(names)
 
     def values(self) -> list[TaskMemory]:
         return list(self._modules.values())
 
     def items(self) -> list[tuple[str, TaskMemory]]:
-        return [(task_name(k), t) for k, t in self._modules.items()]
+        return list(zip(self.keys(), self._modules.values(), strict=True))
 
     def add(self, task: TaskMemory) -> None:
         """Append ``task`` under its config's name (the caller checks that the name is free)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -11,12 +11,14 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .adapters import prepare_tasks, save_adapter, save_pretrained, warn_preprocessing
-from .config import BASE_KEY, TaskConfig
+from .adapters.fingerprint import dependency_record
+from .adapters.loading import check_trained_on, trainable_tasks
+from .config import BASE_KEY, TaskConfig, UnknownTaskError
 from .context import PassContext, PassExtras
 from .kinds import BlockKind
 from .kv_cache import MemoryKVCache
 from .layout import NewTokenLayout, new_token_layout
-from .mask import check_layout
+from .mask import check_layout, has_full_task
 from .memory import TaskMemory, TaskStore
 from .registry import attention_kind, backbone_kind, block_kind
 
@@ -113,18 +115,15 @@ class MemoryViT(nn.Module):
                 separately are concatenated).
 
         An extension task with no ``depends_on`` extends every task already present (set on the new
-        task's own copy of the config; the caller's ``TaskConfig`` is left as it is). Raises
-        ``ValueError`` for a reserved or duplicate name, a full-mode conflict or a ``TaskMemory`` of
-        the wrong shape, before anything changes.
+        task's own copy of the config; the caller's ``TaskConfig`` is left as it is), and records their
+        fingerprints (``TaskMemory.trained_on``). An extension ``TaskMemory`` is refused on top of
+        predecessors with other weights than the ones it recorded (``AdapterError``, as ``load_adapters``
+        does); one that records none (built by hand) can not be checked, and is added with a warning.
+        Raises ``ValueError`` for a reserved or duplicate name, a full-mode conflict or a dependency out
+        of order (``mask.check_layout``) or a ``TaskMemory`` of the wrong shape, before anything changes.
         """
         config = task.config if isinstance(task, TaskMemory) else dataclasses.replace(task)
         config.validate()
-        if config.name == BASE_KEY:
-            raise ValueError(f"task name {BASE_KEY!r} is reserved for the base model's output; pick another")
-        if config.name in self.tasks:
-            raise ValueError(
-                f"a task named {config.name!r} already exists (tasks: {self.task_names}); pick another name"
-            )
         if config.mode == "extension" and not config.depends_on and not isinstance(task, TaskMemory):
             config.depends_on = self.task_names
         check_layout(self.task_configs + [config])
@@ -135,9 +134,12 @@ class MemoryViT(nn.Module):
                     f"task {config.name!r} has memory of shape {tuple(task.memory.shape)} but this backbone "
                     f"needs {expected} [depth, n_mem, embed_dim]: it was made for another backbone"
                 )
+            check_trained_on(task, self.tasks)
         else:
             init = self.backbone.class_token_init(self.base)
             task = TaskMemory(config, self.depth, self.embed_dim, init).to(init.device, init.dtype)
+            if config.depends_on:
+                task.trained_on = [dependency_record(d, self.tasks[d].named_tensors()) for d in config.depends_on]
         for t in self.tasks.values():
             t.requires_grad_(False)
         self.tasks.add(task)
@@ -273,13 +275,62 @@ class MemoryViT(nn.Module):
             x, c = _cat_with_layout(x, [x[:, :n]]), x[:, n:]
         return x, c, extras
 
+    def resolve_outputs(self, tasks: str | Iterable[str] | None = None) -> tuple[list[str], tuple[str, ...]]:
+        """Which outputs a pass returns and which tasks it computes: the one rule of :meth:`forward_all`,
+        :func:`~learnable_memory.export_model` and the server.
+
+        Args:
+            tasks: The outputs wanted, task names and/or ``"base"`` (one name may be given as a string);
+                repeats are dropped, the first kept. ``None``: ``"base"`` and every task, in model order,
+                ``"base"`` left out while a full-mode task is loaded (its memory changes the original
+                tokens, so there is no base output). An empty list is an error, not "no outputs": a pass
+                that returns nothing is a caller's mistake (ask for None to get everything).
+
+        Returns:
+            The outputs in the order asked for, and their closure: the tasks to compute, those wanted
+            plus the tasks they extend, in model order.
+
+        Raises:
+            ValueError: ``tasks`` is empty or holds something other than a name (a list, a number ...).
+            UnknownTaskError: (a ``ValueError``) a name the model has no output for: an unknown task, or
+                ``"base"`` while a full-mode task is loaded.
+        """
+        full = has_full_task(self.tasks.values())
+        if tasks is None:
+            wanted = ([] if full else [BASE_KEY]) + self.task_names
+            return wanted, tuple(self.task_names)
+        if not isinstance(tasks, str | Iterable):
+            raise ValueError(f"tasks must be a list of output names (task names and/or {BASE_KEY!r}) or None, got "
+                             f"{tasks!r} ({type(tasks).__name__})")
+        entries = [tasks] if isinstance(tasks, str) else list(tasks)
+        odd = [e for e in entries if not isinstance(e, str)]
+        if odd:
+            raise ValueError(f"tasks must list output names (strings: task names and/or {BASE_KEY!r}), got "
+                             f"{odd[0]!r} ({type(odd[0]).__name__}) among {entries!r}")
+        wanted = list(dict.fromkeys(entries))
+        if not wanted:
+            raise ValueError(f"tasks is empty: name the outputs wanted (task names and/or {BASE_KEY!r}), or pass "
+                             "tasks=None for all of them")
+        unknown = [n for n in wanted if n != BASE_KEY and n not in self.tasks]
+        if unknown:
+            raise UnknownTaskError(f"unknown task(s) {unknown}; this model has {self.task_names}"
+                                   + ("" if full else f" and {BASE_KEY!r}"), unknown)
+        if full and BASE_KEY in wanted:
+            raise UnknownTaskError(f"full-mode task {self.task_names[0]!r} changes the original tokens, so this model "
+                                   f"has no {BASE_KEY!r} output; get the base model's output from a MemoryViT "
+                                   "without that task", [BASE_KEY])
+        return wanted, self._closure([n for n in wanted if n != BASE_KEY])
+
     def forward_features(self, images: torch.Tensor, tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """Pre-head features of ``tasks`` (default: all), ``name -> [B, D]``, in one pass."""
-        wanted = self.task_names if tasks is None else list(tasks)
-        for n in wanted:
-            if n not in self.tasks:
-                raise ValueError(f"unknown task {n!r}; this model has {self.task_names}")
-        names = self._closure(wanted)
+        """Pre-head features of ``tasks`` (default: all), ``name -> [B, D]``, in one pass (``tasks`` as
+        :meth:`resolve_outputs` takes them, ``"base"`` excepted: it has no feature of its own)."""
+        if tasks is None:
+            wanted, names = self.task_names, tuple(self.task_names)
+        else:
+            wanted, names = self.resolve_outputs(tasks)
+        if BASE_KEY in wanted:
+            raise ValueError(f"forward_features gives the tasks' features; {BASE_KEY!r} has none: leave it out "
+                             "(forward_all gives the base model's output)")
         _, c = self.forward_tokens(images, names)
         feats = self.backbone.task_features(self.base, c)  # [B, K, D]
         return {n: feats[:, names.index(n)] for n in wanted}
@@ -293,23 +344,13 @@ class MemoryViT(nn.Module):
             tasks: The outputs wanted, task names and/or ``"base"``, in the order of the returned dict.
                 Only these tasks, and the tasks they extend, are computed. Default: ``"base"`` and every
                 task, in model order; ``"base"`` is left out when a full-mode task is present, since
-                its memory changes the original tokens (asking for it then is a ``ValueError``).
+                its memory changes the original tokens. See :meth:`resolve_outputs` for the rule and
+                its errors (an empty list, an unknown name, ``"base"`` with a full-mode task).
 
         A server whose requests ask for different tasks runs the union of what they ask for in one
         pass and hands each request its own entries.
         """
-        full = any(t.mode == "full" for t in self.tasks.values())
-        if tasks is None:
-            wanted = ([] if full else [BASE_KEY]) + self.task_names
-        else:
-            wanted = list(dict.fromkeys([tasks] if isinstance(tasks, str) else tasks))
-            unknown = [n for n in wanted if n != BASE_KEY and n not in self.tasks]
-            if unknown:
-                raise ValueError(f"unknown task(s) {unknown}; this model has {self.task_names} and {BASE_KEY!r}")
-            if full and BASE_KEY in wanted:
-                raise ValueError(f"no {BASE_KEY!r} output while a full-mode task is loaded: its memory changes the "
-                                 "original tokens; serve the base model from a MemoryViT without that task")
-        names = self._closure([n for n in wanted if n != BASE_KEY])
+        wanted, names = self.resolve_outputs(tasks)
         x, c, extras = self._run_blocks(images, names)
         feats = self.backbone.task_features(self.base, c) if names else None
         out: dict[str, torch.Tensor] = {}
@@ -432,20 +473,7 @@ def load_adapters(
     existing = dict(model.tasks.items()) if isinstance(model, MemoryViT) else {}
     tasks = prepare_tasks(base, existing, paths, rename=rename, check_fingerprint=check_fingerprint,
                           cache_dir=cache_dir)
-    extended = {d for t in [*existing.values(), *tasks] for d in t.config.depends_on}
-    if trainable is True:
-        train = {t.name for t in tasks if t.name not in extended}
-    elif trainable is False:
-        train = set()
-    else:
-        train = {trainable} if isinstance(trainable, str) else set(trainable)
-        loaded = [t.name for t in tasks]
-        if not train <= set(loaded):
-            raise ValueError(f"trainable names {sorted(train - set(loaded))}, which are not among the tasks loaded "
-                             f"here ({loaded})")
-        if train & extended:
-            raise ValueError(f"task(s) {sorted(train & extended)} can not be trained: other loaded tasks extend "
-                             "them and would no longer match; train the extension task instead")
+    train = trainable_tasks(trainable, tasks, existing.values())
     out = MemoryViT(base)
     for t in [*existing.values(), *tasks]:
         out.add_task(t)

@@ -83,7 +83,7 @@ def test_forward_all_subset_pulls_in_predecessors_and_refuses_unknown(images):
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['zz'\]"):
         model.forward_all(images, tasks=["zz"])
     full_mode = lm.wrap_model(vit, n_mem=1, num_classes=2, task="f", mode="full")
-    with pytest.raises(ValueError, match="no 'base' output while a full-mode task"):
+    with pytest.raises(ValueError, match="full-mode task 'f' changes the original tokens, so this model has no 'base'"):
         full_mode.forward_all(images, tasks=["base", "f"])
     assert list(full_mode.forward_all(images)) == ["f"]
 

@@ -79,3 +79,22 @@ def test_layout_errors():
         build_attention_mask(
             [TaskConfig("a", 1, 2), TaskConfig("b", 1, 2),
              TaskConfig("c", 1, 2, mode="extension", depends_on=["b", "a"])], 4)
+
+
+def test_check_layout_names_the_rule_and_the_task():
+    from learnable_memory.mask import LayoutError, check_layout, has_full_task
+
+    a, full = TaskConfig("a", 1, 2), TaskConfig("f", 1, 2, mode="full")
+    cases = [
+        ([TaskConfig("__base__", 1, 2)], "reserved", "__base__"),
+        ([TaskConfig("base", 1, 2)], "reserved", "base"),
+        ([a, TaskConfig("a", 2, 2)], "duplicate", "a"),
+        ([a, full], "full", "f"),
+        ([TaskConfig("e", 1, 2, mode="extension", depends_on=["a"]), a], "missing", "e"),
+        ([a, TaskConfig("b", 1, 2), TaskConfig("e", 1, 2, mode="extension", depends_on=["b", "a"])], "order", "e"),
+    ]
+    for tasks, rule, task in cases:
+        with pytest.raises(LayoutError) as err:
+            check_layout(tasks)
+        assert (err.value.rule, err.value.task) == (rule, task) and isinstance(err.value, ValueError)
+    assert has_full_task([a, full]) and not has_full_task([a]) and not has_full_task([])

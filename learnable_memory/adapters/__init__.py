@@ -2,7 +2,9 @@
 
 - :mod:`.folder`: the folder format, atomic saves, reading and checking one folder, the Hub.
 - :mod:`.fingerprint`: what an adapter records about its backbone and its own tensors.
-- :mod:`.loading`: adapters -> tasks for a backbone (names, modes, dependencies, fingerprints).
+- :mod:`.loading`: adapters -> tasks for a backbone (the model's layout rules, fingerprints).
+- :mod:`.tensors`: the one check of a task's tensors read from a file (both loaders, ours and peft's).
+- :mod:`.schema`: the JSON shape of adapter configs and ``adapters.json``.
 
 Nothing here imports the model: :class:`~learnable_memory.MemoryViT` uses this package to save and
 load, and this package sees a model only through the :class:`~.folder.TaskModel` protocol.

@@ -14,8 +14,8 @@ the same values in another dtype or layout give another fingerprint.
   (``base.get_classifier()``), which no task uses: a backbone built with another
   ``num_classes`` still serves the same adapters. ViT-B/16 (86M parameters) hashes in well
   under a second; nothing is cached, since weights may change between two calls.
-- Task: its four tensors, ``memory``, ``class_token``, ``head.weight``, ``head.bias``, as
-  float32, exactly as they are written to ``adapter_model.safetensors``.
+- Task: its four tensors (``TaskMemory.named_tensors``: ``memory``, ``class_token``, ``head.weight``,
+  ``head.bias``), as float32, exactly as they are written to ``adapter_model.safetensors``.
 
 The hash is exact, so the same checkpoint cast to bfloat16 or float16 hashes differently, and
 bfloat16 rounds differently from float16. So an adapter also records the hash of the weights cast
@@ -55,7 +55,8 @@ DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _PRECISION = {dt: i for i, dt in enumerate(DTYPES)}  # higher = coarser
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """``torch.float32`` -> ``"float32"``."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -65,7 +66,7 @@ def _cast(named: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, to
 
 def fingerprints(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """``{dtype name: fingerprint}`` of the tensors cast (floating ones) to bfloat16 and to float16."""
-    return {_dtype_name(dt): tensors_fingerprint(_cast(named, dt)) for dt in (torch.bfloat16, torch.float16)}
+    return {dtype_name(dt): tensors_fingerprint(_cast(named, dt)) for dt in (torch.bfloat16, torch.float16)}
 
 
 def coarsest_dtype(named: Mapping[str, torch.Tensor]) -> torch.dtype | None:
@@ -86,11 +87,11 @@ def same_weights(
     ``by_dtype`` was recorded, served in another dtype): the identity can not be checked.
     """
     here = coarsest_dtype(named)
-    if here is None or _dtype_name(here) == dtype:
+    if here is None or dtype_name(here) == dtype:
         return tensors_fingerprint(named) == fingerprint
     recorded = {**by_dtype, dtype: fingerprint}
-    if _dtype_name(here) in recorded:
-        return tensors_fingerprint(_cast(named, here)) == recorded[_dtype_name(here)]
+    if dtype_name(here) in recorded:
+        return tensors_fingerprint(_cast(named, here)) == recorded[dtype_name(here)]
     saved = getattr(torch, dtype, None)
     if saved in _PRECISION and _PRECISION[saved] > _PRECISION.get(here, -1):  # cast up here: cast back down
         return tensors_fingerprint(_cast(named, saved)) == fingerprint
@@ -117,27 +118,30 @@ def base_fingerprint(base: nn.Module) -> str:
 
 
 def task_tensors(task: TaskMemory) -> dict[str, torch.Tensor]:
-    """The tensors of a task as saved: ``memory`` ``[depth, n_mem, D]``, ``class_token`` ``[D]``,
-    ``head.weight`` ``[num_classes, D]``, ``head.bias`` ``[num_classes]``; float32, CPU, contiguous."""
-    named = {
-        "memory": task.memory,
-        "class_token": task.class_token,
-        "head.weight": task.head.weight,
-        "head.bias": task.head.bias,
-    }
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in named.items()}
+    """The tensors of a task as saved (``TaskMemory.named_tensors``), float32, CPU, contiguous."""
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in task.named_tensors().items()}
 
 
 def own_tensors(task: TaskMemory) -> dict[str, torch.Tensor]:
-    """The task's four tensors in the dtype the model holds them (detached, CPU)."""
-    named = {"memory": task.memory, "class_token": task.class_token, "head.weight": task.head.weight,
-             "head.bias": task.head.bias}
-    return {k: v.detach().to("cpu").contiguous() for k, v in named.items()}
+    """The task's tensors (``TaskMemory.named_tensors``) in the dtype the model holds them (detached, CPU)."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in task.named_tensors().items()}
 
 
-def task_fingerprint(task: TaskMemory) -> str:
-    """Fingerprint of a task's four tensors, as saved."""
-    return tensors_fingerprint(task_tensors(task))
+def dependency_record(name: str, named: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """What an extension task records of a task it extends, whose tensors are ``named``
+    (``TaskMemory.named_tensors``, in any dtype): its name and identity in every dtype
+    (``{"name", "fingerprint", "dtype", "fingerprints_by_dtype"}``, as ``depends_on`` in adapter files)."""
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in named.items()}
+    return {"name": name, "fingerprint": tensors_fingerprint(tensors), "dtype": "float32",
+            "fingerprints_by_dtype": fingerprints(tensors)}
+
+
+def same_as_record(record: Mapping[str, Any], named: Mapping[str, torch.Tensor]) -> bool | None:
+    """:func:`same_weights` against a record ``{"fingerprint", "dtype", "fingerprints_by_dtype"}`` (a
+    backbone's ``base_model`` entry or a :func:`dependency_record`; the last two are absent in adapters
+    saved before they were recorded: float32, none)."""
+    return same_weights(record["fingerprint"], record.get("dtype", "float32"),
+                        record.get("fingerprints_by_dtype", {}), named)
 
 
 def backbone_shape(base: nn.Module) -> dict[str, int]:
@@ -185,7 +189,7 @@ def base_identity(base: nn.Module) -> dict[str, Any]:
         "model_args_not_saved": dropped,  # kwargs JSON can not hold (e.g. layer classes)
         **backbone_shape(base),
         "fingerprint": tensors_fingerprint(state),
-        "dtype": _dtype_name(dtype or torch.float32),
+        "dtype": dtype_name(dtype or torch.float32),
         "fingerprints_by_dtype": fingerprints(state),
     }
 

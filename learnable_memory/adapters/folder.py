@@ -66,8 +66,10 @@ from torch import nn
 from ..config import TaskConfig
 from ..memory import TaskMemory
 from ..version import __version__
-from .fingerprint import base_identity, fingerprints, preprocessing, task_tensors, tensors_fingerprint
-from .peft_format import TENSOR_NAMES, our_names, peft_fields, written_by_peft
+from .fingerprint import base_identity, dependency_record, preprocessing, task_tensors, tensors_fingerprint
+from .peft_format import our_names, peft_fields, written_by_peft
+from .schema import check_config_fields, index_folders
+from .tensors import AdapterError, check_tensors, non_finite
 
 FORMAT_VERSION = 2
 #: Format versions this version reads (1: before the peft fields).
@@ -77,10 +79,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 INDEX_NAME = "adapters.json"
 META_KEY = "learnable_memory_config"
-
-
-class AdapterError(ValueError):
-    """An adapter folder is missing, damaged, or does not fit the model it is loaded onto."""
 
 
 @runtime_checkable
@@ -131,7 +129,8 @@ def _dumps(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _version() -> str:
+def created_with() -> str:
+    """The ``created_with`` field of adapter configs: ``"learnable_memory <version>"``."""
     return f"{METHOD} {__version__}"
 
 
@@ -156,9 +155,9 @@ def _save_one(model: TaskModel, folder: Path, name: str, base: dict[str, Any]) -
     _refuse_non_finite(name, tensors)
     fields = c.to_dict()  # the TaskConfig, under the adapter config's names
     cfg = {
-        "format_version": FORMAT_VERSION, "method": METHOD, "created_with": _version(),
+        "format_version": FORMAT_VERSION, "method": METHOD, "created_with": created_with(),
         "task": fields["name"], **{k: fields[k] for k in ("mode", "n_mem", "num_classes", "class_names", "init_std")},
-        "depends_on": [_dependency(d, model.tasks[d]) for d in c.depends_on],
+        "depends_on": [dependency_record(d, model.tasks[d].named_tensors()) for d in c.depends_on],
         "task_fingerprint": tensors_fingerprint(tensors),
         "base_model": base, "base_model_name_or_path": base["hf_hub_id"] or base["architecture"],
         "preprocessing": fields["data_config"] or preprocessing(model.base), **peft_fields(),
@@ -170,12 +169,6 @@ def _save_one(model: TaskModel, folder: Path, name: str, base: dict[str, Any]) -
     _write_atomic(folder / WEIGHTS_NAME, data)
     _write_atomic(folder / CONFIG_NAME, _dumps({**cfg, "weights_sha256": hashlib.sha256(data).hexdigest()}))
     return folder
-
-
-def non_finite(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """``{tensor name: number of NaN/Inf values}`` for the tensors that hold any."""
-    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if v.is_floating_point()}
-    return {k: n for k, n in counts.items() if n}
 
 
 def _refuse_non_finite(name: str, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -210,13 +203,6 @@ def _remove_stale_temps(folder: Path) -> None:
                     tmp.unlink()
 
 
-def _dependency(name: str, task: TaskMemory) -> dict[str, Any]:
-    """What an extension task records of a task it extends: its name and identity in every dtype."""
-    tensors = task_tensors(task)
-    return {"name": name, "fingerprint": tensors_fingerprint(tensors), "dtype": "float32",
-            "fingerprints_by_dtype": fingerprints(tensors)}
-
-
 def _check_model(model: Any) -> TaskModel:
     if not isinstance(model, TaskModel):
         raise TypeError(f"expected a MemoryViT (see wrap_model), got {type(model).__name__}")
@@ -230,8 +216,14 @@ def save_adapter(model: TaskModel, path: str | Path, task: str | None = None) ->
 
 
 def _folder_name(name: str, i: int, used: set[str]) -> str:
+    """The folder of task ``name`` (the ``i``-th): the name itself where it is a portable folder name, else
+    ``task_{i}``; never one already in ``used`` (lower-cased, for case-insensitive file systems), to
+    which it is added."""
     ok = name[:1].isalnum() and all(ch.isalnum() or ch in "_.-" for ch in name) and name.isascii()
-    folder = name if ok and name.lower() not in used else f"task_{i}"
+    folder = name if ok else f"task_{i}"
+    k = 1
+    while folder.lower() in used:  # e.g. task_1 for "é" next to a task named "task_1"
+        folder, k = f"task_{i}_{k}", k + 1
     used.add(folder.lower())
     return folder
 
@@ -281,6 +273,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _task_config(cfg: dict[str, Any], source: Path) -> TaskConfig:
     """The TaskConfig a config describes, its fields checked."""
+    check_config_fields(cfg, source)
     try:
         base = cfg["base_model"]
         for key in ("embed_dim", "depth", "num_prefix_tokens"):
@@ -303,21 +296,14 @@ def _task_config(cfg: dict[str, Any], source: Path) -> TaskConfig:
         raise AdapterError(f"{source}: bad adapter config: {err}") from err
 
 
-def _check_tensors(tensors: dict[str, torch.Tensor], cfg: dict[str, Any], config: TaskConfig,
-                   weights: Path, source: Path) -> None:
+def _check_tensors(tensors: dict[str, torch.Tensor], cfg: dict[str, Any], config: TaskConfig, weights: Path,
+                   source: Path, *, fingerprint: str | None = None, allow_non_finite: bool = False) -> str:
+    """:func:`~.tensors.check_tensors` against the shapes the config ``cfg`` (read from ``source``) gives."""
     d, depth = cfg["base_model"]["embed_dim"], cfg["base_model"]["depth"]
-    want = dict(zip(TENSOR_NAMES, ([depth, config.n_mem, d], [d], [config.num_classes, d], [config.num_classes]),
-                    strict=True))
-    missing, extra = sorted(want.keys() - tensors.keys()), sorted(tensors.keys() - want.keys())
-    if missing or extra:
-        raise AdapterError(f"{weights}: expected tensors {sorted(want)}; missing {missing}, unexpected {extra}")
-    for k, shape in want.items():
-        if list(tensors[k].shape) != shape:
-            raise AdapterError(f"{weights}: tensor {k!r} has shape {list(tensors[k].shape)} but {source.name} "
-                               f"(n_mem={config.n_mem}, num_classes={config.num_classes}, depth={depth}, "
-                               f"embed_dim={d}) needs {shape}")
-        if not tensors[k].is_floating_point():
-            raise AdapterError(f"{weights}: tensor {k!r} has dtype {tensors[k].dtype}, expected float32")
+    shapes = TaskMemory.tensor_shapes(depth, config.n_mem, d, config.num_classes)
+    sized = f"{source.name} (n_mem={config.n_mem}, num_classes={config.num_classes}, depth={depth}, embed_dim={d})"
+    return check_tensors(tensors, shapes, str(weights), sized, fingerprint=fingerprint,
+                         allow_non_finite=allow_non_finite)
 
 
 def _embedded_config(data: bytes) -> dict[str, Any] | None:
@@ -357,7 +343,7 @@ def read_adapter(folder: Path, allow_non_finite: bool = False) -> AdapterFile:
         embedded = _embedded_config(data)
         if embedded is None:
             config = _task_config(cfg, cfg_path)
-            _check_tensors(tensors, cfg, config, weights, cfg_path)
+            _check_tensors(tensors, cfg, config, weights, cfg_path, allow_non_finite=True)
             raise AdapterError(f"{weights}: its sha256 {sha} is not the weights_sha256 recorded in {CONFIG_NAME} "
                                f"({cfg.get('weights_sha256')}): the two files do not belong together; re-save it")
         why = "is missing" if not cfg else "does not describe it (sha256 differs)"
@@ -365,15 +351,8 @@ def read_adapter(folder: Path, allow_non_finite: bool = False) -> AdapterFile:
                       f"{WEIGHTS_NAME}. Save the adapter again to repair the folder.", stacklevel=3)
         cfg, source = embedded, weights
     config = _task_config(cfg, source)
-    _check_tensors(tensors, cfg, config, weights, source)
-    bad = non_finite(tensors)
-    if bad and not allow_non_finite:
-        raise AdapterError(f"{weights}: tensors {sorted(bad)} hold NaN or Inf ({sum(bad.values())} values): the "
-                           f"task {config.name!r} diverged in training; train it again")
-    fingerprint = tensors_fingerprint({k: v.to(torch.float32) for k, v in tensors.items()})
-    if not by_peft and fingerprint != cfg["task_fingerprint"]:
-        raise AdapterError(f"{weights}: the tensors' fingerprint {fingerprint} is not the task_fingerprint "
-                           f"recorded in {source.name} ({cfg['task_fingerprint']})")
+    fingerprint = _check_tensors(tensors, cfg, config, weights, source, allow_non_finite=allow_non_finite,
+                                 fingerprint=None if by_peft else cfg["task_fingerprint"])
     return AdapterFile(source=source, cfg=cfg, config=config, tensors=tensors, fingerprint=fingerprint)
 
 
@@ -400,19 +379,24 @@ def adapter_folders(path: str | Path, cache_dir: str | Path | None = None) -> li
     """The adapter folders ``path`` stands for: itself, or those of a ``save_pretrained`` folder, in order."""
     folder = _hub_folder(path, cache_dir) if str(path).startswith("hf-hub:") else Path(path).expanduser()
     if (folder / INDEX_NAME).is_file():
-        index = _read_json(folder / INDEX_NAME)
-        entries = index.get("adapters")
-        names = [e.get("folder") if isinstance(e, dict) else None for e in entries or []]
-        if not names or not all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")
-                                for n in names):
-            raise AdapterError(f"{folder / INDEX_NAME}: 'adapters' must list the task folders, got {entries!r}")
-        return [folder / n for n in names]
+        return [folder / n for n in index_folders(_read_json(folder / INDEX_NAME), folder / INDEX_NAME)]
     if folder.is_dir() and ((folder / CONFIG_NAME).exists() or (folder / WEIGHTS_NAME).exists()):
         return [folder]
     if not folder.is_dir():
         raise AdapterError(f"{folder}: no such adapter folder")
     raise AdapterError(f"{folder}: holds neither {CONFIG_NAME} (an adapter) nor {INDEX_NAME} (a save_pretrained "
-                       "folder)")
+                       f"folder){subfolders_hint(folder)}")
+
+
+def subfolders_hint(folder: Path) -> str:
+    """For a folder that is no adapter: the adapter folders just inside it, as peft's ``save_pretrained``
+    writes adapters other than ``"default"`` (``"; it holds the adapter folders [...]: load those ..."``),
+    or ``""`` when there are none."""
+    subs = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file()) if folder.is_dir() else []
+    if not subs:
+        return ""
+    return (f"; it holds the adapter folders {subs} (as peft's save_pretrained writes named adapters): load those, "
+            f"e.g. {[str(folder / n) for n in subs]} (peft: PeftModel.from_pretrained(model, path, subfolder=...))")
 
 
 def inspect_adapter(path: str | Path, *, cache_dir: str | Path | None = None) -> dict[str, Any]:

@@ -2,36 +2,40 @@
 
 :func:`learnable_memory.load_adapters` and ``MemoryViT.from_pretrained`` call :func:`prepare_tasks`.
 Everything is read and checked before any model is touched, so a refused load changes nothing.
-Checks, each a ``ValueError`` (:class:`~learnable_memory.adapter_io.AdapterError`) naming the file:
+Checks, each a ``ValueError`` (:class:`~learnable_memory.adapters.AdapterError`) naming the file:
 
 - the backbone: same width, depth and prefix tokens, and (unless ``check_fingerprint=False``)
   the same weights, by fingerprint;
-- names: no two tasks with one name (``rename`` resolves clashes);
-- modes: a full-mode task stands alone;
-- extension tasks: the tasks they were trained on are present before them, in the same order,
-  with the same weights (task fingerprints).
+- the rules of :func:`~learnable_memory.mask.check_layout`, the model's own (no reserved name, no two
+  tasks with one name, a full-mode task stands alone, extension tasks after the tasks they extend, in
+  order), on the tasks the model will hold; ``rename`` resolves name clashes;
+- extension tasks: the tasks they were trained on have the same weights (task fingerprints,
+  :func:`check_predecessors`, which ``add_task`` also runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import BASE_KEY
+from ..config import TaskConfig
+from ..mask import LayoutError, check_layout
 from ..memory import TaskMemory
 from .fingerprint import (
     backbone_shape,
     base_state,
     coarsest_dtype,
+    dependency_record,
+    dtype_name,
     own_tensors,
     preprocessing,
-    same_weights,
+    same_as_record,
     tensors_fingerprint,
 )
 from .folder import AdapterError, AdapterFile, adapter_folders, read_adapter
@@ -56,17 +60,6 @@ def _new_names(adapters: list[AdapterFile], rename: Rename) -> list[str]:
     return [n if r is None else r for n, r in zip(old, rename, strict=True)]
 
 
-def _same(saved: Mapping[str, Any], named: Mapping[str, torch.Tensor]) -> bool | None:
-    """:func:`same_weights` against a record ``{"fingerprint", "dtype", "fingerprints_by_dtype"}``
-    (the last two absent in adapters saved before they were recorded: float32, none)."""
-    return same_weights(saved["fingerprint"], saved.get("dtype", "float32"), saved.get("fingerprints_by_dtype", {}),
-                        named)
-
-
-def _name(dtype: torch.dtype | None) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _unverified(what: str, source: str | Path, named: Mapping[str, torch.Tensor], stacklevel: int = 5) -> None:
     warnings.warn(f"{source}: {what} can not be checked in {coarsest_dtype(named)}: the adapter records only "
                   "the float32 hash (it was saved by an earlier version); loading it unchecked. Save it again "
@@ -88,7 +81,7 @@ def check_backbone(saved: Mapping[str, Any], task: str, source: str | Path, base
                            f"{'; '.join(diffs)} ({here}). Load it onto the backbone it was trained with.")
     if state is None:
         return
-    same = _same(saved, state)
+    same = same_as_record(saved, state)
     if same is None:
         _unverified("the backbone's identity", source, state, stacklevel=6)
     elif not same:
@@ -96,7 +89,7 @@ def check_backbone(saved: Mapping[str, Any], task: str, source: str | Path, base
         raise AdapterError(
             f"{source}: task {task!r} was made for a backbone of the same shape but other "
             f"weights ({made_for}, {saved.get('dtype', 'float32')}; backbone fingerprint {saved['fingerprint']}; "
-            f"this one, {_name(dtype)}, {tensors_fingerprint(state)}; compared in {_name(dtype)}). "
+            f"this one, {dtype_name(dtype)}, {tensors_fingerprint(state)}; compared in {dtype_name(dtype)}). "
             "Load the checkpoint it was trained on; if you know the weights are equivalent, skip this check "
             "(check_fingerprint=False)."
         )
@@ -108,56 +101,114 @@ def _check_backbone(adapters: list[AdapterFile], base: nn.Module, check_fingerpr
         check_backbone(a.cfg["base_model"], a.config.name, a.source, base, state)
 
 
-def _check_tasks(adapters: list[AdapterFile], names: list[str], existing: dict[str, TaskMemory],
-                 rename: Rename, check_fingerprint: bool, dtype: torch.dtype) -> list[list[str]]:
-    """Check names, modes and dependencies; return each adapter's ``depends_on`` in model names."""
-    where: dict[str, str] = {n: "already in the model" for n in existing}
-    for i, (a, n) in enumerate(zip(adapters, names, strict=True)):
-        if n == BASE_KEY:
-            raise AdapterError(f"{a.source}: task name {BASE_KEY!r} is reserved for the base output; "
-                               f"load it with rename={{{BASE_KEY!r}: 'new_name'}}")
-        if n in where:
-            fix = [None] * len(adapters)
-            fix[i] = f"{n}_2"
-            raise AdapterError(f"two tasks named {n!r}: {where[n]} and {a.source}. Load one under another name, "
-                               f"e.g. rename={fix!r} (one entry per adapter) or rename={{{n!r}: '{n}_2'}}")
-        where[n] = str(a.source)
-    everything = [(n, t.config.mode, "already in the model") for n, t in existing.items()]
-    everything += [(n, a.config.mode, str(a.source)) for n, a in zip(names, adapters, strict=True)]
-    full = [f"{n!r} ({src})" for n, mode, src in everything if mode == "full"]
-    if full and len(everything) > 1:
-        raise AdapterError(f"task {', '.join(full)} was trained in mode 'full', whose memory changes the tokens "
-                           f"every task shares, so it can not be combined with other tasks (here "
-                           f"{[n for n, _, _ in everything]}). Load a full-mode adapter alone onto its backbone.")
-    served = {n: own_tensors(t) for n, t in existing.items()}  # each task's tensors as the model serves them
-    seen: dict[str, str] = {}  # old -> new name of the adapters already placed in this call
+def check_predecessors(task: str, trained_on: Sequence[tuple[str, Mapping[str, Any]]],
+                       served: Mapping[str, Mapping[str, torch.Tensor]], source: str | Path, fix: str) -> None:
+    """Refuse (:class:`AdapterError`) extension task ``task`` on predecessors other than the ones it was
+    trained on: ``trained_on`` pairs each predecessor's name here with what the task recorded of it (a
+    :func:`~.fingerprint.dependency_record`), ``served`` holds each predecessor's tensors as the model
+    serves them. Warns where a record is too old to compare in the serving dtype. ``fix``: how to skip it."""
+    for name, record in trained_on:
+        same = same_as_record(record, served[name])
+        if same is None:
+            _unverified(f"the identity of task {name!r}", source, served[name])
+        elif not same:
+            raise AdapterError(f"{source}: task {name!r} here is not the one extension task {task!r} was trained "
+                               f"on (its weights differ: fingerprint {tensors_fingerprint(served[name])}, expected "
+                               f"{record['fingerprint']}). Put it on the same task {name!r}; {fix}")
+
+
+def check_trained_on(task: TaskMemory, tasks: Mapping[str, TaskMemory]) -> None:
+    """``add_task``'s check of an extension ``TaskMemory`` joining a model whose tasks are ``tasks``: refuse
+    it (:class:`AdapterError`) when its predecessors there are not the ones it recorded
+    (``TaskMemory.trained_on``), as :func:`prepare_tasks` does for a file; warn when it records none
+    (built by hand: it can not be checked)."""
+    deps = task.config.depends_on
+    if not deps:
+        return
+    if task.trained_on is None:
+        warnings.warn(f"extension task {task.name!r} records nothing of the tasks it extends ({deps}): it was "
+                      "built by hand, so add_task can not check that they are the ones it was trained on",
+                      stacklevel=4)
+        return
+    served = {d: own_tensors(tasks[d]) for d in deps}
+    check_predecessors(task.name, list(zip(deps, task.trained_on, strict=True)), served, f"add_task({task.name!r})",
+                       "add it to a model that holds the tasks it was trained on")
+
+
+def _dependency_names(adapters: list[AdapterFile], names: list[str], rename: Rename) -> list[list[str]]:
+    """Each adapter's ``depends_on`` in model names: a predecessor loaded earlier in this call under a new
+    name, else renamed by a ``rename`` mapping, else as saved."""
     dep_map = dict(rename) if isinstance(rename, Mapping) else {}
-    deps_out = []
+    seen: dict[str, str] = {}  # old -> new name of the adapters already placed in this call
+    out = []
     for a, n in zip(adapters, names, strict=True):
-        before = list(served)
-        deps = [seen.get(d, dep_map.get(d, d)) for d in a.config.depends_on]
-        missing = [d for d in deps if d not in before]
-        if missing:
-            raise AdapterError(f"{a.source}: extension task {n!r} was trained on top of {deps}, in this order, but "
-                               f"{missing} {'is' if len(missing) == 1 else 'are'} not loaded before it (tasks "
-                               f"before it: {before}). Load the adapters of {deps} first, in this order.")
-        present = [d for d in before if d in deps]
-        if present != deps:
-            raise AdapterError(f"{a.source}: extension task {n!r} needs the tasks it extends in the order {deps}, "
-                               f"but they come as {present}. Load them in the order they were trained.")
-        for d, saved in zip(deps, a.cfg["depends_on"], strict=True):
-            same = _same(saved, served[d]) if check_fingerprint else True
-            if same is None:
-                _unverified(f"the identity of task {d!r}", a.source, served[d])
-            elif not same:
-                raise AdapterError(f"{a.source}: task {d!r} here is not the one extension task {n!r} was trained "
-                                   f"on (its weights differ: fingerprint {tensors_fingerprint(served[d])}, expected "
-                                   f"{saved['fingerprint']}). Load the same adapter {d!r}; or skip this check "
-                                   "(check_fingerprint=False).")
-        served[n] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in a.tensors.items()}
+        out.append([seen.get(d, dep_map.get(d, d)) for d in a.config.depends_on])
         seen[a.config.name] = n
-        deps_out.append(deps)
-    return deps_out
+    return out
+
+
+def _check_layout(existing: Mapping[str, TaskMemory], adapters: list[AdapterFile], configs: list[TaskConfig]) -> None:
+    """:func:`~learnable_memory.mask.check_layout` on the tasks the model will hold, its error as an
+    :class:`AdapterError` naming the file (and its ``LayoutError`` as the cause, e.g. ``.rule``)."""
+    try:
+        check_layout([t.config for t in existing.values()] + configs)
+    except LayoutError as err:
+        first: dict[str, str] = {n: "already in the model" for n in existing}
+        where = ""
+        for a, c in zip(adapters, configs, strict=True):
+            if c.name == err.task and (c.name in first or err.rule != "duplicate"):
+                where = str(a.source)
+                break
+            first.setdefault(c.name, str(a.source))
+        hints = {
+            "reserved": f"load it with rename={{{err.task!r}: 'new_name'}}",
+            "duplicate": f"two tasks named {err.task!r}: the other is {first.get(err.task)}. Load one under "
+                         "another name, e.g. rename="
+                         f"{{{err.task!r}: '{err.task}_2'}} or a list with one entry (a new name or None) per adapter",
+            "full": "load a full-mode adapter alone onto its backbone",
+            "missing": "load the adapters of the tasks it extends before it, in the order they were trained",
+            "order": "load the tasks it extends in the order they were trained",
+        }
+        raise AdapterError(f"{where or adapters[0].source}: {err}; {hints[err.rule]}") from err
+
+
+def _trained_on(adapters: list[AdapterFile], configs: list[TaskConfig], existing: Mapping[str, TaskMemory],
+                check_fingerprint: bool, dtype: torch.dtype) -> list[list[tuple[str, dict[str, Any]]] | None]:
+    """Per adapter, the identity of each predecessor it extends, checked against the ones here unless
+    ``check_fingerprint=False`` (then the ones here are recorded: they are taken to be equivalent)."""
+    served = {n: own_tensors(t) for n, t in existing.items()}  # each task's tensors as the model serves them
+    out = []
+    for a, c in zip(adapters, configs, strict=True):
+        if check_fingerprint:
+            pairs = list(zip(c.depends_on, a.cfg["depends_on"], strict=True))
+            check_predecessors(c.name, pairs, served, a.source, "or skip this check (check_fingerprint=False)")
+        else:
+            pairs = [(d, dependency_record(d, served[d])) for d in c.depends_on]
+        out.append(pairs)
+        served[c.name] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in a.tensors.items()}
+    return out
+
+
+def trainable_tasks(trainable: bool | str | Iterable[str], loaded: Sequence[TaskMemory],
+                    existing: Iterable[TaskMemory]) -> set[str]:
+    """The names of the ``loaded`` tasks to keep trainable (``load_adapters(trainable=...)``): ``True``: every
+    one that no task, loaded or ``existing``, extends; ``False``: none; names: exactly those, refused
+    (``ValueError``) when one is not loaded here or another task extends it (the extension would no
+    longer match it)."""
+    extended = {d for t in [*existing, *loaded] for d in t.config.depends_on}
+    if trainable is True:
+        return {t.name for t in loaded if t.name not in extended}
+    if trainable is False:
+        return set()
+    train = {trainable} if isinstance(trainable, str) else set(trainable)
+    names = [t.name for t in loaded]
+    if not train <= set(names):
+        raise ValueError(f"trainable names {sorted(train - set(names))}, which are not among the tasks loaded "
+                         f"here ({names})")
+    if train & extended:
+        raise ValueError(f"task(s) {sorted(train & extended)} can not be trained: other loaded tasks extend "
+                         "them and would no longer match; train the extension task instead")
+    return train
 
 
 def warn_preprocessing(tasks: Sequence[TaskMemory], base: nn.Module, stacklevel: int = 3) -> None:
@@ -175,16 +226,15 @@ def warn_preprocessing(tasks: Sequence[TaskMemory], base: nn.Module, stacklevel:
                       f"the same images: {list(seen.values())}", stacklevel=stacklevel)
 
 
-def _as_task(a: AdapterFile, name: str, deps: list[str], shape: dict[str, int],
-             like: torch.Tensor | None) -> TaskMemory:
+def _as_task(a: AdapterFile, config: TaskConfig, trained_on: list[tuple[str, dict[str, Any]]],
+             shape: dict[str, int], like: torch.Tensor | None) -> TaskMemory:
     """A ``TaskMemory`` holding the adapter's tensors, on ``like``'s device and dtype."""
-    config = dataclasses.replace(a.config, name=name, depends_on=deps)
     with torch.random.fork_rng(devices=[]):  # the fresh init is overwritten: leave the user's RNG alone
         task = TaskMemory(config, shape["depth"], shape["embed_dim"], torch.zeros(shape["embed_dim"]))
     with torch.no_grad():
-        for key, param in (("memory", task.memory), ("class_token", task.class_token),
-                           ("head.weight", task.head.weight), ("head.bias", task.head.bias)):
+        for key, param in task.named_tensors().items():
             param.copy_(a.tensors[key])
+    task.trained_on = [record for _, record in trained_on] if config.depends_on else None
     return task.to(like.device, like.dtype) if like is not None else task
 
 
@@ -212,8 +262,12 @@ def prepare_tasks(
         raise AdapterError("no adapter to load: paths is empty")
     _check_backbone(adapters, base, check_fingerprint)
     names = _new_names(adapters, rename)
+    deps = _dependency_names(adapters, names, rename)
+    configs = [dataclasses.replace(a.config, name=n, depends_on=d) for a, n, d in zip(adapters, names, deps,
+                                                                                      strict=True)]
+    _check_layout(existing, adapters, configs)
     like = next(iter(base.parameters()), None)
-    dtype = like.dtype if like is not None else torch.float32
-    deps = _check_tasks(adapters, names, dict(existing), rename, check_fingerprint, dtype)
+    trained_on = _trained_on(adapters, configs, existing, check_fingerprint,
+                             like.dtype if like is not None else torch.float32)
     shape = backbone_shape(base)
-    return [_as_task(a, n, d, shape, like) for a, n, d in zip(adapters, names, deps, strict=True)]
+    return [_as_task(a, c, t, shape, like) for a, c, t in zip(adapters, configs, trained_on, strict=True)]

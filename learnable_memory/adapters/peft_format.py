@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
+from ..memory import TENSOR_NAMES
+
 #: The ``peft_type`` of a learnable-memory adapter (a string key in peft's mapping tables, not a
 #: member of peft's closed ``PeftType`` enum).
 PEFT_TYPE = "LEARNABLE_MEMORY"
-#: The four tensors of an adapter, as our saves name them.
-TENSOR_NAMES = ("memory", "class_token", "head.weight", "head.bias")
 #: The last part of the module path under which peft's state dict keys hold a task's tensors, before the
 #: tensor name: ``MemoryViT.tasks`` (``base_model.model.tasks.<task>.memory``; peft removes ``<task>.``).
 PEFT_TASKS_PATH = "tasks"

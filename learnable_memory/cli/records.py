@@ -14,7 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..adapters.folder import AdapterError, adapter_folders, read_adapter
+from ..adapters.folder import AdapterError, adapter_folders
+from ..mask import LayoutError
 from ..model import MemoryViT, load_adapters
 from .base import base_spec, create_base, refuse_random_weights
 from .options import add_adapter_options as add_adapter_options  # where the parsers of the commands take it
@@ -76,24 +77,17 @@ def resolve_adapters(specs: Sequence[str | Path]) -> list[Path]:
     return [f for s in specs for f in adapter_folders(s)]
 
 
-def check_task_names(folders: Sequence[Path]) -> None:
-    """Refuse two adapters holding one task name: the command line can not rename tasks."""
-    seen: dict[str, Path] = {}
-    for folder in folders:
-        name = read_adapter(folder).config.name
-        if name in seen:
-            raise AdapterError(f"two adapters hold task {name!r}: {seen[name]} and {folder}; a model serves each "
-                               "task name once, so give one of them at a time")
-        seen[name] = folder
-
-
 def load_named_adapters(model: nn.Module, folders: Sequence[Path], *, check_fingerprint: bool = True,
                         trainable: bool = False) -> MemoryViT:
-    """:func:`~learnable_memory.load_adapters` with its advice given as command-line options."""
-    check_task_names(folders)
+    """:func:`~learnable_memory.load_adapters` with its advice given as command-line options (each adapter
+    is read once, by the loader)."""
     try:
         return load_adapters(model, list(folders), check_fingerprint=check_fingerprint, trainable=trainable)
     except AdapterError as e:
+        layout = e.__cause__ if isinstance(e.__cause__, LayoutError) else None
+        if layout is not None and layout.rule == "duplicate":  # the command line can not rename tasks
+            raise AdapterError(f"two adapters hold task {layout.task!r} ({e}); a model serves each task name "
+                               "once, so give one of them at a time") from e
         raise AdapterError(str(e).replace("check_fingerprint=False", "--no-fingerprint-check")) from e
 
 

@@ -27,7 +27,7 @@ import peft
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 from ..adapters.peft_format import PEFT_TYPE
-from .config import LearnableMemoryConfig
+from .config import LearnableMemoryConfig, explain_peft_type
 from .layer import MERGE_ERROR, MemoryTasks, PeftMemoryViT
 from .tuner import LearnableMemoryModel
 
@@ -45,11 +45,14 @@ if _release(peft.__version__) < _release(PEFT_MIN):
 
 
 def register() -> None:
-    """Put the config class, tuner and prefix in peft's mapping tables under ``PEFT_TYPE`` (done on import;
-    calling it again is harmless)."""
+    """Put the config class, tuner and prefix in peft's mapping tables under ``PEFT_TYPE``, and let peft's
+    lookup of a folder's ``peft_type`` explain our folders it can not read (done on import; calling it
+    again is harmless)."""
     PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = LearnableMemoryConfig
     PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = LearnableMemoryModel
     PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = LearnableMemoryModel.prefix
+    if not hasattr(peft.PeftConfig._get_peft_type, "__wrapped__"):
+        peft.PeftConfig._get_peft_type = classmethod(explain_peft_type(peft.PeftConfig._get_peft_type.__func__))
 
 
 register()

@@ -7,19 +7,19 @@ loader reads, with no field peft would warn about.
 
 from __future__ import annotations
 
+import functools
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from peft import PeftConfig
 
-from ..adapters.folder import FORMAT_VERSION, METHOD
+from ..adapters.folder import CONFIG_NAME, FORMAT_VERSION, METHOD, AdapterError, created_with, subfolders_hint
 from ..adapters.peft_format import PEFT_TYPE
+from ..adapters.schema import check_config_fields
 from ..config import TaskConfig
-from ..version import __version__
-
-
-def _created_with() -> str:
-    return f"{METHOD} {__version__}"
 
 
 @dataclass
@@ -59,7 +59,7 @@ class LearnableMemoryConfig(PeftConfig):
     depends_on: list[Any] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
     method: str = METHOD
-    created_with: str = field(default_factory=_created_with)
+    created_with: str = field(default_factory=created_with)
     task_fingerprint: str | None = None
     weights_sha256: str | None = None
 
@@ -93,6 +93,37 @@ class LearnableMemoryConfig(PeftConfig):
 
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
-        """A saved config as peft reads it: ``base_model_name_or_path`` dropped (see the class docstring)."""
+        """A saved config as peft reads it: its fields' JSON types checked as ``load_adapters`` checks them
+        (:class:`AdapterError`), ``base_model_name_or_path`` dropped (see the class docstring)."""
+        check_config_fields(kwargs, f"adapter config of task {kwargs.get('task')!r}", skip_none=True)
         kwargs.pop("base_model_name_or_path", None)
         return kwargs
+
+
+def explain_peft_type(get_peft_type: Callable[..., str]) -> Callable[..., str]:
+    """peft's ``PeftConfig._get_peft_type(model_id, subfolder=...)`` (the ``peft_type`` of a folder's
+    ``adapter_config.json``), with an :class:`AdapterError` saying what to do where it fails on a local
+    folder of ours: a format-1 adapter (no ``peft_type``: raw ``KeyError``), or the root of a peft save
+    whose named adapters sit in subfolders (no ``adapter_config.json``)."""
+
+    @functools.wraps(get_peft_type)
+    def wrapped(cls: type, model_id: str, **kwargs: Any) -> str:
+        try:
+            return get_peft_type(cls, model_id, **kwargs)
+        except (KeyError, ValueError) as err:
+            folder = Path(str(model_id)) / (kwargs.get("subfolder") or "")
+            try:
+                cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                cfg = None
+            if isinstance(cfg, dict) and cfg.get("method") == METHOD and "peft_type" not in cfg:
+                raise AdapterError(f"{folder / CONFIG_NAME}: a learnable-memory adapter of format_version "
+                                   f"{cfg.get('format_version')!r}, which peft can not read (it needs format 2): load "
+                                   "it with learnable_memory.load_adapters, or save it again with "
+                                   "load_adapters(...).save_adapter(path) to get format 2") from err
+            hint = subfolders_hint(folder) if cfg is None else ""
+            if hint:
+                raise AdapterError(f"{folder}: holds no {CONFIG_NAME}{hint}") from err
+            raise
+
+    return wrapped

@@ -10,18 +10,15 @@ module replacement is not used).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..config import BASE_KEY
+from ..config import BASE_KEY, PEFT_BASE, UnknownTaskError
 from ..memory import TaskStore
 from ..model import MemoryViT
-
-#: peft's name, in ``adapter_names``, for rows that get the base model's own output.
-PEFT_BASE = "__base__"
 
 MERGE_ERROR = (
     "learnable memory can not be merged into the backbone's weights: a task is extra key/value tokens in "
@@ -68,7 +65,8 @@ class PeftMemoryViT(MemoryViT):
     ``forward(images)`` ``[B, C, H, W]`` -> logits ``[B, num_classes]`` of the active adapter; the timm
     model's own output while adapters are disabled; with ``adapter_names`` set (peft's mixed batches,
     one adapter name or ``"__base__"`` per image) the row of each image's adapter, all adapters in one
-    pass. ``forward_all`` is the core's.
+    pass. ``forward_all`` is the core's; while adapters are disabled (``disable_adapter()``) its only
+    output is ``"base"`` (see :meth:`resolve_outputs`).
     """
 
     def __init__(self, base: nn.Module):
@@ -76,6 +74,25 @@ class PeftMemoryViT(MemoryViT):
         self.tasks = MemoryTasks()
         #: One adapter name per image for the next forward (set by the tuner during peft's forward).
         self.adapter_names: list[str] | None = None
+
+    def resolve_outputs(self, tasks: str | Iterable[str] | None = None) -> tuple[list[str], tuple[str, ...]]:
+        """``MemoryViT.resolve_outputs``, except that while adapters are disabled the model has one output,
+        ``"base"``: by default only it, and asking for an adapter is an ``UnknownTaskError``."""
+        if not self.tasks.disable_adapters:
+            return super().resolve_outputs(tasks)
+        if tasks is None:
+            return [BASE_KEY], ()
+        try:
+            wanted, _ = super().resolve_outputs(tasks)
+        except UnknownTaskError as err:  # a full-mode adapter has no base output, but it is disabled
+            if err.names != [BASE_KEY]:
+                raise
+            wanted = list(dict.fromkeys([tasks] if isinstance(tasks, str) else tasks))
+        adapters = [n for n in wanted if n != BASE_KEY]
+        if adapters:
+            raise UnknownTaskError(f"adapters are disabled (inside disable_adapter()), so {adapters} give no output; "
+                                   f"ask for {BASE_KEY!r}, or leave the disable_adapter() block", adapters)
+        return wanted, ()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.tasks.disable_adapters:

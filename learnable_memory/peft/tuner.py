@@ -26,12 +26,13 @@ State dict keys. In the model a task's tensors are ``base_model.model.tasks.<tas
 ``.class_token``, ``.head.weight``, ``.head.bias`` (``<task>`` is the adapter name, with ``.`` and
 ``%`` escaped). peft saves them without the adapter name, ``base_model.model.tasks.memory`` and so
 on; loading maps those names, and our own (``memory`` ...), back onto the adapter being loaded, after
-checking names, shapes, finiteness and, for folders our ``save_adapter`` wrote, the task fingerprint.
+the check ``load_adapters`` runs too (:func:`~learnable_memory.adapters.tensors.check_tensors`: names,
+shapes, dtype, finiteness and, for folders our ``save_adapter`` wrote, the task fingerprint).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,11 +40,11 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..adapters.fingerprint import base_identity, base_state, preprocessing, tensors_fingerprint
-from ..adapters.folder import AdapterError, non_finite
+from ..adapters.fingerprint import base_identity, base_state, preprocessing
 from ..adapters.loading import check_backbone
-from ..adapters.peft_format import PEFT_TASKS_PATH, TENSOR_NAMES, our_names
-from ..memory import task_key
+from ..adapters.peft_format import PEFT_TASKS_PATH, our_names
+from ..adapters.tensors import AdapterError, check_tensors
+from ..memory import TENSOR_NAMES, task_key
 from ..model import MemoryViT
 from .config import LearnableMemoryConfig
 from .layer import MERGE_ERROR, PEFT_BASE, MemoryTasks, PeftMemoryViT
@@ -51,13 +52,30 @@ from .layer import MERGE_ERROR, PEFT_BASE, MemoryTasks, PeftMemoryViT
 Tensors = dict[str, torch.Tensor]
 
 
-def _tasks_prefix(model: nn.Module) -> str:
-    """The state dict prefix of the tasks in ``model`` (a PeftModel, a tuner or a PeftMemoryViT):
-    ``base_model.model.tasks.`` in a PeftModel."""
+def _find_tasks(model: nn.Module) -> tuple[str, MemoryTasks]:
+    """The state dict prefix of the tasks in ``model`` (a PeftModel, a tuner or a PeftMemoryViT;
+    ``base_model.model.tasks.`` in a PeftModel), and the tasks."""
     for path, module in model.named_modules():
         if isinstance(module, MemoryTasks):
-            return f"{path}." if path else ""
+            return (f"{path}." if path else ""), module
     raise TypeError(f"{type(model).__name__} holds no learnable-memory adapters (no MemoryTasks inside)")
+
+
+def _tasks_prefix(model: nn.Module) -> str:
+    return _find_tasks(model)[0]
+
+
+class AdapterConfigs(dict):
+    """The tuner's ``peft_config`` (adapter name -> config): a dict whose ``in`` says what is wrong with a
+    name that is not a string. peft's ``PeftModel.set_adapter`` asks ``name in peft_config`` first, which
+    for a list (``set_adapter(["a", "b"])``) would be a raw ``TypeError: unhashable type``."""
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, Hashable):
+            raise ValueError(f"one adapter name at a time, got {name!r}: set_adapter('name') serves one adapter; "
+                             "for several in one pass use forward_all(images, tasks=[...]) or "
+                             "forward(images, adapter_names=[...])")
+        return super().__contains__(name)
 
 
 class LearnableMemoryModel(BaseTuner):
@@ -87,6 +105,7 @@ class LearnableMemoryModel(BaseTuner):
         self._identity: dict[str, Any] | None = None
         super().__init__(PeftMemoryViT(model), peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
                          state_dict=state_dict)
+        self.peft_config = AdapterConfigs(self.peft_config)
 
     # ----- adapters -----
     def inject_adapter(self, model: PeftMemoryViT, adapter_name: str, autocast_adapter_dtype: bool = True,
@@ -137,9 +156,14 @@ class LearnableMemoryModel(BaseTuner):
         self._activate(name)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove adapter ``adapter_name``; if it was active, the last adapter left becomes active."""
+        """Remove adapter ``adapter_name``; if it was active, the last adapter left becomes active. The last
+        adapter is not removed (``ValueError``): peft's forward looks the active adapter up."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
+        if len(self.peft_config) == 1:
+            raise ValueError(f"adapter {adapter_name!r} is the last one, and a PeftModel needs an adapter (its forward "
+                             "looks the active one up): add another adapter first, or call unload() to get the timm "
+                             "model back")
         self.model.remove_task(adapter_name)
         del self.peft_config[adapter_name]
         if self.model.active_task is None:
@@ -208,28 +232,15 @@ class LearnableMemoryModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: Any, adapter_name: str,
                                            state_dict: Tensors) -> Tensors:
         """Saved tensors (peft's names or ours) -> the model keys of adapter ``adapter_name``, checked."""
-        prefix = _tasks_prefix(model) + task_key(adapter_name) + "."
+        path, tasks = _find_tasks(model)
+        prefix = path + task_key(adapter_name) + "."
         where = f"adapter {adapter_name!r}"
         try:
             named = our_names(state_dict)
         except ValueError as err:
             raise AdapterError(f"{where}: {err}") from err
-        missing, extra = sorted(set(TENSOR_NAMES) - named.keys()), sorted(named.keys() - set(TENSOR_NAMES))
-        if missing or extra:
-            raise AdapterError(f"{where}: expected tensors {list(TENSOR_NAMES)}; missing {missing}, unexpected {extra}")
-        own = dict(model.state_dict())
-        for name in TENSOR_NAMES:
-            want, got = list(own[prefix + name].shape), list(named[name].shape)
-            if got != want:
-                raise AdapterError(f"{where}: tensor {name!r} has shape {got} but this adapter "
-                                   f"(n_mem={config.n_mem}, num_classes={config.num_classes}) needs {want}")
-        bad = non_finite(named)
-        if bad:
-            raise AdapterError(f"{where}: tensors {sorted(bad)} hold NaN or Inf: the adapter diverged in training")
-        if config.task_fingerprint is not None:  # a folder our save_adapter wrote: the pair must match
-            got = tensors_fingerprint({k: v.to("cpu", torch.float32) for k, v in named.items()})
-            if got != config.task_fingerprint:
-                raise AdapterError(f"{where}: the tensors' fingerprint {got} is not the task_fingerprint of its "
-                                   f"config ({config.task_fingerprint}): the two files do not belong together")
-            config.task_fingerprint = None  # it describes the file just loaded, not the adapter from now on
+        shapes = {k: list(v.shape) for k, v in tasks[adapter_name].named_tensors().items()}
+        check_tensors(named, shapes, where, f"this adapter (n_mem={config.n_mem}, num_classes={config.num_classes})",
+                      fingerprint=config.task_fingerprint)  # a folder our save_adapter wrote: the pair must match
+        config.task_fingerprint = None  # it describes the file just loaded, not the adapter from now on
         return {prefix + k: v for k, v in named.items()}

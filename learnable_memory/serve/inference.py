@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import BASE_KEY
+from .. import mask
+from ..config import BASE_KEY, UnknownTaskError
 from ..model import MemoryViT
 from .settings import ServeError
 
@@ -53,25 +54,22 @@ class Chunk:
 
 
 def has_full_task(model: MemoryViT) -> bool:
-    return any(t.config.mode == "full" for t in model.tasks.values())
+    """Whether ``model`` holds a full-mode task (it then serves no ``"base"`` output)."""
+    return mask.has_full_task(model.tasks.values())
 
 
 def resolve_tasks(model: MemoryViT, tasks: Sequence[str] | None) -> tuple[str, ...]:
-    """The outputs a request gets: ``tasks`` without repeats, or by default every task plus ``"base"``
-    (no ``"base"`` while a full-mode task is loaded). 404 for a name the model does not have."""
-    full = has_full_task(model)
-    if tasks is None:
-        return tuple(([] if full else [BASE_KEY]) + model.task_names)
-    wanted = tuple(dict.fromkeys(tasks))
-    if not wanted:
-        raise ServeError(422, "tasks is empty: name at least one task, or leave tasks out for every task",
-                         "bad_request")
-    loaded = model.task_names + ([] if full else [BASE_KEY])
-    unknown = [t for t in wanted if t not in loaded]
-    if unknown:
-        why = f" ({BASE_KEY!r} is not served while a full-mode task is loaded)" if BASE_KEY in unknown and full else ""
-        raise ServeError(404, f"unknown task(s) {unknown}{why}; this server has {loaded}", "unknown_task")
-    return wanted
+    """The outputs a request gets, by :meth:`MemoryViT.resolve_outputs`'s rule: ``tasks`` without repeats,
+    or by default every task plus ``"base"`` (no ``"base"`` while a full-mode task is loaded). 404 for
+    a name the model has no output for, 422 for an empty or malformed list."""
+    try:
+        wanted, _ = model.resolve_outputs(tasks)
+    except UnknownTaskError as err:
+        raise ServeError(404, f"{err} (this server serves {list(model.resolve_outputs(None)[0])})",
+                         "unknown_task") from err
+    except ValueError as err:
+        raise ServeError(422, f"{err} (leave tasks out of the request for every output)", "bad_request") from err
+    return tuple(wanted)
 
 
 def union_tasks(model: MemoryViT, chunks: Sequence[Chunk]) -> list[str]:
