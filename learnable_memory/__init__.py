@@ -5,6 +5,7 @@ base model and every task in one forward pass.
 """
 
 from .adapters import AdapterError, inspect_adapter, save_adapter, save_pretrained
+from .batch import predict_dataset
 from .config import MODES, TaskConfig
 from .export import export_model
 from .mask import build_attention_mask
@@ -26,6 +27,7 @@ __all__ = [
     "inspect_adapter",
     "load_adapters",
     "plot_attention_mask",
+    "predict_dataset",
     "save_adapter",
     "save_pretrained",
     "wrap_model",

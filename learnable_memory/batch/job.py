@@ -133,7 +133,7 @@ def predict_dataset(
     out: str | Path | None = None,
     *,
     tasks: Sequence[str] | None = None,
-    top_k: int = 5,
+    top_k: int = 3,
     batch_size: int = 64,
     workers: int = 0,
     device: str = "cpu",

@@ -182,9 +182,11 @@ def run_passes(model: nn.Module, groups: Sequence[PassGroup], images: Sequence[t
                features: bool = False, device: torch.device | None = None,
                dtype: torch.dtype = torch.float32) -> Outputs:
     """One ``forward_all`` per pass group on that group's images ``[B, C, H, W]``; logits (and features) as
-    float32 on the CPU."""
+    float32 on the CPU. No images (none of the batch could be read): no pass, no outputs."""
     logits: dict[str, torch.Tensor] = {}
     feats: dict[str, torch.Tensor] = {}
+    if not images:
+        return Outputs(logits, feats)
     with torch.inference_mode():
         for group, x in zip(groups, images, strict=True):
             store: dict[str, torch.Tensor] = {}

@@ -2,21 +2,25 @@
 
 The pipeline::
 
-    listing (path + id columns)  ->  ray.data.from_arrow, or ray.data.read_parquet for a Parquet source
+    the listing (path + id columns, any source of :mod:`.sources`)  ->  ray.data.from_arrow
       -> map_batches(decode)                     tasks: PIL + the backbone's timm transform, per pass group
-      -> map_batches(Predictor, concurrency=N,   actors: each builds the MemoryViT ONCE, then one
-                     num_gpus=G)                 forward_all per batch and preprocessing
+      -> map_batches(Predictor,                  actors: each builds the MemoryViT ONCE, then one
+            compute=ActorPoolStrategy(size=N),   forward_all per batch and preprocessing
+            num_gpus=G)
       -> write_parquet(out)                      the columns of :mod:`.schema`
 
-Images are read by the decode stage rather than ``ray.data.read_images``: that reader fails the whole
-job on one unreadable file and hands over arrays already converted, while here an unreadable image is a
+Images are read by the decode stage, not by ``ray.data.read_images``: that reader fails the whole job
+on one unreadable file and hands over arrays already converted, while here an unreadable image is a
 row with an ``error`` (as in the local engine) and every pass group gets its own timm transform of the
-PIL image. The rows are those of the local engine, in the same order (``preserve_order``).
+PIL image. The listing is the local engine's (a CSV or Parquet source is read in the driver, its
+relative paths resolved), so the rows are those of the local engine, in the same order
+(``preserve_order``).
 
-The model reaches the actors as a function that builds it (the command line's rebuilds the base and
-loads the adapters from their folders in each actor), or pickled with the stage when a ``MemoryViT``
-is given. ``resume`` is the local engine's; a Ray job writes a whole dataset into an
-empty folder, with a ``_manifest.json`` naming what it holds.
+The model reaches the actors as a function that builds it, called once per actor, or, when a
+``MemoryViT`` is given (as the command line does), pickled with the stage and unpickled once per
+actor. ``resume`` is the local engine's: a Ray job writes a whole dataset into an empty folder, with a
+``_manifest.json`` naming what it holds. The summary has no decode/model split (the stages run in
+other processes).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch import nn
 
 from ..pass_groups import PassGroup, pass_groups
 from .manifest import open_folder
-from .pipeline import DTYPES, ImageFiles, Outputs, Preparation, resolve_outputs, run_passes
+from .pipeline import DTYPES, ImageFiles, Preparation, resolve_outputs, run_passes
 from .schema import Schema
 from .sources import Listing
 from .writers import arrow_table
@@ -82,8 +86,8 @@ class Predictor:
         keep = np.flatnonzero(ok)
         images = [torch.from_numpy(np.ascontiguousarray(batch[_image_column(g)][keep]))
                   for g in range(len(self.groups))]
-        outputs = run_passes(self.model, self.groups, images, features=self.schema.features, device=self.device,
-                             dtype=self.dtype) if len(keep) else Outputs({}, {})
+        outputs = run_passes(self.model, self.groups, images if len(keep) else [], features=self.schema.features,
+                             device=self.device, dtype=self.dtype)
         ids = {c: list(batch[c]) for c in self.schema.id_columns}
         errors = [None if e is None else str(e) for e in batch["error"]]
         rows = self.schema.rows([str(p) for p in batch["path"]], ids, ok, errors, outputs)
@@ -128,7 +132,8 @@ def predict_with_ray(model: nn.Module | Callable[[], nn.Module], listing: Listin
                         batch_format="numpy")
     ds = ds.map_batches(Predictor, fn_constructor_kwargs={"build": build, "schema": schema, "device": device,
                                                           "dtype": dtype, "groups": groups},
-                        batch_size=batch_size, batch_format="numpy", concurrency=concurrency, num_gpus=num_gpus)
+                        batch_size=batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=num_gpus)
     ds.write_parquet(str(folder))
     parts = sorted(p.name for p in folder.glob("*.parquet"))
     for name in parts:

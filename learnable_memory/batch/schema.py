@@ -61,12 +61,12 @@ class Schema:
     labels: dict[str, list[str] | None]
     sizes: dict[str, tuple[int, int]]
     id_columns: tuple[str, ...] = ()
-    top_k: int = 5
+    top_k: int = 3
     logits: bool = False
     features: bool = False
 
     @classmethod
-    def of(cls, model: nn.Module, outputs: Sequence[str], id_columns: Sequence[str] = (), *, top_k: int = 5,
+    def of(cls, model: nn.Module, outputs: Sequence[str], id_columns: Sequence[str] = (), *, top_k: int = 3,
            logits: bool = False, features: bool = False) -> Schema:
         labels: dict[str, list[str] | None] = {}
         sizes: dict[str, tuple[int, int]] = {}

@@ -180,6 +180,8 @@ def list_images(sources: str | Path | Sequence[str | Path]) -> Listing:
             found = [str(p)]
         elif glob.has_magic(spec):
             found = _glob(spec)
+            if not found:
+                raise ValueError(f"no images found: no file matches {spec}")
         else:
             raise FileNotFoundError(f"image {spec} not found")
         if not found:
