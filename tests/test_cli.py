@@ -224,6 +224,17 @@ def test_predict_takes_the_images_after_the_adapters(trained, img, tmp_path, cap
     assert [r["path"] for r in json_rows(text)] == [str(img), str(folder / "a.png")]
 
 
+def test_predict_takes_its_shard_under_accelerate_launch(trained, tmp_path, monkeypatch, capsys):
+    paths = [gray_png(tmp_path / f"{i}.png", 30 * i) for i in range(4)]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, text, err = _run(["predict", *paths, "--adapter", trained], capsys)
+    assert code == 0, err
+    assert [r["path"] for r in json_rows(text)] == list(map(str, paths[2:]))
+    code, text, err = _run(["predict", *paths, "--adapter", trained, "--shard", "0/4"], capsys)  # the option wins
+    assert [r["path"] for r in json_rows(text)] == [str(paths[0])]
+
+
 def test_predict_gives_each_task_its_own_preprocessing(tmp_path, capsys):
     """Issue: one pass gave every task the first adapter's preprocessing (a real CLI run, the adapters on disk)."""
     from tests.helpers import demo_model

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..adapters.folder import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
@@ -54,8 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--logits", action="store_true", help="also write TASK.logits")
     g.add_argument("--features", action="store_true", help="also write TASK.features (the pooled features)")
     g.add_argument("--resume", action="store_true", help="continue the dataset in --out: finished parts are kept")
-    g.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
-                   help="label shard I of N (0 <= I < N) into --out, for job arrays (default: everything)")
+    g.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="label shard I of N (0 <= I < N) into --out, for job arrays (default: RANK/WORLD_SIZE "
+                        "under accelerate launch or torchrun, else everything)")
     g.add_argument("--part-size", type=positive_int, default=PART_SIZE,
                    help="images per part file, the most a kill loses (default %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,6 +85,15 @@ def _shard(text: str) -> tuple[int, int]:
         return parse_shard(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix(f"--shard {text!r}: ")) from None
+
+
+def launched_shard(env: Mapping[str, str]) -> tuple[int, int]:
+    """This process's shard under ``accelerate launch`` or ``torchrun`` (``RANK`` of ``WORLD_SIZE``), else
+    ``(0, 1)``: each process labels its own share into the one dataset."""
+    try:
+        return parse_shard(f"{env['RANK']}/{env['WORLD_SIZE']}")
+    except (KeyError, ValueError):
+        return 0, 1
 
 
 def is_adapter_spec(value: str) -> bool:
@@ -114,9 +125,9 @@ def run(args: argparse.Namespace) -> int:
     summary = predict_dataset(
         model, listing, args.out, tasks=args.tasks, top_k=args.top_k, batch_size=args.batch_size,
         workers=args.workers, device=args.device, dtype=args.dtype, format=args.format, logits=args.logits,
-        features=args.features, resume=args.resume, shard=args.shard, part_size=args.part_size,
-        progress=False if args.no_progress else None, adapters=[str(f.resolve()) for f in folders],
-        engine=args.engine,
+        features=args.features, resume=args.resume, shard=args.shard or launched_shard(os.environ),
+        part_size=args.part_size, progress=False if args.no_progress else None,
+        adapters=[str(f.resolve()) for f in folders], engine=args.engine,
         ray_options={"address": args.address, "concurrency": args.concurrency, "num_gpus": args.num_gpus})
     print(summary.text() + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
     return 0
