@@ -29,7 +29,7 @@ def test_ray_gives_the_rows_of_the_local_engine(cluster, tmp_path):
     (tmp_path / "index.csv").write_text("path,sku\n" + "\n".join(rows) + "\n")
     model = demo_model()
     model.tasks["digits"].config.data_config = {**model.data_config(), "crop_pct": 0.75}  # a pass of its own
-    kwargs = dict(batch_size=4, logits=True, features=True)
+    kwargs = dict(batch_size=4, logits=True, features=True)  # batches of 4: the first two read every image
     local = predict_dataset(model, tmp_path / "index.csv", tmp_path / "local", progress=False, **kwargs)
     summary = predict_dataset(model, tmp_path / "index.csv", tmp_path / "ray", engine="ray",
                               ray_options={"concurrency": 1}, **kwargs)

@@ -422,6 +422,8 @@ def test_create_base_from_name_checkpoint_and_folder(tmp_path):
     (["inspect", "/no/such/adapter"], ["/no/such/adapter", "no such adapter folder"]),
     (["predict", "/no/such.png", "--adapter", "{trained}"], ["/no/such.png not found"]),
     (["predict", "{trained}", "--adapter", "{trained}"], ["no images found"]),
+    (["predict", "--adapter", "{trained}", "/no/such.png"], ["image /no/such.png not found"]),
+    (["predict", "{img}", "--adapter", "{trained}", "--format", "csv"], ["--format csv needs --out"]),
     (["predict", "@{tmp}/none.txt", "--adapter", "{trained}"], ["list @", "can not be read"]),
     (["predict", "{tmp}/no-path.csv", "--adapter", "{trained}"], ["no-path.csv has no 'path' column"]),
     (["predict", "{img}", "--adapter", "{trained}", "--out", "{trained}"], ["holds other files"]),

@@ -48,7 +48,7 @@ def _image_column(group: int) -> str:
 def decode(batch: dict[str, np.ndarray], preparations: Sequence[Preparation],
            shapes: Sequence[tuple[int, ...]]) -> dict[str, np.ndarray]:
     """The decode stage: a batch of rows -> the same rows with each pass group's prepared images
-    ``[B, C, H, W]`` (zeros where the image could not be read), ``__ok`` and ``error``."""
+    ``[B, C, H, W]`` (zeros where the image could not be read), ``__ok`` and ``error`` (empty when read)."""
     files = ImageFiles([str(p) for p in batch["path"]], preparations)
     items = [files[i] for i in range(len(files))]
     out = dict(batch)
@@ -56,7 +56,7 @@ def decode(batch: dict[str, np.ndarray], preparations: Sequence[Preparation],
         out[_image_column(g)] = np.stack([t[g].numpy() if t is not None else np.zeros(shape, np.float32)
                                           for t, _, _ in items])
     out["__ok"] = np.array([t is not None for t, _, _ in items])
-    out["error"] = np.array([e for _, e, _ in items], dtype=object)
+    out["error"] = np.array([e or "" for _, e, _ in items])  # text only: Ray turns a column of None into NaN
     return out
 
 
@@ -88,8 +88,8 @@ class Predictor:
                   for g in range(len(self.groups))]
         outputs = run_passes(self.model, self.groups, images if len(keep) else [], features=self.schema.features,
                              device=self.device, dtype=self.dtype)
-        ids = {c: list(batch[c]) for c in self.schema.id_columns}
-        errors = [None if e is None else str(e) for e in batch["error"]]
+        ids = {c: batch[c].tolist() for c in self.schema.id_columns}
+        errors = [None if read else str(e) for read, e in zip(ok, batch["error"], strict=True)]
         rows = self.schema.rows([str(p) for p in batch["path"]], ids, ok, errors, outputs)
         return arrow_table(rows, self.schema)
 
@@ -134,8 +134,9 @@ def predict_with_ray(model: nn.Module | Callable[[], nn.Module], listing: Listin
                                                           "dtype": dtype, "groups": groups},
                         batch_size=batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=num_gpus)
+    before = set(folder.glob("*.parquet"))  # other shards' files
     ds.write_parquet(str(folder))
-    parts = sorted(p.name for p in folder.glob("*.parquet"))
+    parts = sorted(p.name for p in set(folder.glob("*.parquet")) - before)
     for name in parts:
         read = pq.read_table(folder / name, columns=["error"]).column("error").null_count
         rows = pq.read_metadata(folder / name).num_rows

@@ -30,6 +30,8 @@ from pathlib import Path
 
 #: Extensions of the files a folder or ``.tar`` shard contributes (lower case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+#: Suffixes of the table sources (a ``path`` column and ids) and of webdataset shards.
+TABLES = (".csv", ".parquet", ".tar")
 #: Column names the output uses itself: an id column of the input may not have one of these names.
 RESERVED_COLUMNS = ("path", "error")
 #: Suffix of a path inside a webdataset shard: ``shard.tar/member.jpg``.

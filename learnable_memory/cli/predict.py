@@ -21,7 +21,7 @@ from pathlib import Path
 from ..adapters.folder import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
 from ..batch.job import PART_SIZE, predict_dataset
 from ..batch.pipeline import DTYPES
-from ..batch.sources import list_images, parse_shard
+from ..batch.sources import TABLES, is_image_name, list_images, parse_shard
 from ..batch.writers import FORMATS
 from ..model import MemoryViT
 from .base import add_model_options
@@ -51,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision (default %(default)s)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="folder of the dataset (default: JSON lines on stdout)")
-    g.add_argument("--format", choices=list(FORMATS), default="parquet", help="part files (default %(default)s)")
+    g.add_argument("--format", choices=list(FORMATS), help="part files in --out (default: parquet)")
     g.add_argument("--logits", action="store_true", help="also write TASK.logits")
     g.add_argument("--features", action="store_true", help="also write TASK.features (the pooled features)")
     g.add_argument("--resume", action="store_true", help="continue the dataset in --out: finished parts are kept")
@@ -102,7 +102,9 @@ def is_adapter_spec(value: str) -> bool:
     path = Path(value).expanduser()
     if value.startswith("hf-hub:"):
         return True
-    if value.startswith("@") or path.is_file() or (not path.exists() and glob.has_magic(value)):
+    if value.startswith("@") or path.is_file() or is_image_name(value) or path.suffix.lower() in TABLES:
+        return False
+    if not path.exists() and glob.has_magic(value):
         return False
     return not path.is_dir() or any((path / n).exists() for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME))
 
@@ -116,6 +118,8 @@ def split_adapters(values: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     """List the images, load the adapters on their base, label batch by batch, print the summary."""
+    if args.out is None and args.format is not None:
+        raise ValueError(f"--format {args.format} needs --out DIR (without it, rows go to stdout as JSON lines)")
     adapters, more = split_adapters(args.adapter)
     listing = list_images([*args.inputs, *more])  # bad inputs fail before any model is built
     folders = resolve_adapters(adapters)
@@ -124,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
              else MemoryViT(base))
     summary = predict_dataset(
         model, listing, args.out, tasks=args.tasks, top_k=args.top_k, batch_size=args.batch_size,
-        workers=args.workers, device=args.device, dtype=args.dtype, format=args.format, logits=args.logits,
+        workers=args.workers, device=args.device, dtype=args.dtype, format=args.format or "parquet", logits=args.logits,
         features=args.features, resume=args.resume, shard=args.shard or launched_shard(os.environ),
         part_size=args.part_size, progress=False if args.no_progress else None,
         adapters=[str(f.resolve()) for f in folders], engine=args.engine,
