@@ -136,14 +136,3 @@ def test_a_builder_may_stand_for_the_model(imgs, tmp_path):
     assert built == [1] and summary.images == 24
     assert summary.decode_s > 0 and summary.model_s > 0 and 0 < summary.decode_share < 1
 
-
-def test_the_progress_bar_is_throttled_in_a_log_and_off_when_asked(monkeypatch):
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    bar = job.progress_bar(10, None)
-    assert not bar.disable and bar.mininterval == job.LOG_INTERVAL
-    bar.close()
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    bar = job.progress_bar(10, None)
-    assert bar.mininterval < 1 and bar.unit == "img"
-    bar.close()
-    assert job.progress_bar(10, False).disable

@@ -16,11 +16,13 @@ The modules, in the order a job runs through them:
   optional ``TASK.logits``/``TASK.features``, ``error``): the table is in that module's docstring.
 - :mod:`.writers`: Parquet, JSONL or CSV part files, each written to a temporary file and renamed into place.
 - :mod:`.manifest`: ``_manifest.json``, what ``resume`` checks and continues.
-- :mod:`.job`: :func:`~.job.predict_dataset`, the progress bar and the :class:`~.job.Summary`.
+- :mod:`.summary`: the progress bar and the :class:`~.summary.Summary` at the end.
+- :mod:`.job`: :func:`~.job.predict_dataset`, which runs them all on this machine.
 - :mod:`.ray_engine`: the same job on Ray Data (the optional ``ray`` extra).
 """
 
-from .job import Summary, predict_dataset
+from .job import predict_dataset
 from .sources import Listing, list_images
+from .summary import Summary
 
 __all__ = ["Listing", "Summary", "list_images", "predict_dataset"]

@@ -1,6 +1,6 @@
 """A batch prediction job on this machine: the listing cut into parts, the parts run through the
 :mod:`~learnable_memory.batch.pipeline` and written by :mod:`~learnable_memory.batch.writers`, the
-``_manifest.json`` kept up to date for ``resume``, a progress bar, and the summary.
+``_manifest.json`` kept up to date for ``resume``, the progress bar and the summary of :mod:`.summary`.
 
 :func:`predict_dataset` is the library call behind ``learnable-memory predict``; ``engine="ray"`` hands
 the same job to :mod:`~learnable_memory.batch.ray_engine`.
@@ -11,100 +11,22 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..adapters.fingerprint import base_fingerprint, task_fingerprint
 from ..pass_groups import PassGroup, pass_groups
-from .manifest import Manifest, open_folder, remove_stale_temporaries
+from .manifest import Manifest, job_identity, open_folder, remove_stale_temporaries
 from .pipeline import ImageFiles, Preparation, check_device, collate, resolve_outputs, run_passes
 from .schema import Schema
 from .sources import Listing, check_shard, list_images
+from .summary import Summary, progress_bar
 from .writers import FORMATS, part_name, write_part, write_stream
 
 #: Images per part file (the most a kill loses).
 PART_SIZE = 4096
-#: Seconds between progress updates when stderr is not a terminal (a log file).
-LOG_INTERVAL = 60.0
-
-
-@dataclass
-class Summary:
-    """What a job did.
-
-    Attributes:
-        images: Rows written by this run (parts finished before a resume not counted).
-        errors: Of them, images that could not be read.
-        skipped: Images of parts a resumed run found finished.
-        wall_s: Seconds from start to end.
-        decode_s: Seconds spent reading and preparing images, summed over the processes doing it.
-        model_s: Seconds in the model's passes.
-        passes_per_batch: ``forward_all`` calls per batch (one per preprocessing).
-        out: The output folder (None: rows went to a stream).
-    """
-
-    images: int = 0
-    errors: int = 0
-    skipped: int = 0
-    wall_s: float = 0.0
-    decode_s: float = 0.0
-    model_s: float = 0.0
-    passes_per_batch: int = 1
-    out: str | None = None
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.wall_s if self.wall_s > 0 else 0.0
-
-    @property
-    def decode_share(self) -> float:
-        """Decoding's share of the work: ``decode_s / (decode_s + model_s)``."""
-        total = self.decode_s + self.model_s
-        return self.decode_s / total if total > 0 else 0.0
-
-    def text(self) -> str:
-        """One line for people."""
-        skipped = f", {self.skipped} already done" if self.skipped else ""
-        return (f"labelled {self.images} images ({self.errors} could not be read{skipped}) in {self.wall_s:.1f} s: "
-                f"{self.images_per_s:.1f} images/s; decoding {self.decode_s:.1f} s, model {self.model_s:.1f} s "
-                f"({self.decode_share:.0%} decoding, {self.passes_per_batch} pass(es) per batch)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "images_per_s": self.images_per_s, "decode_share": self.decode_share}
-
-
-def progress_bar(total: int, enabled: bool | None):
-    """tqdm on stderr showing images/s and the ETA: live on a terminal, every ``LOG_INTERVAL`` s in a log,
-    off with ``enabled=False``."""
-    from tqdm.auto import tqdm
-
-    tty = sys.stderr.isatty()
-    return tqdm(total=total, unit="img", disable=enabled is False, mininterval=0.2 if tty else LOG_INTERVAL,
-                dynamic_ncols=tty, file=sys.stderr, desc="predict")
-
-
-def needed_tasks(model: nn.Module, outputs: Sequence[str]) -> list[str]:
-    """The tasks ``outputs`` are computed from: themselves and the tasks they extend, in model order."""
-    need = {o for o in outputs if o in model.tasks}
-    for name in reversed(model.task_names):
-        if name in need:
-            need.update(model.tasks[name].config.depends_on)
-    return [n for n in model.task_names if n in need]
-
-
-def job_identity(model: nn.Module, listing: Listing, outputs: Sequence[str], groups: Sequence[PassGroup],
-                 options: dict[str, Any]) -> dict[str, Any]:
-    """What a resumed job must share with the run it continues (see :mod:`.manifest`)."""
-    return {"inputs": {"count": len(listing), "sha256": listing.digest()},
-            "base": base_fingerprint(model.base),
-            "tasks": {n: task_fingerprint(model.tasks[n]) for n in needed_tasks(model, outputs)},
-            "outputs": list(outputs),
-            "preprocessing": {o: g.data_config for g in groups for o in g.outputs},
-            "options": options}
 
 
 def _parts(listing: Listing, part_size: int) -> list[tuple[int, int]]:
@@ -177,7 +99,7 @@ def predict_dataset(
         ray_options: For the Ray engine: ``address``, ``concurrency``, ``num_gpus``.
 
     Returns:
-        The :class:`Summary`. Columns: see :mod:`learnable_memory.batch.schema`.
+        The :class:`~.summary.Summary`. Columns: see :mod:`learnable_memory.batch.schema`.
     """
     if format not in FORMATS:
         raise ValueError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")

@@ -22,10 +22,16 @@ manifest in the folder; otherwise it is refused, naming what differs.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
+from ..adapters.fingerprint import base_fingerprint, task_fingerprint
+from ..pass_groups import PassGroup
+from .sources import Listing
 from .writers import atomic_write, part_prefix
 
 FORMAT = "learnable_memory.batch/1"
@@ -111,3 +117,23 @@ def remove_stale_temporaries(folder: Path, shard: tuple[int, int]) -> None:
     """Delete the temporary part files a killed run of ``shard`` left (other shards may be writing theirs)."""
     for tmp in folder.glob(f".{part_prefix(shard)}*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+def needed_tasks(model: nn.Module, outputs: Sequence[str]) -> list[str]:
+    """The tasks ``outputs`` are computed from: themselves and the tasks they extend, in model order."""
+    need = {o for o in outputs if o in model.tasks}
+    for name in reversed(model.task_names):
+        if name in need:
+            need.update(model.tasks[name].config.depends_on)
+    return [n for n in model.task_names if n in need]
+
+
+def job_identity(model: nn.Module, listing: Listing, outputs: Sequence[str], groups: Sequence[PassGroup],
+                 options: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed job must share with the run it continues (see :mod:`.manifest`)."""
+    return {"inputs": {"count": len(listing), "sha256": listing.digest()},
+            "base": base_fingerprint(model.base),
+            "tasks": {n: task_fingerprint(model.tasks[n]) for n in needed_tasks(model, outputs)},
+            "outputs": list(outputs),
+            "preprocessing": {o: g.data_config for g in groups for o in g.outputs},
+            "options": options}

@@ -34,10 +34,11 @@ import torch
 from torch import nn
 
 from ..pass_groups import PassGroup, pass_groups
-from .manifest import open_folder
+from .manifest import job_identity, open_folder
 from .pipeline import DTYPES, ImageFiles, Preparation, resolve_outputs, run_passes
 from .schema import Schema
 from .sources import Listing
+from .summary import Summary
 from .writers import arrow_table
 
 
@@ -106,8 +107,6 @@ def predict_with_ray(model: nn.Module | Callable[[], nn.Module], listing: Listin
         import ray
     except ImportError:
         raise ValueError('--engine ray needs Ray: pip install "learnable-memory[ray]"') from None
-    from .job import Summary, job_identity  # job imports this module lazily
-
     if out is None:
         raise ValueError("--engine ray writes a Parquet dataset: give --out DIR")
     start = time.perf_counter()
