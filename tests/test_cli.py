@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -247,9 +248,12 @@ def test_predict_gives_each_task_its_own_preprocessing(tmp_path, capsys):
     path = gray_png(tmp_path / "x.png")
     Image.fromarray(D.load_fashion_mnist("test")[0][5]).save(path)
     for order in (["shoes", "digits"], ["digits", "shoes"]):
-        code, text, err = _run(["predict", path, "--adapter", *(tmp_path / n for n in order), "--top-k", "1"],
-                               capsys)
-        assert code == 0, err
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code, text, err = _run(["predict", path, "--adapter", *(tmp_path / n for n in order), "--top-k", "1"],
+                                   capsys)
+        assert code == 0 and "2 pass(es) per batch" in err, err
+        assert not [w for w in caught if "preprocessing" in str(w.message)]  # no warning of a mix that is not made
         row = json_rows(text)[0]
         for task, config in (("shoes", other), ("digits", model.data_config())):
             x = D.model_transform(config)(D.open_image(path, "L"))[None]
