@@ -12,6 +12,7 @@ row carries the error and no prediction, and the run goes on.
 
 from __future__ import annotations
 
+import os
 import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -68,13 +69,28 @@ def check_device(device: str | torch.device, dtype: str) -> tuple[torch.device, 
 
 
 # ----- decoding -----
+#: Open ``.tar`` shards by (process id, path): a member is read without scanning the archive again, and a
+#: DataLoader worker never shares a file offset with the process it was forked from.
+_SHARDS: dict[tuple[int, str], tarfile.TarFile] = {}
+
+
+def _member(shard: str, member: str):
+    key = (os.getpid(), shard)
+    if key not in _SHARDS:
+        _SHARDS[key] = tarfile.open(shard)
+    f = _SHARDS[key].extractfile(member)
+    if f is None:
+        raise KeyError(f"{member} is not a file")
+    return f
+
+
 def read_image(path: str, mode: str) -> Image.Image:
     """One image in PIL ``mode``, from a file or a ``shard.tar/member``; a one-line ``ValueError`` when it
     can not be read."""
     try:
         if TAR_SUFFIX + "/" in path:
             shard, member = path.split(TAR_SUFFIX + "/", 1)
-            with tarfile.open(shard + TAR_SUFFIX) as tar, Image.open(tar.extractfile(member)) as img:
+            with Image.open(_member(shard + TAR_SUFFIX, member)) as img:
                 return img.convert(mode)
         if not Path(path).is_file():
             raise FileNotFoundError(f"image {path} not found")
