@@ -36,10 +36,11 @@ def _parts(listing: Listing, part_size: int) -> list[tuple[int, int]]:
 def _batches(listing: Listing, ranges: Sequence[tuple[int, int]], preparations: Sequence[Preparation],
              batch_size: int, workers: int) -> Iterator:
     """One loader over every range still to do; no batch crosses a range's end (a part's end)."""
-    index = [list(range(s, e)) for s, e in ranges]
-    flat = [i for r in index for i in r]
-    position = {i: p for p, i in enumerate(flat)}
-    sampler = [[position[i] for i in r[b:b + batch_size]] for r in index for b in range(0, len(r), batch_size)]
+    flat = [i for s, e in ranges for i in range(s, e)]  # listing index of each item of the loader
+    sampler, done = [], 0
+    for s, e in ranges:
+        sampler += [list(range(done + b, done + min(b + batch_size, e - s))) for b in range(0, e - s, batch_size)]
+        done += e - s
     loader = DataLoader(ImageFiles([listing.paths[i] for i in flat], preparations), batch_sampler=sampler,
                         num_workers=workers, collate_fn=collate, prefetch_factor=4 if workers else None)
     start = 0
@@ -148,7 +149,6 @@ def _run(model, listing: Listing, groups: Sequence[PassGroup], schema: Schema,
     bar = progress_bar(len(listing), progress)
     bar.update(summary.skipped)
     pending: list[dict] = []
-    part_of = {i: k for k, (s, e) in todo for i in range(s, e)}
     preparations = [Preparation.of(g) for g in groups]
     for rows_index, batch in _batches(listing, [r for _, r in todo], preparations, batch_size, workers):
         t0 = time.perf_counter()
@@ -164,7 +164,7 @@ def _run(model, listing: Listing, groups: Sequence[PassGroup], schema: Schema,
             write_stream(stream, rows)
             continue
         pending += rows
-        k = part_of[rows_index[-1]]
+        k = rows_index[-1] // part_size  # parts are part_size images from the start of the shard
         if rows_index[-1] + 1 == parts[k][1]:  # the part is complete: write it, then record it
             write_part(folder / names[k], pending, schema, fmt)
             manifest.parts[names[k]] = {"rows": len(pending), "errors": sum(r["error"] is not None for r in pending)}
