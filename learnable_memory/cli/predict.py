@@ -51,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or mps (default %(default)s)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision (default %(default)s)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="folder of the dataset (default: JSON lines on stdout)")
+    g.add_argument("--out", metavar="DIR", help="folder of the dataset (default: JSON lines on stdout)")
     g.add_argument("--format", choices=list(FORMATS), help="part files in --out (default: parquet)")
     g.add_argument("--logits", action="store_true", help="also write TASK.logits")
     g.add_argument("--features", action="store_true", help="also write TASK.features (the pooled features)")
