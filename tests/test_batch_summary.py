@@ -25,3 +25,5 @@ def test_the_summary_gives_images_per_second_and_the_decode_share():
     assert s.text() == ("labelled 100 images (2 could not be read, 50 already done) in 4.0 s: 25.0 images/s; "
                         "decoding 1.0 s, model 3.0 s (25% decoding, 2 pass(es) per batch)")
     assert s.to_dict()["images_per_s"] == 25.0 and Summary().images_per_s == 0.0 == Summary().decode_share
+    ray = Summary(images=8, wall_s=2.0, decode_s=None, model_s=None)  # stages in other processes: not timed
+    assert ray.decode_share is None and ray.text().endswith("4.0 images/s; (1 pass(es) per batch)")

@@ -142,7 +142,7 @@ def predict_with_ray(model: nn.Module | Callable[[], nn.Module], listing: Listin
         manifest.parts[name] = {"rows": rows, "errors": rows - read}
     manifest.save(folder)
     summary = Summary(images=sum(p["rows"] for p in manifest.parts.values()),
-                      errors=sum(p["errors"] for p in manifest.parts.values()), passes_per_batch=len(groups),
-                      out=str(folder))
+                      errors=sum(p["errors"] for p in manifest.parts.values()), decode_s=None, model_s=None,
+                      passes_per_batch=len(groups), out=str(folder))
     summary.wall_s = time.perf_counter() - start
     return summary

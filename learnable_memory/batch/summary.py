@@ -19,8 +19,9 @@ class Summary:
         errors: Of them, images that could not be read.
         skipped: Images of parts a resumed run found finished.
         wall_s: Seconds from start to end.
-        decode_s: Seconds spent reading and preparing images, summed over the processes doing it.
-        model_s: Seconds in the model's passes.
+        decode_s: Seconds spent reading and preparing images, summed over the processes doing it (None: not
+            timed, the Ray engine's stages run in other processes).
+        model_s: Seconds in the model's passes (None: not timed).
         passes_per_batch: ``forward_all`` calls per batch (one per preprocessing).
         out: The output folder (None: rows went to a stream).
     """
@@ -29,8 +30,8 @@ class Summary:
     errors: int = 0
     skipped: int = 0
     wall_s: float = 0.0
-    decode_s: float = 0.0
-    model_s: float = 0.0
+    decode_s: float | None = 0.0
+    model_s: float | None = 0.0
     passes_per_batch: int = 1
     out: str | None = None
 
@@ -39,17 +40,20 @@ class Summary:
         return self.images / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
-    def decode_share(self) -> float:
-        """Decoding's share of the work: ``decode_s / (decode_s + model_s)``."""
+    def decode_share(self) -> float | None:
+        """Decoding's share of the work: ``decode_s / (decode_s + model_s)`` (None when not timed)."""
+        if self.decode_s is None or self.model_s is None:
+            return None
         total = self.decode_s + self.model_s
         return self.decode_s / total if total > 0 else 0.0
 
     def text(self) -> str:
         """One line for people."""
         skipped = f", {self.skipped} already done" if self.skipped else ""
+        split = (f"decoding {self.decode_s:.1f} s, model {self.model_s:.1f} s ({self.decode_share:.0%} decoding, "
+                 if self.decode_share is not None else "(")
         return (f"labelled {self.images} images ({self.errors} could not be read{skipped}) in {self.wall_s:.1f} s: "
-                f"{self.images_per_s:.1f} images/s; decoding {self.decode_s:.1f} s, model {self.model_s:.1f} s "
-                f"({self.decode_share:.0%} decoding, {self.passes_per_batch} pass(es) per batch)")
+                f"{self.images_per_s:.1f} images/s; {split}{self.passes_per_batch} pass(es) per batch)")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "images_per_s": self.images_per_s, "decode_share": self.decode_share}
