@@ -136,3 +136,15 @@ def test_a_builder_may_stand_for_the_model(imgs, tmp_path):
     assert built == [1] and summary.images == 24
     assert summary.decode_s > 0 and summary.model_s > 0 and 0 < summary.decode_share < 1
 
+
+
+def test_bfloat16_runs_and_is_part_of_the_identity(imgs, tmp_path):
+    model = demo_model()
+    predict_dataset(model, imgs, tmp_path / "f32", progress=False)
+    summary = predict_dataset(demo_model(), imgs, tmp_path / "bf16", dtype="bfloat16", progress=False)
+    assert summary.images == 24
+    a, b = records(tmp_path / "f32"), records(tmp_path / "bf16")
+    assert sum(x["shoes.index"] == y["shoes.index"] for x, y in zip(a, b, strict=True)) >= 20  # bf16 rounding
+    assert max(abs(x["base.prob"] - y["base.prob"]) for x, y in zip(a, b, strict=True)) < 0.1
+    with pytest.raises(ValueError, match="the options"):
+        predict_dataset(demo_model(), imgs, tmp_path / "f32", dtype="bfloat16", resume=True, progress=False)
