@@ -17,7 +17,7 @@ memory tokens. A job is ``learnable_memory.predict_dataset`` into a fresh Parque
   model actor), timed twice: the first includes the cluster's start and the actor's imports.
 
     python benchmarks/batch_predict.py            # 2,000 images, ViT-S/16, K=8
-    python benchmarks/batch_predict.py --quick    # 48 images at 32 px, a depth-2 ViT-Tiny, no Ray (smoke test)
+    python benchmarks/batch_predict.py --quick    # 48 images at 32 px, a depth-2 ViT-Tiny (smoke test)
     python benchmarks/batch_predict.py --device cuda --dtype bfloat16 --batch-size 256   # on a GPU
 """
 
@@ -71,7 +71,8 @@ def job(model: MemoryViT, images: Path, tasks: list[str], scratch: Path, args, *
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="48 images at 32 px, a depth-2 ViT-Tiny, no Ray")
+    p.add_argument("--quick", action="store_true", help="48 images at 32 px, a depth-2 ViT-Tiny, no workers in "
+                   "the comparison, no Ray")
     p.add_argument("--out", type=Path, default=common.DEFAULT_OUT)
     p.add_argument("--model", default="vit_small_patch16_224")
     p.add_argument("--images", type=int, default=2000)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     size = 224
     if args.quick:
-        args.model, args.images, args.reps, size = common.QUICK_MODEL[0], 48, 1, 32
+        args.model, args.images, args.reps, args.workers, size = common.QUICK_MODEL[0], 48, 1, 0, 32
     use_ray = (not args.quick) if args.ray is None else args.ray
     machine = common.machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, load average {machine['load_average']}", flush=True)
