@@ -230,3 +230,18 @@ def read_dataset(folder: Path):
     import pandas as pd
 
     return pd.read_parquet(folder).sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def records(folder: Path) -> list[dict]:
+    """The rows of a batch prediction dataset, sorted by path, with arrays as lists and nulls as None
+    (comparable with ==)."""
+    import numpy as np
+
+    def plain(v):
+        if isinstance(v, np.ndarray):
+            return [plain(x) for x in v]
+        if isinstance(v, float) and v != v:  # pandas reads a null as NaN
+            return None
+        return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    return [{k: plain(v) for k, v in r.items()} for r in read_dataset(folder).to_dict("records")]

@@ -12,26 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import learnable_memory.batch.job as job
 from learnable_memory import predict_dataset
-from tests.helpers import demo_model, fashion_files, read_dataset
+from tests.helpers import demo_model, fashion_files, records
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def records(folder: Path) -> list[dict]:
-    """The rows of a dataset, sorted by path, with arrays as lists and nulls as None (comparable with ==)."""
-    def plain(v):
-        if isinstance(v, np.ndarray):
-            return [plain(x) for x in v]
-        if isinstance(v, float) and v != v:  # pandas reads a null as NaN
-            return None
-        return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
-
-    return [{k: plain(v) for k, v in r.items()} for r in read_dataset(folder).to_dict("records")]
 
 
 @pytest.fixture

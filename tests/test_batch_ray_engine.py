@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import ray  # the ray extra, part of dev
 
 from learnable_memory import predict_dataset
-from tests.helpers import demo_model, fashion_files
-from tests.test_batch_job import records
-
-ray = pytest.importorskip("ray", reason="the ray extra: pip install -e '.[ray]'")
+from tests.helpers import demo_model, fashion_files, records
 
 
 @pytest.fixture(scope="module")
