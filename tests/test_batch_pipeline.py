@@ -85,6 +85,20 @@ def test_features_come_from_the_same_pass_as_the_logits(tmp_path):
     assert torch.allclose(model.tasks["shoes"].head(out.features["shoes"]), out.logits["shoes"], atol=1e-6)
 
 
+def test_features_of_a_base_with_two_heads_are_refused(images):
+    import timm
+
+    from learnable_memory import MemoryViT
+
+    torch.manual_seed(0)
+    model = MemoryViT(timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=1, img_size=32,
+                                        patch_size=8, num_classes=3).eval())
+    groups = pass_groups(model, ["base"])
+    assert run_passes(model, groups, [images]).logits["base"].shape == (3, 3)
+    with pytest.raises(ValueError, match="several heads"):
+        run_passes(model, groups, [images], features=True)
+
+
 def test_unreadable_images_are_errors_and_the_batch_goes_on(tmp_path, monkeypatch):
     good = [str(p) for p in fashion_files(tmp_path, 2)]
     truncated = tmp_path / "truncated.png"

@@ -186,6 +186,9 @@ def feature_hooks(model: nn.Module, outputs: Sequence[str], store: dict[str, tor
         return hook
 
     heads = {n: model.base.get_classifier() if n == BASE_KEY else model.tasks[n].head for n in outputs}
+    if not isinstance(heads.get(BASE_KEY, nn.Identity()), nn.Module):  # e.g. DeiT distilled: two heads, two inputs
+        raise ValueError("--features: this base model has several heads, so 'base' has no one pooled feature; "
+                         "leave base out of --tasks")
     handles = [head.register_forward_pre_hook(record(n)) for n, head in heads.items()]
     try:
         yield store
