@@ -5,6 +5,7 @@ unreadable images as errors."""
 from __future__ import annotations
 
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,15 +131,21 @@ def test_tar_members_are_read_in_place(tmp_path):
 
 @pytest.mark.integration
 def test_decoding_workers_give_the_same_batches(tmp_path):
-    """``workers=2``: two DataLoader processes decode; the batches are those of decoding here, in order."""
+    """``workers=2``: two DataLoader processes decode (files and ``.tar`` members, the shard opened here
+    first); the batches are those of decoding here, in order."""
     model = demo_model()
     paths = [str(p) for p in fashion_files(tmp_path, 7)]
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for p in paths[:4]:
+            tar.add(p, arcname=f"m/{Path(p).name}")
+    paths += [f"{tmp_path}/s.tar/m/{Path(p).name}" for p in paths[:4]]
     preps = [Preparation.of(g) for g in pass_groups(model, ["base"])]
     here = list(batches(paths, preps, batch_size=3, workers=0))
     there = list(batches(paths, preps, batch_size=3, workers=2))
-    assert len(here) == len(there) == 3
+    assert len(here) == len(there) == 4
     for a, b in zip(here, there, strict=True):
-        assert torch.equal(a.images[0], b.images[0]) and a.ok == b.ok
+        assert torch.equal(a.images[0], b.images[0]) and a.ok == b.ok and all(a.ok)
+    assert torch.equal(here[0].images[0][:2], here[2].images[0][1:])  # members 0 and 1 read as their files
 
 
 def test_devices_dtypes_and_tasks_are_checked():
