@@ -40,3 +40,6 @@ def test_ray_gives_the_rows_of_the_local_engine(cluster, tmp_path):
         predict_dataset(model, tmp_path / "index.csv", tmp_path / "ray", engine="ray")
     with pytest.raises(ValueError, match="--out DIR"):
         predict_dataset(model, tmp_path / "index.csv", engine="ray")
+    for kwargs in ({"resume": True}, {"format": "csv"}):
+        with pytest.raises(ValueError, match="the local engine's"):
+            predict_dataset(model, tmp_path / "index.csv", tmp_path / "ray", engine="ray", **kwargs)

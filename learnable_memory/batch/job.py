@@ -112,6 +112,10 @@ def predict_dataset(
     if engine == "ray":
         from .ray_engine import predict_with_ray
 
+        if resume or format != "parquet":
+            raise ValueError(f"{'--resume' if resume else '--format ' + format} is the local engine's; --engine ray "
+                             "writes a whole Parquet dataset into a new --out")
+
         return predict_with_ray(model, listing, out, tasks=tasks, top_k=top_k, batch_size=batch_size,
                                 device=device, dtype=dtype, logits=logits, features=features, shard=shard,
                                 **(ray_options or {}))
