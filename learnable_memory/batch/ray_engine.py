@@ -16,7 +16,8 @@ PIL image. The listing is the local engine's (a CSV or Parquet source is read in
 relative paths resolved), so the rows are those of the local engine, in the same order
 (``preserve_order``).
 
-The model reaches the actors as a function that builds it, called once per actor, or, when a
+The model reaches the actors as a function that builds it, called once per actor (and once in the
+driver, which reads the columns and preprocessing off the model), or, when a
 ``MemoryViT`` is given (as the command line does), pickled with the stage and unpickled once per
 actor. ``resume`` is the local engine's: a Ray job writes a whole dataset into an empty folder, with a
 ``_manifest.json`` naming what it holds. The summary has no decode/model split (the stages run in
