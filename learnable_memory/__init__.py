@@ -17,6 +17,7 @@ from .version import __version__ as __version__
 
 if TYPE_CHECKING:
     from .adapters import AdapterError, inspect_adapter, save_adapter, save_pretrained
+    from .batch import predict_dataset
     from .config import MODES, TaskConfig
     from .export import export_model
     from .mask import build_attention_mask
@@ -30,6 +31,7 @@ _HOMES = {
     "MODES": "config", "TaskConfig": "config",
     "AdapterError": "adapters", "inspect_adapter": "adapters", "save_adapter": "adapters",
     "save_pretrained": "adapters",
+    "predict_dataset": "batch",
     "export_model": "export",
     "build_attention_mask": "mask",
     "TaskMemory": "memory",
@@ -50,6 +52,7 @@ __all__ = [
     "inspect_adapter",
     "load_adapters",
     "plot_attention_mask",
+    "predict_dataset",
     "save_adapter",
     "save_pretrained",
     "wrap_model",

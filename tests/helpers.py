@@ -197,3 +197,53 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# ----- batch prediction (learnable_memory.batch) -----
+def fashion_files(folder: Path, n: int, *, size: int = 28, start: int = 0) -> list[Path]:
+    """``n`` Fashion-MNIST test images (from image ``start`` on) written to ``folder``: PNG and JPEG
+    alternately, gray, ``size`` px; their paths in order."""
+    from learnable_memory import data as D
+
+    images, _ = D.load_fashion_mnist("test")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + n):
+        path = folder / f"{i:05d}.{'png' if i % 2 == 0 else 'jpg'}"
+        img = Image.fromarray(images[i], "L")
+        (img.resize((size, size)) if size != 28 else img).save(path)
+        paths.append(path)
+    return paths
+
+
+def demo_model() -> lm.MemoryViT:
+    """The shipped demo base (28x28 gray) with two tasks of random parameters: ``shoes`` (3 named classes)
+    and ``digits`` (4 classes without names)."""
+    from learnable_memory import data as D
+
+    model = lm.MemoryViT(D.load_demo_base())
+    add_task(model, "shoes", 3, seed=1, class_names=["sandal", "sneaker", "boot"])
+    add_task(model, "digits", 4, seed=2)
+    return model.eval()
+
+
+def read_dataset(folder: Path):
+    """A batch prediction dataset read back with pandas, its rows sorted by ``path``."""
+    import pandas as pd
+
+    return pd.read_parquet(folder).sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def records(folder: Path) -> list[dict]:
+    """The rows of a batch prediction dataset, sorted by path, with arrays as lists and nulls as None
+    (comparable with ==)."""
+    import numpy as np
+
+    def plain(v):
+        if isinstance(v, np.ndarray):
+            return [plain(x) for x in v]
+        if isinstance(v, float) and v != v:  # pandas reads a null as NaN
+            return None
+        return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    return [{k: plain(v) for k, v in r.items()} for r in read_dataset(folder).to_dict("records")]

@@ -23,6 +23,7 @@ SCRIPTS = {
     "inference": ["command", "machine", "settings", "grid", "targets", "memory"],
     "train_step": ["command", "machine", "settings", "methods", "targets"],
     "accuracy": ["command", "machine", "settings", "learning_rates", "results", "concatenation"],
+    "batch_predict": ["command", "machine", "settings", "jobs", "workers", "ray", "targets"],
 }
 #: Defined once, in ``benchmarks/common.py``, for every script.
 HARNESS = ("build_vit", "images_for", "QUICK_MODEL", "NUM_CLASSES", "measure_in_subprocess", "report_memory",
@@ -182,6 +183,12 @@ def test_quick_run_writes_results(name: str, tmp_path: Path) -> None:
         # the frozen-backbone methods train a small fraction of the full model's parameters
         assert by["memory_nd"]["trainable_params"] < by["full_ft"]["trainable_params"] / 10
         assert by["head_only"]["trainable_params"] < by["head_cls"]["trainable_params"]
+    elif name == "batch_predict":
+        (rep,) = data["jobs"]
+        assert rep["one_job"]["images"] == 48 and len(rep["per_task"]) == 8
+        assert rep["ratio"] == pytest.approx(sum(j["seconds"] for j in rep["per_task"]) / rep["one_job"]["seconds"])
+        assert [w["workers"] for w in data["workers"]] == [0, 1, 2] and data["ray"] == []
+        assert all(0 < w["decode_share"] < 1 for w in data["workers"])
     else:
         concat = data["concatenation"]["0"]
         assert concat["all_unchanged"], concat

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,16 @@ def trained(tmp_path_factory) -> Path:
 @pytest.fixture
 def img(tmp_path) -> Path:
     return gray_png(tmp_path / "x.png")
+
+
+def json_rows(text: str) -> list[dict]:
+    """``predict``'s stdout: one JSON object per line."""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def outputs_of(text: str) -> list[str]:
+    """The outputs (tasks and ``base``) of ``predict``'s JSON lines, in column order."""
+    return [k.rsplit(".", 1)[0] for k in json_rows(text)[0] if k.endswith(".label")]
 
 
 # ----- commands -----
@@ -170,7 +181,7 @@ def test_image_folder_names_the_task(folder, task, tmp_path, monkeypatch, capsys
     assert json.loads((saved / "training.json").read_text())["task"] == task
     code, text, err = _run(["predict", root / "cat" / "0.png", "--adapter", saved], capsys)
     assert code == 0, err
-    assert json.loads(text)["tasks"] == ["base", task]
+    assert outputs_of(text) == ["base", task]
 
 
 def test_resume_continues_training(trained, tmp_path, capsys):
@@ -237,28 +248,99 @@ def test_confusion_matrix_columns_stay_apart():
     assert len({len(line) for line in rows}) == 1 and all(len(r) <= len(header) for r in rows)
 
 
-def test_predict_gives_topk_for_every_task_in_json(trained, tmp_path, capsys):
+def test_predict_gives_topk_for_every_task_as_json_lines(trained, tmp_path, capsys):
     x, _ = D.load_fashion_mnist("test")
     paths = []
     for i in range(3):
         paths.append(tmp_path / f"img{i}.png")
         Image.fromarray(x[i]).save(paths[-1])
-    code, text, _ = _run(["predict", *paths, "--adapter", trained, "--top-k", "2", "--batch-size", "2"], capsys)
-    assert code == 0
-    res = json.loads(text)
-    assert res["tasks"] == ["base", "digits"] and [p["image"] for p in res["predictions"]] == list(map(str, paths))
-    for pred in res["predictions"]:
-        base, digits = pred["tasks"]["base"], pred["tasks"]["digits"]
-        assert len(base) == 2 and len(digits) == 2
+    code, text, err = _run(["predict", *paths, "--adapter", trained, "--top-k", "2", "--batch-size", "2"], capsys)
+    assert code == 0 and "labelled 3 images (0 could not be read)" in err
+    rows = json_rows(text)
+    assert outputs_of(text) == ["base", "digits"] and [r["path"] for r in rows] == list(map(str, paths))
+    for row in rows:
+        base, digits = row["base.topk"], row["digits.topk"]
+        assert len(base) == 2 and len(digits) == 2 and row["error"] is None
         assert base[0]["label"] in D.FASHION_MNIST_CLASSES[:5] and digits[0]["label"] in D.DIGITS_CLASSES
         assert base[0]["prob"] >= base[1]["prob"] and 0 < base[0]["prob"] <= 1
+        assert (row["base.label"], row["base.index"], row["base.prob"]) == tuple(base[0].values())
     # the base head's answer is the base model's own, for the image of the second batch too
     base_model = D.load_demo_base()
     transform = D.model_transform(D.data_config(base_model))
     with torch.inference_mode():
         for i in (0, 2):
             want = int(base_model(transform(Image.open(paths[i]).convert("L"))[None]).argmax())
-            assert res["predictions"][i]["tasks"]["base"][0]["index"] == want
+            assert rows[i]["base.index"] == want
+
+
+def test_predict_takes_the_images_after_the_adapters(trained, img, tmp_path, capsys):
+    """``--adapter A B img.png`` swallowed the image as an adapter."""
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "task": "digits2"}))
+    folder = tmp_path / "more"
+    gray_png(folder / "a.png", 10)
+    code, text, err = _run(["predict", "--adapter", trained, other, img, folder], capsys)
+    assert code == 0, err
+    assert outputs_of(text) == ["base", "digits", "digits2"]
+    assert [r["path"] for r in json_rows(text)] == [str(img), str(folder / "a.png")]
+
+
+def test_predict_takes_its_shard_under_accelerate_launch(trained, tmp_path, monkeypatch, capsys):
+    paths = [gray_png(tmp_path / f"{i}.png", 30 * i) for i in range(4)]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, text, err = _run(["predict", *paths, "--adapter", trained], capsys)
+    assert code == 0, err
+    assert [r["path"] for r in json_rows(text)] == list(map(str, paths[2:]))
+    code, text, err = _run(["predict", *paths, "--adapter", trained, "--shard", "0/4"], capsys)  # the option wins
+    assert [r["path"] for r in json_rows(text)] == [str(paths[0])]
+
+
+def test_predict_gives_each_task_its_own_preprocessing(tmp_path, capsys):
+    """Issue: one pass gave every task the first adapter's preprocessing (a real CLI run, the adapters on disk)."""
+    from tests.helpers import demo_model
+
+    model = demo_model()
+    other = {**model.data_config(), "mean": (0.5,), "std": (0.25,), "crop_pct": 0.75}
+    model.tasks["shoes"].config.data_config = other
+    model.save_adapter(tmp_path / "shoes", task="shoes")
+    model.save_adapter(tmp_path / "digits", task="digits")
+    path = gray_png(tmp_path / "x.png")
+    Image.fromarray(D.load_fashion_mnist("test")[0][5]).save(path)
+    for order in (["shoes", "digits"], ["digits", "shoes"]):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code, text, err = _run(["predict", path, "--adapter", *(tmp_path / n for n in order), "--top-k", "1"],
+                                   capsys)
+        assert code == 0 and "2 pass(es) per batch" in err, err
+        assert not [w for w in caught if "preprocessing" in str(w.message)]  # no warning of a mix that is not made
+        row = json_rows(text)[0]
+        for task, config in (("shoes", other), ("digits", model.data_config())):
+            x = D.model_transform(config)(D.open_image(path, "L"))[None]
+            with torch.inference_mode():
+                want = model.forward_all(x, tasks=[task])[task].softmax(-1).max()
+            assert row[f"{task}.prob"] == pytest.approx(float(want), abs=1e-5), (order, task)
+
+
+def test_predict_writes_a_resumable_dataset_and_refuses_to_mix_another(trained, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    for i in range(3):
+        gray_png(folder / f"{i}.png", 40 * i)
+    out = tmp_path / "out"
+    code, text, err = _run(["predict", folder, "--adapter", trained, "--out", out, "--part-size", "2"], capsys)
+    assert code == 0 and text == "" and f"wrote {out}" in err, err
+    import pandas as pd
+
+    assert sorted(pd.read_parquet(out)["path"]) == [str(folder / f"{i}.png") for i in range(3)]
+    code, _, err = _run(["predict", folder, "--adapter", trained, "--out", out, "--part-size", "2", "--resume"],
+                        capsys)
+    assert code == 0 and "3 already done" in err, err
+    gray_png(folder / "3.png")
+    code, _, err = _run(["predict", folder, "--adapter", trained, "--out", out, "--part-size", "2", "--resume"],
+                        capsys)
+    assert_one_line_error(code, err, "holds another dataset", "the input images")
 
 
 def test_inspect_prints_for_humans_and_json(trained, capsys):
@@ -311,7 +393,7 @@ def test_inspect_predict_and_eval_take_hub_adapters(hub, img, capsys):
     assert info["task"] == "digits" and info["training"]["total_steps"] == 3
     code, text, err = _run(["predict", img, "--adapter", hub], capsys)
     assert code == 0, err
-    assert json.loads(text)["tasks"] == ["base", "digits"]
+    assert outputs_of(text) == ["base", "digits"]
     code, text, err = _run(["eval", hub, "--limit", "50", "--json"], capsys)  # data from its training.json
     assert code == 0, err
     assert json.loads(text)["digits"]["n"] == 50
@@ -341,7 +423,7 @@ def test_save_base_writes_the_base_the_adapter_points_to(tmp_path, img, capsys):
     assert recorded["tag"] is None and recorded["hf_hub_id"] is None
     code, text, err = _run(["predict", img, "--adapter", out], capsys)
     assert code == 0, err
-    assert json.loads(text)["tasks"] == ["base", "digits"]
+    assert outputs_of(text) == ["base", "digits"]
     code, text, err = _run(["eval", out, "--limit", "20", "--json"], capsys)
     assert code == 0 and json.loads(text)["digits"]["n"] == 20, err
     code, _, err = _run(["train", "--data", "digits", *SMALL_VIT, "--save-base", base_dir, "--out",
@@ -419,7 +501,16 @@ def test_create_base_from_name_checkpoint_and_folder(tmp_path):
       "{tmp}/b", *TINY], ["--model-kwargs", "no_such_argument"]),
     (["inspect", "/no/such/adapter"], ["/no/such/adapter", "no such adapter folder"]),
     (["predict", "/no/such.png", "--adapter", "{trained}"], ["/no/such.png not found"]),
-    (["predict", "{tmp}", "--adapter", "{trained}"], ["is a directory"]),
+    (["predict", "{trained}", "--adapter", "{trained}"], ["no images found"]),
+    (["predict", "--adapter", "{trained}", "/no/such.png"], ["image /no/such.png not found"]),
+    (["predict", "{img}", "--adapter", "{trained}", "--format", "csv"], ["--format csv needs --out"]),
+    (["predict", "@{tmp}/none.txt", "--adapter", "{trained}"], ["list @", "can not be read"]),
+    (["predict", "{tmp}/no-path.csv", "--adapter", "{trained}"], ["no-path.csv has no 'path' column"]),
+    (["predict", "{img}", "--adapter", "{trained}", "--out", "{trained}"], ["holds other files"]),
+    (["predict", "{img}", "--adapter", "{trained}", "--shard", "3/3"], ["--shard", "I/N"]),
+    (["predict", "{img}", "--adapter", "{trained}", "--tasks", "digits,nope"], ["unknown task", "--tasks"]),
+    (["predict", "{img}", "--adapter", "{trained}", "--resume"], ["--resume needs --out"]),
+    (["predict", "{img}", "--adapter", "{trained}", "--dtype", "float16"], ["float16"]),
     (["predict", "{img}", "--adapter", "{trained}", "--top-k", "-1"], ["--top-k", ">= 1"]),
     (["predict", "{img}", "--adapter", "{trained}", "--top-k", "0"], ["--top-k", ">= 1"]),
     (["predict", "{img}", "--adapter", "{trained}", "--batch-size", "0"], ["--batch-size", ">= 1"]),
@@ -432,24 +523,28 @@ def test_create_base_from_name_checkpoint_and_folder(tmp_path):
     (["eval", "{trained}", "--limit", "0"], ["--limit", ">= 1"]),
 ])
 def test_bad_input_gives_one_line_error(argv, needles, trained, img, tmp_path, capsys):
+    (tmp_path / "no-path.csv").write_text("file,sku\nx.png,1\n")
     argv = [str(a).replace("{trained}", str(trained)).replace("{img}", str(img)).replace("{tmp}", str(tmp_path))
             for a in argv]
     assert_one_line_error(*_run(argv, capsys)[::2], *needles)
 
 
-def test_unreadable_images_are_named(trained, tmp_path, monkeypatch, capsys):
+def test_unreadable_images_are_named_and_the_run_goes_on(trained, tmp_path, monkeypatch, capsys):
     good = tmp_path / "good.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(good)
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(good.read_bytes()[:400])
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not an image")
-    for path in (truncated, not_an_image):
-        code, _, err = _run(["predict", good, path, "--adapter", trained], capsys)
-        assert_one_line_error(code, err, f"image {path}")
+    code, text, err = _run(["predict", good, truncated, not_an_image, "--adapter", trained], capsys)
+    assert code == 0 and "labelled 3 images (2 could not be read)" in err
+    rows = json_rows(text)
+    assert rows[0]["error"] is None and rows[0]["digits.label"] in D.DIGITS_CLASSES
+    for row, path in zip(rows[1:], (truncated, not_an_image), strict=True):
+        assert row["error"].startswith(f"image {path} can not be read") and row["digits.label"] is None
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 28x28 is then over twice the limit: a "bomb"
-    code, _, err = _run(["predict", good, "--adapter", trained], capsys)
-    assert_one_line_error(code, err, f"image {good}", "too large")
+    code, text, err = _run(["predict", good, "--adapter", trained], capsys)
+    assert code == 0 and "too large" in json_rows(text)[0]["error"]
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '"text"', "{not json", '{"base": 5}', '{"base": {"model": 7}}',

@@ -1,83 +1,140 @@
-"""``learnable-memory predict``: the top-k labels of the base model and every adapter's task for image
-files, all tasks in ONE forward pass per batch; prints JSON."""
+"""``learnable-memory predict``: label images with the base model and every adapter's task, ONE forward
+pass per batch for all of them (one per preprocessing, when tasks were trained with different ones).
+
+    learnable-memory predict shoe.png cat.jpg --adapter adapters/digits       # JSONL rows on stdout
+    learnable-memory predict photos/ --adapter adapters/* --out labels/ --workers 4
+    learnable-memory predict @list.txt --adapter a b --out labels/ --resume --shard 0/8
+
+The inputs, the columns, the output folder and ``--resume`` are those of :mod:`learnable_memory.batch`
+(:func:`~learnable_memory.batch.job.predict_dataset`); the schema is in :mod:`learnable_memory.batch.schema`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-from collections.abc import Callable, Sequence
+import glob
+import os
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
-from PIL import Image
-
-from .. import data as D
+from ..adapters.folder import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from ..batch.job import PART_SIZE, predict_dataset
+from ..batch.pipeline import DTYPES
+from ..batch.sources import TABLES, is_image_name, list_images, parse_shard
+from ..batch.writers import FORMATS
+from ..model import MemoryViT
 from .base import add_model_options
-from .options import positive_int
+from .options import non_negative_int, positive_int
 from .records import add_adapter_options, base_for_adapters, load_named_adapters, resolve_adapters
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "predict", help="top-k labels of every task in one forward pass (JSON)",
-        description="Classify image files with the base model and every adapter in ONE forward pass; prints JSON.")
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--adapter", nargs="+", required=True,
-                   help="adapter folders, save_pretrained folders or hf-hub:owner/repo")
+        "predict", help="label images with every task in one forward pass (JSONL, or a Parquet dataset)",
+        description="Label images with the base model and every adapter in ONE forward pass per batch. Without "
+                    "--out, prints one JSON line per image; with --out DIR, writes a resumable dataset of part "
+                    "files (Parquet by default) and DIR/_manifest.json.")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="image files, folders (searched recursively), glob patterns, @list.txt (one path a line, "
+                        "relative to the list), CSV/Parquet files with a 'path' column, webdataset .tar shards")
+    p.add_argument("--adapter", nargs="+", default=[], metavar="ADAPTER",
+                   help="adapter folders, save_pretrained folders or hf-hub:owner/repo (images after them are "
+                        "taken as inputs; default: the base model alone)")
+    p.add_argument("--tasks", type=_names, action="extend", metavar="NAMES",
+                   help="comma-separated outputs to write, task names and/or base (default: base and every task)")
     p.add_argument("--top-k", type=positive_int, default=3, help="labels per task and image (default %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default %(default)s)")
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="processes decoding images (default %(default)s: decode in the main process)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or mps (default %(default)s)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision (default %(default)s)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", metavar="DIR", help="folder of the dataset (default: JSON lines on stdout)")
+    g.add_argument("--format", choices=list(FORMATS), help="part files in --out (default: parquet)")
+    g.add_argument("--logits", action="store_true", help="also write TASK.logits")
+    g.add_argument("--features", action="store_true", help="also write TASK.features (the pooled features)")
+    g.add_argument("--resume", action="store_true", help="continue the dataset in --out: finished parts are kept")
+    g.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="label shard I of N (0 <= I < N) into --out, for job arrays (default: RANK/WORLD_SIZE "
+                        "under accelerate launch or torchrun, else everything)")
+    g.add_argument("--part-size", type=positive_int, default=PART_SIZE,
+                   help="images per part file, the most a kill loses (default %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r = p.add_argument_group("engine")
+    r.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local (this process and --workers) or ray (Ray Data; needs --out)")
+    r.add_argument("--address", help="Ray cluster address (default: a local Ray, or RAY_ADDRESS)")
+    r.add_argument("--concurrency", type=positive_int, default=1, help="Ray model actors (default %(default)s)")
+    r.add_argument("--num-gpus", type=float, default=0, help="GPUs per Ray model actor (default %(default)s)")
     add_model_options(p)
     add_adapter_options(p)
     p.set_defaults(run=run)
     return p
 
 
-def check_image_paths(paths: Sequence[str]) -> None:
-    """Every path is a file (checked before any model is built)."""
-    for p in map(Path, paths):
-        if p.is_dir():
-            raise ValueError(f"image {p} is a directory: give the image files, e.g. {p / '*.png'}")
-        if not p.is_file():
-            raise FileNotFoundError(f"image {p} not found")
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated task names, e.g. base,digits; got {text!r}")
+    return names
 
 
-def read_image(path: str, transform: Callable, mode: str) -> torch.Tensor:
-    """One image file, preprocessed for the model ``[C, H, W]``; a file PIL can not read is a one-line
-    error naming it."""
+def _shard(text: str) -> tuple[int, int]:
     try:
-        return transform(D.open_image(path, mode))
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"image {path} is too large for PIL ({e}); shrink it first") from e
-    except (OSError, SyntaxError, EOFError) as e:  # truncated, damaged or not an image
-        raise ValueError(f"image {path} can not be read: {e}") from e
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--shard {text!r}: ")) from None
 
 
-def top_k(logits: torch.Tensor, k: int, labels: Sequence[str] | None) -> list[list[dict]]:
-    """Per image ``[B, C]`` -> its ``k`` most likely labels: ``{"label", "index", "prob"}``."""
-    probs = logits.float().softmax(-1)
-    top = probs.topk(min(k, probs.shape[-1]), dim=-1)
-    return [[{"label": labels[j] if labels else str(j), "index": j, "prob": round(p, 6)}
-             for p, j in zip(p_row, i_row, strict=True)]
-            for p_row, i_row in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+def launched_shard(env: Mapping[str, str]) -> tuple[int, int]:
+    """This process's shard under ``accelerate launch`` or ``torchrun`` (``RANK`` of ``WORLD_SIZE``), else
+    ``(0, 1)``: each process labels its own share into the one dataset."""
+    try:
+        return parse_shard(f"{env['RANK']}/{env['WORLD_SIZE']}")
+    except (KeyError, ValueError):
+        return 0, 1
+
+
+def is_adapter_spec(value: str) -> bool:
+    """Whether a value given to ``--adapter`` names an adapter: ``hf-hub:``, an adapter or ``save_pretrained``
+    folder, or a path that does not exist (refused by the adapter loader, naming it)."""
+    path = Path(value).expanduser()
+    if value.startswith("hf-hub:"):
+        return True
+    if value.startswith("@") or path.is_file() or is_image_name(value) or path.suffix.lower() in TABLES:
+        return False
+    if not path.exists() and glob.has_magic(value):
+        return False
+    return not path.is_dir() or any((path / n).exists() for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME))
+
+
+def split_adapters(values: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--adapter``'s values as ``(adapters, inputs)``: ``nargs="+"`` also takes the images written after it
+    (``--adapter A B img.png``); the first value is always an adapter."""
+    adapters = [v for i, v in enumerate(values) if i == 0 or is_adapter_spec(v)]
+    return adapters, [v for i, v in enumerate(values) if i > 0 and not is_adapter_spec(v)]
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the paths, load the adapters on their base, classify batch by batch in one pass each, print."""
-    check_image_paths(args.images)
-    folders = resolve_adapters(args.adapter)
+    """List the images, load the adapters on their base, label batch by batch, print the summary."""
+    if args.out is None and args.format is not None:
+        raise ValueError(f"--format {args.format} needs --out DIR (without it, rows go to stdout as JSON lines)")
+    adapters, more = split_adapters(args.adapter)
+    listing = list_images([*args.inputs, *more])  # bad inputs fail before any model is built
+    folders = resolve_adapters(adapters)
     base = base_for_adapters(args, folders)
-    model = load_named_adapters(base, folders, check_fingerprint=not args.no_fingerprint_check)
-    config = D.data_config(base)
-    transform, mode = D.model_transform(config), D.pil_mode(config)
-    names = {"base": D.label_names(base)}
-    names.update({t: model.tasks[t].config.class_names for t in model.task_names})
-    predictions = []
-    with torch.inference_mode():
-        for start in range(0, len(args.images), args.batch_size):
-            paths = args.images[start:start + args.batch_size]
-            outputs = model.forward_all(torch.stack([read_image(p, transform, mode) for p in paths]))
-            per_task = {task: top_k(logits, args.top_k, names.get(task)) for task, logits in outputs.items()}
-            predictions += [{"image": str(p), "tasks": {t: rows[i] for t, rows in per_task.items()}}
-                            for i, p in enumerate(paths)]
-    print(json.dumps({"tasks": list(outputs), "predictions": predictions}, indent=2))
+    with warnings.catch_warnings():  # the loader warns that one pass would mix them; predict runs one per group
+        warnings.filterwarnings("ignore", "these tasks were trained with different preprocessing", UserWarning)
+        model = (load_named_adapters(base, folders, check_fingerprint=not args.no_fingerprint_check) if folders
+                 else MemoryViT(base))
+    summary = predict_dataset(
+        model, listing, args.out, tasks=args.tasks, top_k=args.top_k, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, dtype=args.dtype, format=args.format or "parquet", logits=args.logits,
+        features=args.features, resume=args.resume, shard=args.shard or launched_shard(os.environ),
+        part_size=args.part_size, progress=False if args.no_progress else None,
+        adapters=[str(f.resolve()) for f in folders], engine=args.engine,
+        ray_options={"address": args.address, "concurrency": args.concurrency, "num_gpus": args.num_gpus})
+    print(summary.text() + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
     return 0
