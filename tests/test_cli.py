@@ -461,9 +461,9 @@ def test_a_base_rebuilt_from_its_checkpoint_keeps_its_preprocessing_and_label_na
     assert code == 0, err
     code, want, err = _run(["predict", img, "--adapter", trained, "--top-k", "5"], capsys)  # the shipped base
     assert code == 0, err
-    got = json.loads(text)["predictions"][0]["tasks"]
-    assert got == json.loads(want)["predictions"][0]["tasks"]
-    assert {x["label"] for x in got["base"]} == set(exported["label_names"])
+    (got,), (shipped,) = json_rows(text), json_rows(want)
+    assert got == shipped
+    assert {x["label"] for x in got["base.topk"]} == set(exported["label_names"])
 
 
 def test_create_base_from_name_checkpoint_and_folder(tmp_path):

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from ..adapters.fingerprint import base_fingerprint, task_fingerprint
+from ..adapters.fingerprint import base_fingerprint, task_tensors, tensors_fingerprint
 from ..pass_groups import PassGroup
 from .sources import Listing
 from .writers import atomic_write, part_prefix
@@ -133,7 +133,7 @@ def job_identity(model: nn.Module, listing: Listing, outputs: Sequence[str], gro
     """What a resumed job must share with the run it continues (see :mod:`.manifest`)."""
     return {"inputs": {"count": len(listing), "sha256": listing.digest()},
             "base": base_fingerprint(model.base),
-            "tasks": {n: task_fingerprint(model.tasks[n]) for n in needed_tasks(model, outputs)},
+            "tasks": {n: tensors_fingerprint(task_tensors(model.tasks[n])) for n in needed_tasks(model, outputs)},
             "outputs": list(outputs),
             "preprocessing": {o: g.data_config for g in groups for o in g.outputs},
             "options": options}
