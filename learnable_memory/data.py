@@ -12,9 +12,10 @@ Everything is read from local files; nothing is downloaded.
 - An ImageFolder directory is read with torchvision. ``root/train`` and ``root/val`` (or ``root/test``)
   are used as splits when present; otherwise ``root`` itself is the training split.
 
-Images are preprocessed with timm's own transform for the model (:func:`model_transform`), so a real
-pretrained model gets its own resizing and normalisation; grayscale images become 3 channels for
-3-channel models, and 8x8 digits are upsampled to the model's input size.
+Images are preprocessed with timm's own transform for the model (:mod:`learnable_memory.preprocessing`), so a
+real pretrained model gets its own resizing and normalisation; grayscale images become 3 channels for
+3-channel models, and 8x8 digits are upsampled to the model's input size. The shipped base models are in
+:mod:`learnable_memory.bases`; this module re-exports both modules' names for older callers.
 """
 
 from __future__ import annotations
@@ -27,11 +28,19 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import timm
 from PIL import Image
-from timm.data import create_transform, resolve_input_data_config
-from torch import nn
 from torch.utils.data import Dataset
+
+from .bases import DEMO_BASE_DIR, DEMO_BASES, GLYPH_BASE_DIR, label_names, load_demo_base
+from .preprocessing import data_config, model_transform, open_image, pil_mode
+
+__all__ = [  # the names of .bases and .preprocessing are re-exported for older callers
+    "BUILTIN_DATASETS", "DEMO_BASES", "DEMO_BASE_DIR", "DIGITS_CLASSES", "DIGITS_TRAIN_SIZE", "FASHION_MNIST_CLASSES",
+    "GLYPH_BASE_DIR", "fashion_mnist_dir",
+    "ArrayImages", "Selection", "data_config", "holdout", "image_folder_split", "is_builtin", "label_names",
+    "load_dataset", "load_demo_base", "load_digits_arrays", "load_fashion_mnist", "model_transform", "open_image",
+    "parse_class_subset", "pil_mode", "read_idx", "select_classes", "subsample",
+]
 
 #: The built-in data sources (anything else is an ImageFolder directory).
 BUILTIN_DATASETS = ("fashion-mnist", "digits", "glyphs-pretrain", "glyphs-near", "glyphs-far")
@@ -41,15 +50,6 @@ FASHION_MNIST_CLASSES = [
 ]
 DIGITS_CLASSES = [str(i) for i in range(10)]
 DIGITS_TRAIN_SIZE = 1200
-
-#: The small base model shipped with the package (timm's ``local-dir`` export format:
-#: ``config.json`` + ``model.safetensors``), produced by ``benchmarks/pretrain_base.py``.
-DEMO_BASE_DIR = Path(__file__).parent / "assets" / "fmnist_vit_base"
-#: The broad base: the same architecture pretrained on the 1,188 characters of ``glyphs-pretrain``.
-GLYPH_BASE_DIR = Path(__file__).parent / "assets" / "glyph_vit_base"
-#: The shipped bases by name, for :func:`load_demo_base`.
-DEMO_BASES = {"fmnist": DEMO_BASE_DIR, "glyphs": GLYPH_BASE_DIR}
-
 
 def fashion_mnist_dir() -> Path:
     """Directory of the Fashion-MNIST idx files (``$LEARNABLE_MEMORY_FASHION_MNIST`` overrides)."""
@@ -218,26 +218,6 @@ def holdout(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, 
     return Selection(dataset, np.sort(order[n_val:])), Selection(dataset, np.sort(order[:n_val]))
 
 
-def data_config(model: nn.Module) -> dict:
-    """timm's preprocessing config for ``model`` (a timm model or a ``MemoryViT``).
-
-    Uses :func:`timm.data.resolve_input_data_config`, which follows the model's current input size
-    and channels as well as its pretrained mean/std/interpolation.
-    """
-    base = getattr(model, "base", model)
-    return resolve_input_data_config(base)
-
-
-def model_transform(config: dict) -> Callable:
-    """timm's evaluation transform (resize, centre crop, to tensor, normalise) for ``config``."""
-    return create_transform(**config, is_training=False)
-
-
-def pil_mode(config: dict) -> str:
-    """PIL mode for a model input with ``config["input_size"][0]`` channels."""
-    return "L" if config["input_size"][0] == 1 else "RGB"
-
-
 def is_builtin(source: str) -> bool:
     return source in BUILTIN_DATASETS
 
@@ -292,34 +272,4 @@ def load_dataset(source: str, split: str, config: dict, classes: Sequence[str] |
     subset = parse_class_subset(classes, ds.classes)
     return select_classes(ds, subset) if subset is not None else ds
 
-
-def open_image(path: str | Path, mode: str = "RGB") -> Image.Image:
-    """Read an image file in PIL ``mode`` ("L" or "RGB")."""
-    with Image.open(path) as img:
-        return img.convert(mode)
-
-
-def load_demo_base(path: str | Path | None = None) -> nn.Module:
-    """A small ViT shipped with the package, by name (``DEMO_BASES``), or another timm ``local-dir`` export.
-
-    Both shipped bases are a timm ``VisionTransformer`` (28x28 grayscale, patch 7, width 128, depth 4,
-    4 heads): ``"fmnist"`` (the default) pretrained on Fashion-MNIST classes 0-4, ``"glyphs"`` on the 1,188
-    character classes of ``glyphs-pretrain``. Its ``pretrained_cfg`` carries the data mean/std, input
-    size, interpolation and label names, so :func:`data_config` gives the right preprocessing.
-    """
-    if path is None or (isinstance(path, str) and path in DEMO_BASES):
-        path = DEMO_BASES[path or "fmnist"]
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no base model at {path}: expected config.json and model.safetensors "
-                                "(run benchmarks/pretrain_base.py to create it)")
-    return timm.create_model(f"local-dir:{path}", pretrained=True)
-
-
-def label_names(model: nn.Module) -> list[str] | None:
-    """Label names of a timm model's own head, from its ``pretrained_cfg`` when it has them."""
-    names = getattr(model, "pretrained_cfg", {}).get("label_names")
-    if isinstance(names, dict):
-        names = [names[k] for k in sorted(names, key=int)]
-    return list(names) if names else None
 
