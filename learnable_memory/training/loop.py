@@ -18,14 +18,7 @@ from .metrics import evaluate, evaluate_tasks
 from .optim import DEFAULTS, TaskSettings, settings_per_task
 from .results import FitResult, FitState
 from .step import Run, backward, optimizer_step
-from .trainees import (
-    check_shared_pass,
-    fit_state,
-    make_trainees,
-    select_tasks,
-    start_optimizers,
-    start_schedules,
-)
+from .trainees import check_shared_pass, fit_state, make_trainees, select_tasks, start_optimizers, start_schedules
 
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None = None, *,
@@ -119,7 +112,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
                 _close_row(run, model, val_loader, epoch, step, total, bar)
             if on_checkpoint is not None and checkpoint_every and (step - start) % checkpoint_every == 0 \
                     and step < total:
-                on_checkpoint(fit_state(trainees, step), _assemble(run, step - start, began, step))
+                so_far = _assemble(run, step - start, began, step, total)
+                on_checkpoint(so_far.state, so_far)
             if step >= total:
                 break
         if not val_every or step >= total:
@@ -131,7 +125,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
                 t.restore(t.best)
     model.eval()
     accelerator.wait_for_everyone()
-    return _assemble(run, step - start, began, step)
+    return _assemble(run, step - start, began, step, total)
 
 
 def _prepare(accelerator: Accelerator, model: nn.Module, names: list[str] | None, trainees, train_loader,
@@ -200,10 +194,10 @@ def _validate(run: Run, model: nn.Module, val_loader, names: list[str]) -> dict[
     return evaluate_tasks(model, val_loader, names, accelerator=run.accelerator, bf16=run.bf16)
 
 
-def _assemble(run: Run, steps: int, began: float, step: int) -> FitResult:
+def _assemble(run: Run, steps: int, began: float, step: int, total: int) -> FitResult:
     """The fit's result: one task's own at the top level, or every task's in ``tasks``."""
     seconds = time.perf_counter() - began
-    state = fit_state(run.trainees, step)
+    state = fit_state(run.trainees, step, total)
     for t in run.trainees:
         t.result.seconds = seconds
         t.result.state = state

@@ -11,21 +11,24 @@ class FitState:
 
     Attributes:
         step: Optimizer steps taken since the schedule began.
+        total: The step at which the schedule ends (the warm-up + cosine decay's horizon).
         optimizers: Task name (``""`` for a model without tasks) -> the task's optimizer ``state_dict``.
         optimizer_names: Task name -> "sgd" or "adamw" (a state is only loaded into the same optimizer).
     """
 
     step: int = 0
+    total: int = 0
     optimizers: dict[str, dict] = field(default_factory=dict)
     optimizer_names: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         """Plain containers and tensors, for ``torch.save`` (and ``torch.load(weights_only=True)``)."""
-        return {"step": self.step, "optimizers": self.optimizers, "optimizer_names": self.optimizer_names}
+        return {"step": self.step, "total": self.total, "optimizers": self.optimizers,
+                "optimizer_names": self.optimizer_names}
 
     @classmethod
     def from_dict(cls, d: dict) -> FitState:
-        return cls(int(d["step"]), dict(d["optimizers"]), dict(d["optimizer_names"]))
+        return cls(int(d["step"]), int(d["total"]), dict(d["optimizers"]), dict(d["optimizer_names"]))
 
 
 @dataclass
