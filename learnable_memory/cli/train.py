@@ -317,8 +317,8 @@ def run(args: argparse.Namespace) -> int:
         if accelerator.is_main_process:
             record = training_record(args, plan, class_names, so_far, accelerator.num_processes, validation, False)
             save_adapter_run(model, out, plan.task, record, state)
-        accelerator.wait_for_everyone()
         saved["step"] = state.step
+        accelerator.wait_for_everyone()
 
     try:
         with sigterm_raises():
