@@ -310,3 +310,44 @@ def test_resume_continues_the_optimizer_and_the_schedule():
     fit(copy.deepcopy(init), loader, steps=1, progress=False, tasks=["a"], settings={"a": dict(optimizer="adamw")},
         resume=state, log=lines.append)
     assert lines[0] == "a: the saved state is for sgd, not adamw: the optimizer starts afresh"
+
+
+LAUNCHED = '''
+import sys, torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from learnable_memory.train import fit
+from tests.test_fit_tasks import SETTINGS, _data, _many_tasks
+
+model = _many_tasks()
+result = fit(model, DataLoader(_data(), batch_size=4), steps=5, seed=0, progress=False, tasks=["a", "b"],
+             settings={"a": SETTINGS["a"], "b": SETTINGS["b"]}, accelerator=Accelerator(cpu=True))
+if result.tasks["a"].steps == 5 and int(__import__("os").environ["RANK"]) == 0:
+    torch.save({n: model.tasks[n].state_dict() for n in "ab"}, sys.argv[1])
+'''
+
+
+@pytest.mark.integration
+def test_several_tasks_under_accelerate_launch_reduce_each_task(tmp_path):
+    """Two processes of batch 4 take the steps one process of batch 8 takes: every task's gradient is averaged."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script, saved = tmp_path / "launched.py", tmp_path / "tasks.pt"
+    script.write_text(LAUNCHED)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(script),
+           str(saved)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(root))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    launched = torch.load(saved, weights_only=True)
+    model = _many_tasks()
+    fit(model, DataLoader(_data(), batch_size=8), steps=5, seed=0, progress=False, tasks=["a", "b"],
+        settings={"a": SETTINGS["a"], "b": SETTINGS["b"]})
+    for name in "ab":
+        for key, value in model.tasks[name].state_dict().items():
+            torch.testing.assert_close(launched[name][key], value, rtol=0, atol=TOL)
