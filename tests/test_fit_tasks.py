@@ -239,7 +239,13 @@ def test_trainable_tasks_need_not_be_active_and_frozen_ones_are_named():
                                          r"active task: 'b'\): pass tasks=\['a'\], or make them trainable with "
                                          r"load_adapters\(\.\.\., trainable=\['b'\]\)"):
         fit(model, _loader(_data()), steps=1, progress=False, tasks=["b"])
+    model.tasks["b"].requires_grad_(True)  # several trainable tasks: before, only the active one trained
+    before_a, before_b = copy.deepcopy(model.tasks["a"]), copy.deepcopy(model.tasks["b"])
+    result = fit(model, _loader(_data()), steps=2, progress=False)
+    assert sorted(result.tasks) == ["a", "b"]
+    assert _max_diff(model.tasks["a"], before_a) > 0 and _max_diff(model.tasks["b"], before_b) > 0
     model.tasks["a"].requires_grad_(False)
+    model.tasks["b"].requires_grad_(False)
     with pytest.raises(ValueError, match=r"no trainable parameters \(tasks \['a', 'b'\] are frozen\): load adapters "
                                          r"with load_adapters\(\.\.\., trainable=True\).*requires_grad_\(\)"):
         fit(model, _loader(_data()), steps=1, progress=False)
