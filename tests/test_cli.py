@@ -533,3 +533,41 @@ def test_sigterm_keeps_the_last_checkpoint_and_exits_in_one_line(tmp_path):
     info = json.loads((out / "training.json").read_text())
     assert not info["complete"] and f"step {info['total_steps']} is in {out}" in last
     load_adapters(D.load_demo_base(), [out])
+
+
+# ----- sweeps -----
+def test_sweep_trains_the_grid_in_one_run_as_each_configuration_alone(tmp_path, capsys):
+    out = tmp_path / "sw"
+    common = ["--data", "digits", "--steps", "3", "--batch-size", "16", "--max-train", "48", "--no-progress"]
+    code, text, err = _run(["train", *common, "--sweep", "lr=0.1,0.3", "--sweep", "n-mem=1,2", "--sweep",
+                            "seed=0,4", "--out", out], capsys)
+    assert code == 0, err
+    names = [f"lr-{lr}_n-mem-{m}_seed-{s}" for lr in (0.1, 0.3) for m in (1, 2) for s in (0, 4)]
+    assert all((out / n / "adapter_config.json").is_file() for n in names)
+    rows = json.loads((out / "sweep.json").read_text())
+    assert sorted(r["name"] for r in rows) == sorted(names)
+    assert [r["best"] for r in rows] == sorted((r["best"] for r in rows), reverse=True)
+    assert (out / "best" / "adapter_config.json").read_text() == (out / rows[0]["name"] / "adapter_config.json"
+                                                                  ).read_text()
+    assert (out / "sweep.png").stat().st_size > 0 and len((out / "sweep.csv").read_text().splitlines()) == 9
+    assert text.splitlines()[-10].split()[:4] == ["rank", "lr", "n-mem", "seed"]
+    info = json.loads((out / names[-1] / "training.json").read_text())
+    assert (info["settings"]["lr"], info["task"]) == (0.3, names[-1])
+    # one configuration, trained alone by train with the same settings (the data order of --seed 0)
+    alone = tmp_path / "alone"
+    torch.manual_seed(0)
+    code, _, err = _run(["train", *common, "--lr", "0.3", "--n-mem", "2", "--out", alone], capsys)
+    assert code == 0, err
+    a = load_adapters(D.load_demo_base(), [alone]).tasks["digits"]
+    b = load_adapters(D.load_demo_base(), [out / "lr-0.3_n-mem-2_seed-0"]).tasks["lr-0.3_n-mem-2_seed-0"]
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sweep, needle", [("lr=abc", "lr='abc'"), ("foo=1", "can not sweep 'foo'"),
+                                           ("lr", "KEY=V1,V2"), ("lr=0.1,0.1", "twice"),
+                                           ("optimizer=lion", "not sgd or adamw")])
+def test_bad_sweeps_are_one_line_errors(sweep, needle, tmp_path, capsys):
+    code, _, err = _run(["train", "--data", "digits", "--sweep", sweep, *TINY, "--out", tmp_path / "x"], capsys)
+    assert_one_line_error(code, err, "--sweep", needle)
+    assert not (tmp_path / "x").exists()

@@ -7,6 +7,7 @@ writes the same folder periodically; Ctrl-C or SIGTERM then keeps the last one."
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from .records import (
     read_training_info,
     resolve_adapters,
 )
+from .sweep import SWEEPABLE, check_sweep_args, run_sweep, sweep_axis
 
 N_MEM, EPOCHS = 5, 3  # defaults of --n-mem and --epochs (None in the parser, so --resume can tell)
 #: Options --resume takes from the record unless given (None in the parser), and their defaults otherwise.
@@ -87,6 +89,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --save-base)")
     p.add_argument("--resume", metavar="ADAPTER", help="continue training a saved adapter with its recorded "
                    "settings (options given here override them), optimizer state and schedule position")
+    p.add_argument("--init-std", type=positive_float, help="the new memory's initial standard deviation "
+                   "(default 0.02)")
+    p.add_argument("--sweep", action="append", type=sweep_axis, metavar="KEY=V1,V2",
+                   help="train the grid of every --sweep in one pass per batch, one adapter per configuration under "
+                   f"--out, with sweep.json/.csv/.png and the best copied to OUT/best; KEY: {', '.join(SWEEPABLE)} "
+                   "(seed: of the initialisation)")
     p.add_argument("--save-every", type=positive_int, metavar="STEPS", help="write the adapter (and what --resume "
                    "needs) to --out every STEPS steps; Ctrl-C or SIGTERM then keeps the last one")
     add_adapter_options(p)
@@ -243,6 +251,7 @@ def task_model(args: argparse.Namespace, plan: Plan, class_names: list[str]) -> 
         if plan.task in start.tasks:
             raise ValueError(f"an --extend adapter already holds task {plan.task!r}: name this one with --task NAME")
     return wrap_model(start, n_mem=N_MEM if args.n_mem is None else args.n_mem, task=plan.task,
+                      init_std=args.init_std or 0.02,
                       mode=args.mode or "non_destructive", class_names=class_names)
 
 
@@ -295,15 +304,32 @@ def run(args: argparse.Namespace) -> int:
         apply_recorded(args, {})
         set_seed(args.seed)
         plan = new_plan(args, accelerator)
-    out = output_folder(args, plan.task)
+    if args.sweep:
+        check_sweep_args(args)
+    out = output_folder(args, plan.task + ("-sweep" if args.sweep else ""))
     train_ds, val_ds, validation = datasets(args, plan, accelerator)
     class_names = list(train_ds.classes)
-    model = task_model(args, plan, class_names)
+    model = None if args.sweep else task_model(args, plan, class_names)
     g = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, generator=g,
                               num_workers=args.workers)
     val_loader = DataLoader(val_ds, batch_size=args.batch_size * 2, num_workers=args.workers) if val_ds else None
     steps, epochs = run_length(args, plan)
+    fit_args = dict(steps=steps, epochs=epochs, lr=args.lr, memory_lr_scale=args.memory_lr_scale,
+                    optimizer=args.optimizer, weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip,
+                    bf16=args.bf16, accelerator=accelerator, seed=args.seed, progress=not args.no_progress,
+                    log=accelerator.print)
+    if args.sweep:
+        args.n_mem, args.init_std = N_MEM if args.n_mem is None else args.n_mem, args.init_std or 0.02
+        run_sweep(args, plan.base, out, (train_loader, val_loader), class_names,
+                  fit=lambda *a, **k: fit(*a, **fit_args, desc="sweep", **k), save=save_adapter_run,
+                  record=lambda cargs, task, r: training_record(cargs, dataclasses.replace(plan, task=task),
+                                                                class_names, r, accelerator.num_processes,
+                                                                validation),
+                  make_base=lambda: create_base(**plan.spec), accelerator=accelerator)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return 0
     accelerator.print(f"task {plan.task!r}: {len(class_names)} classes, {len(train_ds)} training images"
                       f"{f', {len(val_ds)} validation images' if val_ds else ''}; "
                       f"{count_trainable(model):,} trainable parameters; {accelerator.num_processes} process(es)")
@@ -322,12 +348,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         with sigterm_raises():
-            result = fit(model, train_loader, val_loader, steps=steps, epochs=epochs, lr=args.lr,
-                         memory_lr_scale=args.memory_lr_scale, optimizer=args.optimizer,
-                         weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, bf16=args.bf16,
-                         accelerator=accelerator, seed=args.seed, progress=not args.no_progress, desc=plan.task,
-                         log=accelerator.print, resume=plan.state, checkpoint_every=args.save_every,
-                         on_checkpoint=checkpoint)
+            result = fit(model, train_loader, val_loader, **fit_args, desc=plan.task, resume=plan.state,
+                         checkpoint_every=args.save_every, on_checkpoint=checkpoint)
     except KeyboardInterrupt as e:
         from . import PROG
 
