@@ -36,7 +36,7 @@ from .preprocessing import data_config, model_transform, open_image, pil_mode
 
 __all__ = [  # the names of .bases and .preprocessing are re-exported for older callers
     "BUILTIN_DATASETS", "DEMO_BASES", "DEMO_BASE_DIR", "DIGITS_CLASSES", "DIGITS_TRAIN_SIZE", "FASHION_MNIST_CLASSES",
-    "GLYPH_BASE_DIR", "fashion_mnist_dir",
+    "GLYPH_BASE_DIR", "LabelTable", "fashion_mnist_dir",
     "ArrayImages", "Selection", "data_config", "holdout", "image_folder_split", "is_builtin", "label_names",
     "load_dataset", "load_demo_base", "load_digits_arrays", "load_fashion_mnist", "model_transform", "open_image",
     "parse_class_subset", "pil_mode", "read_idx", "select_classes", "subsample",
@@ -153,8 +153,8 @@ class Selection(Dataset):
         src = dataset.targets
         self.targets = [self._map(src[i]) for i in self.indices]
 
-    def _map(self, t: int) -> int:
-        return int(t) if self.label_map is None else self.label_map[int(t)]
+    def _map(self, t):
+        return t if self.label_map is None else self.label_map[int(t)]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -216,6 +216,54 @@ def holdout(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, 
     order = np.random.default_rng(seed).permutation(len(dataset))
     n_val = max(1, int(round(fraction * len(dataset))))
     return Selection(dataset, np.sort(order[n_val:])), Selection(dataset, np.sort(order[:n_val]))
+
+
+class LabelTable(Dataset):
+    """Images with a label per task, from a CSV file: a ``path`` column (relative to the file's folder, or
+    absolute), then one column per task; an empty cell is no label. Item ``i`` is ``(image, {task: label})``
+    with -100 for no label (what ``fit`` leaves out of that task's loss).
+
+    Attributes:
+        tasks: The task columns used, in the file's order (or ``tasks``'s).
+        classes: ``task -> class names``: the column's distinct values, sorted.
+        targets: Item ``i``'s labels, ``{task: label}`` (so :func:`subsample` and :func:`holdout` take it).
+    """
+
+    def __init__(self, path: str | Path, config: dict, tasks: Sequence[str] | None = None):
+        import csv
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"label file {path} not found")
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        header = list(rows[0]) if rows else []
+        if "path" not in header:
+            raise ValueError(f"{path} has no 'path' column (its columns: {header}): the first column names each "
+                             "image, the others hold a label per task")
+        columns = [c for c in header if c != "path"]
+        unknown = [t for t in tasks or [] if t not in columns]
+        if unknown or not columns:
+            raise ValueError(f"{path}: no label column {unknown or ''} (the label columns are {columns})")
+        self.tasks = list(tasks or columns)
+        self.classes = {t: sorted({r[t].strip() for r in rows if (r[t] or "").strip()}) for t in self.tasks}
+        empty = [t for t, names in self.classes.items() if len(names) < 2]
+        if empty:
+            raise ValueError(f"{path}: column(s) {empty} hold fewer than two classes")
+        self.paths = [(path.parent / r["path"]) for r in rows]
+        missing = [str(p) for p in self.paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path}: {len(missing)} image(s) not found, e.g. {missing[0]} (paths are "
+                                    "relative to the label file's folder)")
+        self.targets = [{t: self.classes[t].index(r[t].strip()) if (r[t] or "").strip() else -100
+                         for t in self.tasks} for r in rows]
+        self.transform, self.mode = model_transform(config), pil_mode(config)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(open_image(self.paths[i], self.mode)), self.targets[i]
 
 
 def is_builtin(source: str) -> bool:

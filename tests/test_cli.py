@@ -571,3 +571,29 @@ def test_bad_sweeps_are_one_line_errors(sweep, needle, tmp_path, capsys):
     code, _, err = _run(["train", "--data", "digits", "--sweep", sweep, *TINY, "--out", tmp_path / "x"], capsys)
     assert_one_line_error(code, err, "--sweep", needle)
     assert not (tmp_path / "x").exists()
+
+
+def test_labels_file_trains_an_adapter_per_column_in_one_run(tmp_path, capsys):
+    rows = ["path,shade,size"]
+    for i in range(24):
+        gray_png(tmp_path / "img" / f"{i}.png", 20 + 9 * i)
+        rows.append(f"img/{i}.png,{'dark' if i < 12 else 'light'},{'' if i % 5 == 0 else ('s', 'm', 'l')[i % 3]}")
+    (tmp_path / "attrs.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "attrs"
+    code, text, err = _run(["train", "--labels", tmp_path / "attrs.csv", "--n-mem", "1", "--steps", "3",
+                            "--batch-size", "8", "--val-fraction", "0.25", "--no-progress", "--out", out], capsys)
+    assert code == 0, err
+    model = load_adapters(D.load_demo_base(), [out / "shade", out / "size"])
+    assert model.tasks["shade"].config.class_names == ["dark", "light"]
+    assert model.tasks["size"].config.class_names == ["l", "m", "s"]
+    assert "shade: 2 classes; best validation accuracy" in text
+    info = json.loads((out / "size" / "training.json").read_text())
+    assert info["validation"]["fraction"] == 0.25 and info["task"] == "size"
+    code, _, err = _run(["train", "--labels", tmp_path / "attrs.csv", "--tasks", "size", "--steps", "1",
+                         "--no-progress", "--out", tmp_path / "only"], capsys)
+    assert code == 0 and sorted(p.name for p in (tmp_path / "only").iterdir()) == ["size"]
+    (tmp_path / "bad.csv").write_text("file,shade\nimg/0.png,dark\n")
+    code, _, err = _run(["train", "--labels", tmp_path / "bad.csv", "--steps", "1"], capsys)
+    assert_one_line_error(code, err, "has no 'path' column")
+    code, _, err = _run(["train", "--labels", tmp_path / "attrs.csv", "--tasks", "colour", "--steps", "1"], capsys)
+    assert_one_line_error(code, err, "no label column ['colour']")

@@ -32,6 +32,7 @@ from .base import (
     saved_base_spec,
 )
 from .checkpoints import STATE_FILE, read_state, report_interrupt, resumed_folder, save_run, sigterm_raises
+from .labels import check_labels_args, label_data, labels_model, save_labels_run
 from .options import fraction, non_negative_float, non_negative_int, positive_float, positive_int, task_name
 from .records import (
     TRAINING_FILE,
@@ -95,6 +96,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="train the grid of every --sweep in one pass per batch, one adapter per configuration under "
                    f"--out, with sweep.json/.csv/.png and the best copied to OUT/best; KEY: {', '.join(SWEEPABLE)} "
                    "(seed: of the initialisation)")
+    p.add_argument("--labels", metavar="FILE.csv", help="train an adapter per label column of FILE.csv (a 'path' "
+                   "column, relative to the file, then a column per task; an empty cell is no label) in one pass "
+                   "per batch, each under --out/COLUMN")
+    p.add_argument("--tasks", nargs="+", metavar="COLUMN", help="with --labels: the columns to train (default all)")
     p.add_argument("--save-every", type=positive_int, metavar="STEPS", help="write the adapter (and what --resume "
                    "needs) to --out every STEPS steps; Ctrl-C or SIGTERM then keeps the last one")
     add_adapter_options(p)
@@ -289,6 +294,43 @@ def save_adapter_run(model: MemoryViT, out: Path, task: str, record: dict, state
     return save_run(out, write)
 
 
+def _fit_args(args: argparse.Namespace, steps: int | None, epochs: int | None, accelerator) -> dict:
+    """``fit``'s keyword arguments from the options."""
+    return dict(steps=steps, epochs=epochs, lr=args.lr, memory_lr_scale=args.memory_lr_scale,
+                optimizer=args.optimizer, weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip,
+                bf16=args.bf16, accelerator=accelerator, seed=args.seed, progress=not args.no_progress,
+                log=accelerator.print)
+
+
+def run_labels(args: argparse.Namespace, accelerator) -> int:
+    """``--labels``: a task per column, trained in one pass per batch, saved one folder each."""
+    from ..train import fit
+
+    args.data, args.init_std = args.labels, args.init_std or 0.02
+    args.n_mem = N_MEM if args.n_mem is None else args.n_mem
+    plan = new_plan(args, accelerator)
+    out = output_folder(args, Path(args.labels).stem)
+    table, train_ds, val_ds, validation = label_data(args, D.data_config(plan.base))
+    model = labels_model(args, plan.base, table, lambda: create_base(**plan.spec))
+    g = torch.Generator().manual_seed(args.seed)
+    train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, generator=g,
+                              num_workers=args.workers)
+    val_loader = DataLoader(val_ds, batch_size=args.batch_size * 2, num_workers=args.workers) if val_ds else None
+    accelerator.print(f"{len(table.tasks)} tasks ({', '.join(table.tasks)}) on {len(train_ds)} training images"
+                      f"{f', {len(val_ds)} validation images' if val_ds else ''}, in one pass per batch")
+    steps, epochs = run_length(args, plan)
+    result = fit(model, train_loader, val_loader, **_fit_args(args, steps, epochs, accelerator), desc="labels",
+                 restore_best=val_loader is not None)
+    if accelerator.is_main_process:
+        save_labels_run(model, out, table, result, save_adapter_run,
+                        lambda task, r: training_record(args, dataclasses.replace(plan, task=task),
+                                                        table.classes[task], r, accelerator.num_processes,
+                                                        validation))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Plan, check the output folder, load the data, train (with checkpoints), then save the adapter, its
     record and its optimizer state."""
@@ -300,6 +342,11 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         plan = resume_plan(args)
         set_seed(args.seed)
+    elif args.labels:
+        check_labels_args(args)
+        apply_recorded(args, {})
+        set_seed(args.seed)
+        return run_labels(args, accelerator)
     else:
         apply_recorded(args, {})
         set_seed(args.seed)
@@ -315,10 +362,7 @@ def run(args: argparse.Namespace) -> int:
                               num_workers=args.workers)
     val_loader = DataLoader(val_ds, batch_size=args.batch_size * 2, num_workers=args.workers) if val_ds else None
     steps, epochs = run_length(args, plan)
-    fit_args = dict(steps=steps, epochs=epochs, lr=args.lr, memory_lr_scale=args.memory_lr_scale,
-                    optimizer=args.optimizer, weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip,
-                    bf16=args.bf16, accelerator=accelerator, seed=args.seed, progress=not args.no_progress,
-                    log=accelerator.print)
+    fit_args = _fit_args(args, steps, epochs, accelerator)
     if args.sweep:
         args.n_mem, args.init_std = N_MEM if args.n_mem is None else args.n_mem, args.init_std or 0.02
         run_sweep(args, plan.base, out, (train_loader, val_loader), class_names,
