@@ -1,10 +1,12 @@
-"""What ``train`` writes and reads to continue: the adapter folder written whole or not at all (also
-periodically, ``--save-every``), the optimizer state and schedule position beside it
-(``training_state.pt``), the folder a resumed run writes by default, and Ctrl-C / SIGTERM turned into
-one line."""
+"""What ``train`` writes and reads to continue: the settings it records and reuses (``training.json``),
+the adapter folder written whole or not at all (also periodically, ``--save-every``), the optimizer
+state and schedule position beside it (``training_state.pt``), the folder a resumed run writes by
+default, and Ctrl-C / SIGTERM turned into one line."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import shutil
@@ -17,10 +19,61 @@ from pathlib import Path
 
 import torch
 
+from .. import data as D
 from ..training import FitState
+from ..training.optim import DEFAULTS
+from .records import TRAINING_FILE
 
 #: Written beside the adapter: the optimizer state and schedule position (a ``FitState``), for --resume.
 STATE_FILE = "training_state.pt"
+#: Options --resume takes from the record unless given (None in the parser), and their defaults otherwise.
+RECORDED = dict(DEFAULTS, batch_size=128, seed=0, bf16=False, max_train=None, val_fraction=None, no_val=False)
+RECORDED.pop("momentum")
+
+
+def apply_recorded(args: argparse.Namespace, settings: dict) -> None:
+    """Fill the options of ``RECORDED`` not given on the command line: from a resumed adapter's recorded
+    ``settings``, else their defaults."""
+    for key, default in RECORDED.items():
+        if getattr(args, key) is None:
+            setattr(args, key, settings.get(key, default))
+
+
+def recorded(spec: str | Path) -> str:
+    """An adapter spec as ``training.json`` records it: ``hf-hub:`` as given, a folder made absolute."""
+    return str(spec) if str(spec).startswith("hf-hub:") else str(Path(spec).resolve())
+
+
+def training_record(args: argparse.Namespace, plan, class_names: list[str], result, processes: int,
+                    validation: dict | None, complete: bool = True) -> dict:
+    """The ``training.json`` of the saved adapter (``plan``: the ``train`` command's ``Plan``); a resumed one adds
+    to its steps and history."""
+    previous = plan.previous
+    start = plan.state.step if plan.state is not None else 0
+    return dict(
+        task=plan.task, data=plan.source if D.is_builtin(plan.source) else str(Path(plan.source).resolve()),
+        class_subset=plan.subset if isinstance(plan.subset, str) else previous.get("class_subset"),
+        class_names=class_names, base=plan.spec, extends=[recorded(e) for e in plan.extend],
+        settings=dict(steps=result.steps, processes=processes, **{k: getattr(args, k) for k in RECORDED}),
+        validation=validation,
+        total_steps=previous.get("total_steps", 0) - start + result.state.step,
+        planned_steps=result.state.total, complete=complete,
+        resumed_from=recorded(args.resume) if args.resume else None,
+        history=previous.get("history", []) + result.history,
+        val_accuracy=result.val.get("accuracy"))
+
+
+def save_adapter_run(model, out: Path, task: str, record: dict, state: FitState) -> Path:
+    """The adapter, its ``training.json`` and its ``training_state.pt``, put in place of ``out`` whole."""
+
+    def write(folder: Path) -> None:
+        model.save_adapter(folder, task=task)
+        (folder / TRAINING_FILE).write_text(json.dumps(record, indent=2))
+        torch.save(state.as_dict(), folder / STATE_FILE)
+
+    return save_run(out, write)
+
+
 
 
 def read_state(folder: Path) -> FitState | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +30,19 @@ from .base import (
     save_base,
     saved_base_spec,
 )
-from .checkpoints import STATE_FILE, read_state, report_interrupt, resumed_folder, save_run, sigterm_raises
+from .checkpoints import (
+    RECORDED,
+    apply_recorded,
+    read_state,
+    report_interrupt,
+    resumed_folder,
+    save_adapter_run,
+    sigterm_raises,
+    training_record,
+)
 from .labels import check_labels_args, label_data, labels_model, save_labels_run
 from .options import fraction, non_negative_float, non_negative_int, positive_float, positive_int, task_name
 from .records import (
-    TRAINING_FILE,
     add_adapter_options,
     load_named_adapters,
     read_training_info,
@@ -44,10 +51,6 @@ from .records import (
 from .sweep import SWEEPABLE, check_sweep_args, run_sweep, sweep_axis
 
 N_MEM, EPOCHS = 5, 3  # defaults of --n-mem and --epochs (None in the parser, so --resume can tell)
-#: Options --resume takes from the record unless given (None in the parser), and their defaults otherwise.
-RECORDED = dict(DEFAULTS, batch_size=128, seed=0, bf16=False, max_train=None, val_fraction=None, no_val=False)
-RECORDED.pop("momentum")
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -129,14 +132,6 @@ def default_task_name(source: str, subset: str | None) -> str:
     name = source if D.is_builtin(source) else Path(source).resolve().name
     name = f"{name}-{subset.replace(',', '_')}" if subset else name
     return re.sub(r"[\s/\\]+", "_", name)
-
-
-def apply_recorded(args: argparse.Namespace, settings: dict) -> None:
-    """Fill the options of ``RECORDED`` not given on the command line: from a resumed adapter's recorded
-    ``settings``, else their defaults."""
-    for key, default in RECORDED.items():
-        if getattr(args, key) is None:
-            setattr(args, key, settings.get(key, default))
 
 
 def _has_model_options(args: argparse.Namespace) -> bool:
@@ -258,40 +253,6 @@ def task_model(args: argparse.Namespace, plan: Plan, class_names: list[str]) -> 
     return wrap_model(start, n_mem=N_MEM if args.n_mem is None else args.n_mem, task=plan.task,
                       init_std=args.init_std or 0.02,
                       mode=args.mode or "non_destructive", class_names=class_names)
-
-
-def recorded(spec: str | Path) -> str:
-    """An adapter spec as ``training.json`` records it: ``hf-hub:`` as given, a folder made absolute."""
-    return str(spec) if str(spec).startswith("hf-hub:") else str(Path(spec).resolve())
-
-
-def training_record(args: argparse.Namespace, plan: Plan, class_names: list[str], result, processes: int,
-                    validation: dict | None, complete: bool = True) -> dict:
-    """The ``training.json`` of the saved adapter; a resumed one adds to its steps and history."""
-    previous = plan.previous
-    start = plan.state.step if plan.state is not None else 0
-    return dict(
-        task=plan.task, data=plan.source if D.is_builtin(plan.source) else str(Path(plan.source).resolve()),
-        class_subset=plan.subset if isinstance(plan.subset, str) else previous.get("class_subset"),
-        class_names=class_names, base=plan.spec, extends=[recorded(e) for e in plan.extend],
-        settings=dict(steps=result.steps, processes=processes, **{k: getattr(args, k) for k in RECORDED}),
-        validation=validation,
-        total_steps=previous.get("total_steps", 0) - start + result.state.step,
-        planned_steps=result.state.total, complete=complete,
-        resumed_from=recorded(args.resume) if args.resume else None,
-        history=previous.get("history", []) + result.history,
-        val_accuracy=result.val.get("accuracy"))
-
-
-def save_adapter_run(model: MemoryViT, out: Path, task: str, record: dict, state: FitState) -> Path:
-    """The adapter, its ``training.json`` and its ``training_state.pt``, put in place of ``out`` whole."""
-
-    def write(folder: Path) -> None:
-        model.save_adapter(folder, task=task)
-        (folder / TRAINING_FILE).write_text(json.dumps(record, indent=2))
-        torch.save(state.as_dict(), folder / STATE_FILE)
-
-    return save_run(out, write)
 
 
 def _fit_args(args: argparse.Namespace, steps: int | None, epochs: int | None, accelerator) -> dict:
