@@ -597,3 +597,34 @@ def test_labels_file_trains_an_adapter_per_column_in_one_run(tmp_path, capsys):
     assert_one_line_error(code, err, "has no 'path' column")
     code, _, err = _run(["train", "--labels", tmp_path / "attrs.csv", "--tasks", "colour", "--steps", "1"], capsys)
     assert_one_line_error(code, err, "no label column ['colour']")
+
+
+def test_an_interrupted_sweep_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    import learnable_memory.cli.sweep as sweep_cli
+
+    out, calls = tmp_path / "sw", []
+    save = sweep_cli.save_configs
+
+    def interrupt_the_second(*args, complete=True, **kwargs):  # Ctrl-C while step 4 is being saved
+        if calls and not complete:
+            raise KeyboardInterrupt
+        calls.append(complete)
+        save(*args, complete=complete, **kwargs)
+
+    monkeypatch.setattr(sweep_cli, "save_configs", interrupt_the_second)
+    argv = ["train", "--data", "digits", "--steps", "6", "--save-every", "2", "--batch-size", "16", "--max-train",
+            "48", "--no-val", "--no-progress", "--optimizer", "adamw", "--lr", "0.01"]
+    code, _, err = _run([*argv, "--sweep", "n-mem=1,2", "--out", out], capsys)
+    assert code == 130 and "the checkpoint of step 2 is in" in err, err
+    names = ["n-mem-1", "n-mem-2"]
+    assert [json.loads((out / n / "training.json").read_text())["total_steps"] for n in names] == [2, 2]
+    code, text, err = _run(["train", "--resume", out, "--no-progress"], capsys)
+    assert code == 0, err
+    assert "from step 2" in text
+    done = tmp_path / "sw-resumed"
+    for n in names:
+        info = json.loads((done / n / "training.json").read_text())
+        assert (info["total_steps"], info["complete"], info["settings"]["optimizer"]) == (6, True, "adamw")
+    assert load_adapters(D.load_demo_base(), [done / n for n in names]).task_names == names
+    code, _, err = _run(["train", "--resume", out, "--sweep", "lr=0.1"], capsys)
+    assert_one_line_error(code, err, "drop --sweep")

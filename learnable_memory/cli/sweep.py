@@ -18,6 +18,8 @@ import torch
 
 from ..config import TaskConfig
 from ..model import MemoryViT
+from ..training import FitState
+from .checkpoints import read_state, save_adapter_run, save_run
 from .options import non_negative_float, non_negative_int, positive_float
 
 #: Sweepable options: the option's name -> (its ``args`` attribute, how a value parses). ``seed`` seeds the
@@ -33,6 +35,8 @@ SWEEPABLE: dict[str, tuple[str, Callable[[str], object]]] = {
     "clip": ("clip", positive_float),
     "optimizer": ("optimizer", lambda v: v if v in ("sgd", "adamw") else _bad(f"{v!r} is not sgd or adamw")),
 }
+#: Written in a sweep's folder: its grid and step, so ``--resume OUT`` continues it.
+SWEEP_STATE = "sweep_state.json"
 #: The fit settings among them (the others shape a task when it is made).
 FIT_KEYS = ("lr", "memory_lr_scale", "weight_decay", "warmup", "clip", "optimizer")
 
@@ -161,7 +165,7 @@ def write_figure(out: Path, rows: list[dict], axes: list[tuple[str, list]]) -> N
     plt.close(fig)
 
 
-def copy_best(out: Path, name: str, save_run) -> Path:
+def copy_best(out: Path, name: str) -> Path:
     """Copy configuration ``name``'s folder to ``OUT/best``, whole or not at all."""
     return save_run(out / "best", lambda folder: shutil.copytree(out / name, folder))
 
@@ -204,38 +208,77 @@ def check_sweep_args(args: argparse.Namespace) -> None:
                          "--mode non_destructive")
 
 
-def run_sweep(args: argparse.Namespace, base, out: Path, loaders: tuple, class_names: list[str],
-              fit: Callable, save: Callable, record: Callable, make_base: Callable, accelerator) -> list[dict]:
-    """Train the grid of ``args.sweep`` in one pass per batch and write what the module docstring lists.
+def save_configs(model: MemoryViT, out: Path, configs: list[Config], result, args: argparse.Namespace,
+                 record: Callable, complete: bool = True) -> None:
+    """Every configuration's adapter folder under ``out`` (with its ``training.json`` and optimizer state), and
+    ``sweep_state.json``, from which ``--resume OUT`` continues the sweep."""
+    out.mkdir(parents=True, exist_ok=True)
+    for c in configs:
+        r = result.tasks[c.name]
+        state = FitState(r.state.step, r.state.total, {c.name: r.state.optimizers[c.name]},
+                         {c.name: r.state.optimizer_names[c.name]})
+        cargs = argparse.Namespace(**vars(args))
+        for option, value in c.values.items():
+            setattr(cargs, SWEEPABLE[option][0], value)
+        save_adapter_run(model, out / c.name, c.name, record(cargs, c.name, r, complete), state)
+    (out / SWEEP_STATE).write_text(json.dumps({"sweep": args.sweep, "step": result.state.step,
+                                               "complete": complete}))
 
-    ``save(model, folder, task, record, state)`` writes one adapter folder; ``record(config_args, task,
-    task_result)`` is its ``training.json``; ``make_base()`` builds the base as ``train`` does."""
-    from ..training import FitState
-    from .checkpoints import save_run
 
+def checkpoint_step(out: Path) -> int | None:
+    """The step of the sweep checkpoint in ``out``, or None."""
+    f = Path(out) / SWEEP_STATE
+    return json.loads(f.read_text())["step"] if f.is_file() else None
+
+
+def resumed_sweep(folder: Path, args: argparse.Namespace) -> tuple[list[Path], FitState]:
+    """The configuration folders of the sweep in ``folder`` (its grid set on ``args.sweep``) and their
+    optimizer states merged into one ``FitState``."""
+    recorded = json.loads((folder / SWEEP_STATE).read_text())
+    if args.sweep:
+        raise ValueError(f"--resume {folder} continues the grid it recorded: drop --sweep")
+    args.sweep = [(k, list(v)) for k, v in recorded["sweep"]]
+    folders = [folder / c.name for c in grid(args.sweep)]
+    states = [read_state(f) for f in folders]
+    if any(s is None for s in states):
+        raise ValueError(f"{folder}: a configuration has no training_state.pt; the sweep can not be resumed")
+    merged = FitState(states[0].step, states[0].total)
+    for s in states:
+        merged.optimizers.update(s.optimizers)
+        merged.optimizer_names.update(s.optimizer_names)
+    return folders, merged
+
+
+def run_sweep(args: argparse.Namespace, model: MemoryViT | None, base, out: Path, loaders: tuple,
+              class_names: list[str], fit: Callable, record: Callable, make_base: Callable, accelerator,
+              resume=None) -> list[dict]:
+    """Train the grid of ``args.sweep`` in one pass per batch (``model``: a resumed sweep's, else a new one on
+    ``base``) and write what the module docstring lists; ``--save-every`` writes every configuration
+    periodically. ``record(config_args, task, task_result, complete)`` is a configuration's ``training.json``;
+    ``make_base()`` builds the base as ``train`` does."""
     configs = grid(args.sweep)
-    model = sweep_model(args, base, configs, class_names, torch_rng_after(make_base))
+    if model is None:
+        model = sweep_model(args, base, configs, class_names, torch_rng_after(make_base))
     accelerator.print(f"sweep: {len(configs)} configurations of {' x '.join(k for k, _ in args.sweep)}, "
-                      "trained in one pass per batch")
+                      "trained in one pass per batch" + (f", from step {resume.step}" if resume else ""))
+
+    def checkpoint(state, so_far) -> None:
+        if accelerator.is_main_process:
+            save_configs(model, out, configs, so_far, args, record, complete=False)
+        accelerator.wait_for_everyone()
+
     train_loader, val_loader = loaders
     result = fit(model, train_loader, val_loader, settings=fit_settings(args, configs),
-                 restore_best=val_loader is not None)
+                 restore_best=val_loader is not None, resume=resume, checkpoint_every=args.save_every,
+                 on_checkpoint=checkpoint)
     rows = leaderboard(configs, result, result.seconds)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        for c in configs:
-            r = result.tasks[c.name]
-            state = FitState(r.state.step, r.state.total, {c.name: r.state.optimizers[c.name]},
-                             {c.name: r.state.optimizer_names[c.name]})
-            cargs = argparse.Namespace(**vars(args))
-            for option, value in c.values.items():
-                setattr(cargs, SWEEPABLE[option][0], value)
-            save(model, out / c.name, c.name, record(cargs, c.name, r), state)
+        save_configs(model, out, configs, result, args, record)
         keys = [k for k, _ in args.sweep]
         write_tables(out, rows, keys)
         write_figure(out, rows, args.sweep)
         if rows[0]["best"] is not None:
-            copy_best(out, rows[0]["name"], save_run)
+            copy_best(out, rows[0]["name"])
         print(format_leaderboard(rows, keys))
         best = f"; best {rows[0]['name']} ({rows[0]['best']:.4f}) copied to {out / 'best'}" if rows[0]["best"] else ""
         print(f"saved {len(configs)} adapters, sweep.json, sweep.csv and sweep.png in {out}{best}")

@@ -48,7 +48,7 @@ from .records import (
     read_training_info,
     resolve_adapters,
 )
-from .sweep import SWEEPABLE, check_sweep_args, run_sweep, sweep_axis
+from .sweep import SWEEP_STATE, SWEEPABLE, check_sweep_args, checkpoint_step, resumed_sweep, run_sweep, sweep_axis
 
 N_MEM, EPOCHS = 5, 3  # defaults of --n-mem and --epochs (None in the parser, so --resume can tell)
 
@@ -124,6 +124,7 @@ class Plan:
     model: MemoryViT | None = None  # the resumed adapter, loaded trainable
     previous: dict = field(default_factory=dict)  # the resumed adapter's training.json
     state: FitState | None = None  # the resumed adapter's optimizer state and schedule position
+    records: dict[str, dict] = field(default_factory=dict)  # a resumed sweep: each configuration's training.json
 
 
 def default_task_name(source: str, subset: str | None) -> str:
@@ -186,6 +187,20 @@ def resume_plan(args: argparse.Namespace) -> Plan:
         raise ValueError(f"no data for resumed task {task!r}: pass --data")
     subset = cfg.class_names or args.class_subset or info.get("class_subset")
     return Plan(spec, base, extend, task, source, subset, model, info, read_state(folders[0]))
+
+
+def sweep_resume_plan(args: argparse.Namespace) -> Plan:
+    """A sweep ``--resume`` continues: its configurations loaded trainable on the base they record, their
+    optimizer states merged, the grid and settings they record."""
+    folders, state = resumed_sweep(Path(args.resume), args)
+    records = {f.name: read_training_info(f) for f in folders}
+    info = records[folders[0].name]
+    apply_recorded(args, info.get("settings", {}))
+    spec = info.get("base", {})
+    base = create_base(**spec)
+    model = load_named_adapters(base, folders, check_fingerprint=not args.no_fingerprint_check, trainable=True)
+    cfg = model.tasks[model.task_names[0]].config
+    return Plan(spec, base, [], cfg.name, args.data or info.get("data"), cfg.class_names, model, {}, state, records)
 
 
 def output_folder(args: argparse.Namespace, task: str) -> Path:
@@ -292,6 +307,32 @@ def run_labels(args: argparse.Namespace, accelerator) -> int:
     return 0
 
 
+def sweep(args: argparse.Namespace, plan: Plan, out: Path, loaders: tuple, class_names: list[str],
+          validation: dict | None, fit_args: dict, accelerator) -> int:
+    """``--sweep`` (or a sweep's ``--resume``): the grid in one pass per batch; Ctrl-C / SIGTERM in one line."""
+    from ..train import fit
+
+    args.n_mem, args.init_std = N_MEM if args.n_mem is None else args.n_mem, args.init_std or 0.02
+
+    def record(cargs: argparse.Namespace, task: str, result, complete: bool) -> dict:
+        config_plan = dataclasses.replace(plan, task=task, previous=plan.records.get(task, {}))
+        return training_record(cargs, config_plan, class_names, result, accelerator.num_processes, validation,
+                               complete)
+
+    try:
+        with sigterm_raises():
+            run_sweep(args, plan.model, plan.base, out, loaders, class_names,
+                      fit=lambda *a, **k: fit(*a, **fit_args, desc="sweep", **k), record=record,
+                      make_base=lambda: create_base(**plan.spec), accelerator=accelerator, resume=plan.state)
+    except KeyboardInterrupt as e:
+        from . import PROG
+
+        return report_interrupt(e, out, checkpoint_step(out), PROG)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Plan, check the output folder, load the data, train (with checkpoints), then save the adapter, its
     record and its optimizer state."""
@@ -300,7 +341,10 @@ def run(args: argparse.Namespace) -> int:
     from ..train import count_trainable, fit
 
     accelerator = make_accelerator()
-    if args.resume:
+    if args.resume and (Path(args.resume) / SWEEP_STATE).is_file():
+        plan = sweep_resume_plan(args)
+        set_seed(args.seed)
+    elif args.resume:
         plan = resume_plan(args)
         set_seed(args.seed)
     elif args.labels:
@@ -312,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
         apply_recorded(args, {})
         set_seed(args.seed)
         plan = new_plan(args, accelerator)
-    if args.sweep:
+    if args.sweep and not plan.records:
         check_sweep_args(args)
     out = output_folder(args, plan.task + ("-sweep" if args.sweep else ""))
     train_ds, val_ds, validation = datasets(args, plan, accelerator)
@@ -325,16 +369,7 @@ def run(args: argparse.Namespace) -> int:
     steps, epochs = run_length(args, plan)
     fit_args = _fit_args(args, steps, epochs, accelerator)
     if args.sweep:
-        args.n_mem, args.init_std = N_MEM if args.n_mem is None else args.n_mem, args.init_std or 0.02
-        run_sweep(args, plan.base, out, (train_loader, val_loader), class_names,
-                  fit=lambda *a, **k: fit(*a, **fit_args, desc="sweep", **k), save=save_adapter_run,
-                  record=lambda cargs, task, r: training_record(cargs, dataclasses.replace(plan, task=task),
-                                                                class_names, r, accelerator.num_processes,
-                                                                validation),
-                  make_base=lambda: create_base(**plan.spec), accelerator=accelerator)
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return 0
+        return sweep(args, plan, out, (train_loader, val_loader), class_names, validation, fit_args, accelerator)
     accelerator.print(f"task {plan.task!r}: {len(class_names)} classes, {len(train_ds)} training images"
                       f"{f', {len(val_ds)} validation images' if val_ds else ''}; "
                       f"{count_trainable(model):,} trainable parameters; {accelerator.num_processes} process(es)")
