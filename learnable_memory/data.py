@@ -12,9 +12,10 @@ Everything is read from local files; nothing is downloaded.
 - An ImageFolder directory is read with torchvision. ``root/train`` and ``root/val`` (or ``root/test``)
   are used as splits when present; otherwise ``root`` itself is the training split.
 
-Images are preprocessed with timm's own transform for the model (:func:`model_transform`), so a real
-pretrained model gets its own resizing and normalisation; grayscale images become 3 channels for
-3-channel models, and 8x8 digits are upsampled to the model's input size.
+Images are preprocessed with timm's own transform for the model (:mod:`learnable_memory.preprocessing`), so a
+real pretrained model gets its own resizing and normalisation; grayscale images become 3 channels for
+3-channel models, and 8x8 digits are upsampled to the model's input size. The shipped base models are in
+:mod:`learnable_memory.bases`; this module re-exports both modules' names for older callers.
 """
 
 from __future__ import annotations
@@ -27,11 +28,19 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import timm
 from PIL import Image
-from timm.data import create_transform, resolve_input_data_config
-from torch import nn
 from torch.utils.data import Dataset
+
+from .bases import DEMO_BASE_DIR, DEMO_BASES, GLYPH_BASE_DIR, label_names, load_demo_base
+from .preprocessing import data_config, model_transform, open_image, pil_mode
+
+__all__ = [  # the names of .bases and .preprocessing are re-exported for older callers
+    "BUILTIN_DATASETS", "DEMO_BASES", "DEMO_BASE_DIR", "DIGITS_CLASSES", "DIGITS_TRAIN_SIZE", "FASHION_MNIST_CLASSES",
+    "GLYPH_BASE_DIR", "LabelTable", "fashion_mnist_dir",
+    "ArrayImages", "Selection", "data_config", "holdout", "image_folder_split", "is_builtin", "label_names",
+    "load_dataset", "load_demo_base", "load_digits_arrays", "load_fashion_mnist", "model_transform", "open_image",
+    "parse_class_subset", "pil_mode", "read_idx", "select_classes", "subsample",
+]
 
 #: The built-in data sources (anything else is an ImageFolder directory).
 BUILTIN_DATASETS = ("fashion-mnist", "digits", "glyphs-pretrain", "glyphs-near", "glyphs-far")
@@ -41,15 +50,6 @@ FASHION_MNIST_CLASSES = [
 ]
 DIGITS_CLASSES = [str(i) for i in range(10)]
 DIGITS_TRAIN_SIZE = 1200
-
-#: The small base model shipped with the package (timm's ``local-dir`` export format:
-#: ``config.json`` + ``model.safetensors``), produced by ``benchmarks/pretrain_base.py``.
-DEMO_BASE_DIR = Path(__file__).parent / "assets" / "fmnist_vit_base"
-#: The broad base: the same architecture pretrained on the 1,188 characters of ``glyphs-pretrain``.
-GLYPH_BASE_DIR = Path(__file__).parent / "assets" / "glyph_vit_base"
-#: The shipped bases by name, for :func:`load_demo_base`.
-DEMO_BASES = {"fmnist": DEMO_BASE_DIR, "glyphs": GLYPH_BASE_DIR}
-
 
 def fashion_mnist_dir() -> Path:
     """Directory of the Fashion-MNIST idx files (``$LEARNABLE_MEMORY_FASHION_MNIST`` overrides)."""
@@ -153,8 +153,8 @@ class Selection(Dataset):
         src = dataset.targets
         self.targets = [self._map(src[i]) for i in self.indices]
 
-    def _map(self, t: int) -> int:
-        return int(t) if self.label_map is None else self.label_map[int(t)]
+    def _map(self, t):
+        return t if self.label_map is None else self.label_map[int(t)]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -218,24 +218,52 @@ def holdout(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, 
     return Selection(dataset, np.sort(order[n_val:])), Selection(dataset, np.sort(order[:n_val]))
 
 
-def data_config(model: nn.Module) -> dict:
-    """timm's preprocessing config for ``model`` (a timm model or a ``MemoryViT``).
+class LabelTable(Dataset):
+    """Images with a label per task, from a CSV file: a ``path`` column (relative to the file's folder, or
+    absolute), then one column per task; an empty cell is no label. Item ``i`` is ``(image, {task: label})``
+    with -100 for no label (what ``fit`` leaves out of that task's loss).
 
-    Uses :func:`timm.data.resolve_input_data_config`, which follows the model's current input size
-    and channels as well as its pretrained mean/std/interpolation.
+    Attributes:
+        tasks: The task columns used, in the file's order (or ``tasks``'s).
+        classes: ``task -> class names``: the column's distinct values, sorted.
+        targets: Item ``i``'s labels, ``{task: label}`` (so :func:`subsample` and :func:`holdout` take it).
     """
-    base = getattr(model, "base", model)
-    return resolve_input_data_config(base)
 
+    def __init__(self, path: str | Path, config: dict, tasks: Sequence[str] | None = None):
+        import csv
 
-def model_transform(config: dict) -> Callable:
-    """timm's evaluation transform (resize, centre crop, to tensor, normalise) for ``config``."""
-    return create_transform(**config, is_training=False)
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"label file {path} not found")
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        header = list(rows[0]) if rows else []
+        if "path" not in header:
+            raise ValueError(f"{path} has no 'path' column (its columns: {header}): the first column names each "
+                             "image, the others hold a label per task")
+        columns = [c for c in header if c != "path"]
+        unknown = [t for t in tasks or [] if t not in columns]
+        if unknown or not columns:
+            raise ValueError(f"{path}: no label column {unknown or ''} (the label columns are {columns})")
+        self.tasks = list(tasks or columns)
+        self.classes = {t: sorted({r[t].strip() for r in rows if (r[t] or "").strip()}) for t in self.tasks}
+        empty = [t for t, names in self.classes.items() if len(names) < 2]
+        if empty:
+            raise ValueError(f"{path}: column(s) {empty} hold fewer than two classes")
+        self.paths = [(path.parent / r["path"]) for r in rows]
+        missing = [str(p) for p in self.paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path}: {len(missing)} image(s) not found, e.g. {missing[0]} (paths are "
+                                    "relative to the label file's folder)")
+        self.targets = [{t: self.classes[t].index(r[t].strip()) if (r[t] or "").strip() else -100
+                         for t in self.tasks} for r in rows]
+        self.transform, self.mode = model_transform(config), pil_mode(config)
 
+    def __len__(self) -> int:
+        return len(self.paths)
 
-def pil_mode(config: dict) -> str:
-    """PIL mode for a model input with ``config["input_size"][0]`` channels."""
-    return "L" if config["input_size"][0] == 1 else "RGB"
+    def __getitem__(self, i: int):
+        return self.transform(open_image(self.paths[i], self.mode)), self.targets[i]
 
 
 def is_builtin(source: str) -> bool:
@@ -292,34 +320,4 @@ def load_dataset(source: str, split: str, config: dict, classes: Sequence[str] |
     subset = parse_class_subset(classes, ds.classes)
     return select_classes(ds, subset) if subset is not None else ds
 
-
-def open_image(path: str | Path, mode: str = "RGB") -> Image.Image:
-    """Read an image file in PIL ``mode`` ("L" or "RGB")."""
-    with Image.open(path) as img:
-        return img.convert(mode)
-
-
-def load_demo_base(path: str | Path | None = None) -> nn.Module:
-    """A small ViT shipped with the package, by name (``DEMO_BASES``), or another timm ``local-dir`` export.
-
-    Both shipped bases are a timm ``VisionTransformer`` (28x28 grayscale, patch 7, width 128, depth 4,
-    4 heads): ``"fmnist"`` (the default) pretrained on Fashion-MNIST classes 0-4, ``"glyphs"`` on the 1,188
-    character classes of ``glyphs-pretrain``. Its ``pretrained_cfg`` carries the data mean/std, input
-    size, interpolation and label names, so :func:`data_config` gives the right preprocessing.
-    """
-    if path is None or (isinstance(path, str) and path in DEMO_BASES):
-        path = DEMO_BASES[path or "fmnist"]
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no base model at {path}: expected config.json and model.safetensors "
-                                "(run benchmarks/pretrain_base.py to create it)")
-    return timm.create_model(f"local-dir:{path}", pretrained=True)
-
-
-def label_names(model: nn.Module) -> list[str] | None:
-    """Label names of a timm model's own head, from its ``pretrained_cfg`` when it has them."""
-    names = getattr(model, "pretrained_cfg", {}).get("label_names")
-    if isinstance(names, dict):
-        names = [names[k] for k in sorted(names, key=int)]
-    return list(names) if names else None
 

@@ -133,13 +133,110 @@ def _figure(model, results: list[dict], base_acc: float, path: Path) -> None:
     plt.close(fig)
 
 
+def _describe_base(base: nn.Module, config: dict, info: dict, log: Callable[[str], None]) -> None:
+    """Step 1: the shipped base."""
+    log(f"1. Base: timm {type(base).__name__} ({sum(p.numel() for p in base.parameters()):,} parameters, "
+        f"{base.patch_embed.num_patches} patches of {config['input_size'][1]}x{config['input_size'][2]} images), "
+        f"pretrained on Fashion-MNIST classes {info.get('classes', '0-4')}: {', '.join(D.label_names(base) or [])}.")
+
+
+def _task_data(config: dict, limit: int | None, seed: int, log: Callable[[str], None]) -> dict[str, tuple]:
+    """Step 2 (data): ``task -> (train, test)`` of every demo task."""
+    data = {}
+    for task in TASKS:
+        train_ds = D.subsample(D.load_dataset(task.source, "train", config, task.classes),
+                               limit or task.max_train, seed)
+        test_ds = D.subsample(D.load_dataset(task.source, "test", config, task.classes), limit, seed)
+        data[task.name] = (train_ds, test_ds)
+        log(f"   {task.title}: {len(train_ds.classes)} classes ({', '.join(train_ds.classes)}), "
+            f"{len(train_ds)} training / {len(test_ds)} test images")
+    return data
+
+
+def _train_all(data: dict[str, tuple], *, steps: int, batch: int, seed: int, adapter_dir: Path,
+               log: Callable[[str], None]) -> list[dict]:
+    """Step 2 (training): every task, every method; one result row each."""
+    results = []
+    for task in TASKS:
+        for method in METHODS:
+            r = _train_one(method, task, *data[task.name], steps=steps, batch=batch, seed=seed,
+                           adapter_dir=adapter_dir)
+            results.append(r)
+            log(f"   {task.name:<11} {method:<13} accuracy {r['accuracy']:.3f}  ({r['seconds']:.0f} s)")
+    return results
+
+
+def _whole(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of a dataset as one batch: images and labels."""
+    return next(iter(DataLoader(ds, batch_size=len(ds))))
+
+
+@torch.inference_mode()
+def _one_pass_checks(combined, base: nn.Module, base_test, data: dict[str, tuple], memory_runs: list[dict]) -> tuple:
+    """Step 3: base accuracy and, per memory task, the one-pass output against the task alone (the
+    rows' ``combined_accuracy`` are filled in); returns ``(base_acc, checks)``."""
+    from .model import BASE_KEY
+
+    x, y = _whole(base_test)
+    base_out = combined.forward_all(x)[BASE_KEY]
+    base_acc = float((base_out.argmax(-1) == y).float().mean())
+    checks = {"base output unchanged": float((base_out - base(x)).abs().max())}
+    for r in memory_runs:
+        xt, yt = _whole(data[r["task"]][1])
+        together = combined.forward_all(xt)[r["task"]]
+        checks[f"{r['task']} same as alone"] = float((together - r["model"](xt)).abs().max())
+        r["combined_accuracy"] = float((together.argmax(-1) == yt).float().mean())
+    return base_acc, checks
+
+
+def _sample_table(combined, base: nn.Module, base_test, data: dict[str, tuple], log: Callable[[str], None]) -> None:
+    """Step 3: two images of each data set through every head, in one pass."""
+    from .model import BASE_KEY
+
+    samples = [(name, ds[i]) for name, ds in [("fmnist 0-4", base_test)] +
+               [(t.name, data[t.name][1]) for t in TASKS] for i in range(2)]
+    with torch.inference_mode():
+        outs = combined.forward_all(torch.stack([s[1][0] for s in samples]))
+    names = {BASE_KEY: D.label_names(base)} | {t: combined.tasks[t].config.class_names for t in combined.task_names}
+    log(f"   {'image from':<12}{'true label':<13}" + "".join(f"{k:<14}" for k in outs))
+    for i, (src, (_, label)) in enumerate(samples):
+        true = (base_test if src == "fmnist 0-4" else data[src][1]).classes[label]
+        row = "".join(f"{names[k][int(v[i].argmax())][:12]:<14}" for k, v in outs.items())
+        log(f"   {src:<12}{true[:12]:<13}{row}")
+
+
+def _timing(combined, base: nn.Module, base_test, singles: list[nn.Module], quick: bool) -> tuple[int, float, float]:
+    """Step 4: median ms of one pass for every task against separate passes; ``(images, one, separate)``."""
+    xb = torch.stack([base_test[i][0] for i in range(min(256, len(base_test)))])
+    repeats = 3 if quick else 10
+    with torch.inference_mode():
+        one_pass = _median_ms(lambda: combined.forward_all(xb), repeats)
+        separate = _median_ms(lambda: [base(xb)] + [m(xb) for m in singles], repeats)
+    return len(xb), one_pass, separate
+
+
+def _results_table(results: list[dict], base_acc: float, n_images: int, n_tasks: int, one_pass: float,
+                   separate: float) -> list[str]:
+    """Step 4: the table's lines."""
+    table = [f"   {'task':<12}{'method':<15}{'accuracy':>9}{'trainable params':>18}{'adapter on disk':>17}"]
+    table.append(f"   {'fmnist 0-4':<12}{'base model':<15}{base_acc:>9.3f}{'(frozen)':>18}{'':>17}")
+    for r in results:
+        table.append(f"   {r['task']:<12}{r['method']:<15}{r['accuracy']:>9.3f}{r['trainable']:>18,}"
+                     f"{_fmt_bytes(r['size']):>17}")
+    base_size = folder_size(D.DEMO_BASE_DIR / "model.safetensors")
+    table.append(f"   (the base model itself: {_fmt_bytes(base_size)} on disk)")
+    table.append(f"   time for base + {n_tasks} tasks on {n_images} images: one pass {one_pass:.1f} ms, "
+                 f"separate passes {separate:.1f} ms ({separate / one_pass:.2f}x)")
+    return table
+
+
 def run_demo(out: str | Path = "demo_output", *, quick: bool = False, steps: int | None = None, seed: int = 0,
              log: Callable[[str], None] = print) -> dict:
     """Run the demo and write its files under ``out``; returns the results (also in ``results.json``).
 
     ``quick`` runs the same code path with a few steps on a few hundred images (a smoke test).
     """
-    from .model import BASE_KEY, load_adapters
+    from .model import load_adapters
 
     start = time.perf_counter()
     out = Path(out)
@@ -149,84 +246,32 @@ def run_demo(out: str | Path = "demo_output", *, quick: bool = False, steps: int
     batch = 32 if quick else BATCH
     limit = 200 if quick else None
 
-    # 1. the base
     base = D.load_demo_base()
     config = D.data_config(base)
     info = json.loads((D.DEMO_BASE_DIR / "config.json").read_text()).get("training", {})
-    log(f"1. Base: timm {type(base).__name__} ({sum(p.numel() for p in base.parameters()):,} parameters, "
-        f"{base.patch_embed.num_patches} patches of {config['input_size'][1]}x{config['input_size'][2]} images), "
-        f"pretrained on Fashion-MNIST classes {info.get('classes', '0-4')}: {', '.join(D.label_names(base) or [])}.")
+    _describe_base(base, config, info, log)
 
-    # 2. fine-tune new tasks, three ways
     log(f"2. Fine-tuning {len(TASKS)} new tasks on the frozen base, {steps} steps of batch {batch} each:")
-    data = {}
-    for task in TASKS:
-        train_ds = D.subsample(D.load_dataset(task.source, "train", config, task.classes),
-                               limit or task.max_train, seed)
-        test_ds = D.subsample(D.load_dataset(task.source, "test", config, task.classes), limit, seed)
-        data[task.name] = (train_ds, test_ds)
-        log(f"   {task.title}: {len(train_ds.classes)} classes ({', '.join(train_ds.classes)}), "
-            f"{len(train_ds)} training / {len(test_ds)} test images")
-    results = []
-    for task in TASKS:
-        for method in METHODS:
-            r = _train_one(method, task, *data[task.name], steps=steps, batch=batch, seed=seed,
-                           adapter_dir=adapter_dir)
-            results.append(r)
-            log(f"   {task.name:<11} {method:<13} accuracy {r['accuracy']:.3f}  ({r['seconds']:.0f} s)")
+    data = _task_data(config, limit, seed, log)
+    results = _train_all(data, steps=steps, batch=batch, seed=seed, adapter_dir=adapter_dir, log=log)
 
-    # 3. load the memory adapters together and serve every task in one pass
     memory_runs = [r for r in results if r["method"] == METHODS[-1]]
     combined = load_adapters(D.load_demo_base(), [r["path"] for r in memory_runs]).eval()
     log(f"3. Loaded {len(memory_runs)} memory adapters on a fresh base: tasks {combined.task_names} "
         "plus the base's own head, served in ONE forward pass.")
     base_test = D.subsample(D.load_dataset("fashion-mnist", "test", config, info.get("classes", "0-4")), limit, seed)
-    checks = {}
-    with torch.inference_mode():
-        x, y = next(iter(DataLoader(base_test, batch_size=len(base_test))))
-        base_out = combined.forward_all(x)[BASE_KEY]
-        base_acc = float((base_out.argmax(-1) == y).float().mean())
-        checks["base output unchanged"] = float((base_out - base(x)).abs().max())
-        for r in memory_runs:
-            xt, yt = next(iter(DataLoader(data[r["task"]][1], batch_size=len(data[r["task"]][1]))))
-            together = combined.forward_all(xt)[r["task"]]
-            alone = r["model"](xt)
-            checks[f"{r['task']} same as alone"] = float((together - alone).abs().max())
-            r["combined_accuracy"] = float((together.argmax(-1) == yt).float().mean())
-        samples = [(name, ds[i]) for name, ds in [("fmnist 0-4", base_test)] +
-                   [(t.name, data[t.name][1]) for t in TASKS] for i in range(2)]
-        outs = combined.forward_all(torch.stack([s[1][0] for s in samples]))
-    names = {BASE_KEY: D.label_names(base)} | {t: combined.tasks[t].config.class_names for t in combined.task_names}
-    header = f"   {'image from':<12}{'true label':<13}" + "".join(f"{k:<14}" for k in outs)
-    log(header)
-    for i, (src, (_, label)) in enumerate(samples):
-        true = (base_test if src == "fmnist 0-4" else data[src][1]).classes[label]
-        row = "".join(f"{names[k][int(v[i].argmax())][:12]:<14}" for k, v in outs.items())
-        log(f"   {src:<12}{true[:12]:<13}{row}")
+    base_acc, checks = _one_pass_checks(combined, base, base_test, data, memory_runs)
+    _sample_table(combined, base, base_test, data, log)
     log("   (each head answers its own question; the digits head has no useful answer for a shoe)")
     log("   max |difference| one pass vs alone: " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
 
-    # 4. timing and the table
-    xb = torch.stack([base_test[i][0] for i in range(min(256, len(base_test)))])
     singles = [r["model"] for r in memory_runs]
-    repeats = 3 if quick else 10
-    with torch.inference_mode():
-        one_pass = _median_ms(lambda: combined.forward_all(xb), repeats)
-        separate = _median_ms(lambda: [base(xb)] + [m(xb) for m in singles], repeats)
+    n_images, one_pass, separate = _timing(combined, base, base_test, singles, quick)
     log(f"4. Results ({steps} fine-tuning steps, test accuracy):")
-    table = [f"   {'task':<12}{'method':<15}{'accuracy':>9}{'trainable params':>18}{'adapter on disk':>17}"]
-    table.append(f"   {'fmnist 0-4':<12}{'base model':<15}{base_acc:>9.3f}{'(frozen)':>18}{'':>17}")
-    for r in results:
-        table.append(f"   {r['task']:<12}{r['method']:<15}{r['accuracy']:>9.3f}{r['trainable']:>18,}"
-                     f"{_fmt_bytes(r['size']):>17}")
-    base_size = folder_size(D.DEMO_BASE_DIR / "model.safetensors")
-    table.append(f"   (the base model itself: {_fmt_bytes(base_size)} on disk)")
-    table.append(f"   time for base + {len(singles)} tasks on {len(xb)} images: one pass {one_pass:.1f} ms, "
-                 f"separate passes {separate:.1f} ms ({separate / one_pass:.2f}x)")
+    table = _results_table(results, base_acc, n_images, len(singles), one_pass, separate)
     for line in table:
         log(line)
 
-    # 5. the figure, 6. the files
     figure = out / "demo.png"
     _figure(combined, results, base_acc, figure)
     summary = dict(steps=steps, batch=batch, base_accuracy=base_acc, checks=checks,

@@ -599,3 +599,203 @@ def test_train_under_accelerate_launch_with_two_processes(tmp_path):
     assert r.stdout.count("saved adapter") == 1  # only the main process writes
     assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
     load_adapters(D.load_demo_base(), [out])
+
+
+# ----- resuming, checkpoints, the recorded validation split -----
+def test_resume_reuses_the_recorded_settings_and_never_writes_over_the_adapter(tmp_path, capsys):
+    first = tmp_path / "a"
+    code, _, err = _run(["train", "--data", "digits", "--n-mem", "2", "--optimizer", "adamw", "--lr", "0.01",
+                         "--batch-size", "16", "--max-train", "48", "--steps", "3", "--no-val", "--no-progress",
+                         "--out", first], capsys)
+    assert code == 0, err
+    before = (first / "adapter_model.safetensors").read_bytes()
+    code, text, err = _run(["train", "--resume", first, "--steps", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    resumed = tmp_path / "a-resumed"
+    assert f"resuming {first} at step 3 of its schedule" in text and f"saved adapter {resumed}" in text
+    assert (first / "adapter_model.safetensors").read_bytes() == before  # the original is kept
+    info = json.loads((resumed / "training.json").read_text())
+    s = info["settings"]
+    assert (s["optimizer"], s["lr"], s["batch_size"], s["max_train"], s["no_val"]) == ("adamw", 0.01, 16, 48, True)
+    assert info["total_steps"] == 5 and info["planned_steps"] == 5 and info["complete"]
+    state = torch.load(resumed / "training_state.pt", weights_only=True)
+    assert state["step"] == 5 and state["optimizer_names"] == {"digits": "adamw"}
+    assert state["optimizers"]["digits"]["state"]  # Adam's moments travel with the adapter
+    code, _, err = _run(["train", "--resume", resumed, "--steps", "1", "--lr", "0.02", "--no-progress"], capsys)
+    assert code == 0, err
+    again = json.loads((tmp_path / "a-resumed-2" / "training.json").read_text())["settings"]
+    assert (again["lr"], again["optimizer"], again["batch_size"]) == (0.02, "adamw", 16)
+    code, _, err = _run(["train", "--resume", first, "--out", first, "--steps", "1"], capsys)
+    assert_one_line_error(code, err, "is the adapter being resumed", "--overwrite")
+    code, _, err = _run(["train", "--resume", first], capsys)
+    assert_one_line_error(code, err, "finished its 3 steps", "--steps N")
+
+
+def test_save_every_keeps_the_last_checkpoint_when_interrupted(tmp_path, monkeypatch, capsys):
+    import learnable_memory.cli.train as train_cli
+
+    out, calls = tmp_path / "ck", []
+    save = train_cli.save_adapter_run
+
+    def interrupt_the_second(*args, **kwargs):  # Ctrl-C while step 4 is being saved
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(save(*args, **kwargs))
+
+    monkeypatch.setattr(train_cli, "save_adapter_run", interrupt_the_second)
+    code, _, err = _run(["train", "--data", "digits", "--n-mem", "2", "--steps", "6", "--save-every", "2",
+                         "--batch-size", "16", "--max-train", "48", "--no-val", "--no-progress", "--out", out], capsys)
+    assert code == 130 and calls == [out]
+    assert err == (f"learnable-memory: interrupted (Ctrl-C): the checkpoint of step 2 is in {out}; continue with: "
+                   f"learnable-memory train --resume {out}\n")
+    info = json.loads((out / "training.json").read_text())
+    assert (info["total_steps"], info["planned_steps"], info["complete"]) == (2, 6, False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no half-written folder is left
+    monkeypatch.setattr(train_cli, "save_adapter_run", save)
+    code, _, err = _run(["train", "--resume", out, "--no-progress"], capsys)  # the rest of the schedule
+    assert code == 0, err
+    info = json.loads((tmp_path / "ck-resumed" / "training.json").read_text())
+    assert (info["total_steps"], info["settings"]["steps"], info["complete"]) == (6, 4, True)
+
+
+def test_eval_rebuilds_the_validation_split_of_a_val_fraction_adapter(trained, tmp_path, capsys):
+    root = tmp_path / "pets"  # no val/test folder: only the training run's held-out images can evaluate it
+    for label, value in (("cat", 30), ("dog", 220)):
+        for i in range(10):
+            gray_png(root / label / f"{i}.png", value + i)
+    out = tmp_path / "pets-adapter"
+    code, _, err = _run(["train", "--data", root, "--val-fraction", "0.25", "--max-train", "16", "--steps", "2",
+                         "--batch-size", "8", "--no-progress", "--out", out, "--seed", "3"], capsys)
+    assert code == 0, err
+    info = json.loads((out / "training.json").read_text())
+    assert info["validation"] == {"split": "held_out", "fraction": 0.25, "seed": 3, "max_train": 16}
+    code, text, err = _run(["eval", out, "--split", "val", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(text)["pets"]["n"] == 4  # 25% of the 16 training images
+    code, text, err = _run(["eval", trained, out, "--json"], capsys)  # one such adapter no longer aborts the rest
+    assert code == 0, err
+    results = json.loads(text)
+    assert results["pets"]["n"] == 4 and results["digits"]["n"] > 0
+    assert "task 'pets': " in err and "has no test split" in err
+
+
+@pytest.mark.integration
+def test_sigterm_keeps_the_last_checkpoint_and_exits_in_one_line(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "long"
+    cmd = [sys.executable, "-m", "learnable_memory", "train", "--data", "digits", "--n-mem", "1", "--steps", "100000",
+           "--save-every", "1", "--batch-size", "8", "--max-train", "32", "--no-val", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    try:
+        for _ in range(1200):  # the first checkpoint (a loaded machine: up to 10 minutes)
+            if (out / "training.json").is_file() or proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("learnable-memory: interrupted (SIGTERM): the checkpoint of step")
+    info = json.loads((out / "training.json").read_text())
+    assert not info["complete"] and f"step {info['total_steps']} is in {out}" in last
+    load_adapters(D.load_demo_base(), [out])
+
+
+# ----- sweeps -----
+def test_sweep_trains_the_grid_in_one_run_as_each_configuration_alone(tmp_path, capsys):
+    out = tmp_path / "sw"
+    common = ["--data", "digits", "--steps", "3", "--batch-size", "16", "--max-train", "48", "--no-progress"]
+    code, text, err = _run(["train", *common, "--sweep", "lr=0.1,0.3", "--sweep", "n-mem=1,2", "--sweep",
+                            "seed=0,4", "--out", out], capsys)
+    assert code == 0, err
+    names = [f"lr-{lr}_n-mem-{m}_seed-{s}" for lr in (0.1, 0.3) for m in (1, 2) for s in (0, 4)]
+    assert all((out / n / "adapter_config.json").is_file() for n in names)
+    rows = json.loads((out / "sweep.json").read_text())
+    assert sorted(r["name"] for r in rows) == sorted(names)
+    assert [r["best"] for r in rows] == sorted((r["best"] for r in rows), reverse=True)
+    assert (out / "best" / "adapter_config.json").read_text() == (out / rows[0]["name"] / "adapter_config.json"
+                                                                  ).read_text()
+    assert (out / "sweep.png").stat().st_size > 0 and len((out / "sweep.csv").read_text().splitlines()) == 9
+    assert text.splitlines()[-10].split()[:4] == ["rank", "lr", "n-mem", "seed"]
+    info = json.loads((out / names[-1] / "training.json").read_text())
+    assert (info["settings"]["lr"], info["task"]) == (0.3, names[-1])
+    # one configuration, trained alone by train with the same settings (the data order of --seed 0)
+    alone = tmp_path / "alone"
+    torch.manual_seed(0)
+    code, _, err = _run(["train", *common, "--lr", "0.3", "--n-mem", "2", "--out", alone], capsys)
+    assert code == 0, err
+    a = load_adapters(D.load_demo_base(), [alone]).tasks["digits"]
+    b = load_adapters(D.load_demo_base(), [out / "lr-0.3_n-mem-2_seed-0"]).tasks["lr-0.3_n-mem-2_seed-0"]
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sweep, needle", [("lr=abc", "lr='abc'"), ("foo=1", "can not sweep 'foo'"),
+                                           ("lr", "KEY=V1,V2"), ("lr=0.1,0.1", "twice"),
+                                           ("optimizer=lion", "not sgd or adamw")])
+def test_bad_sweeps_are_one_line_errors(sweep, needle, tmp_path, capsys):
+    code, _, err = _run(["train", "--data", "digits", "--sweep", sweep, *TINY, "--out", tmp_path / "x"], capsys)
+    assert_one_line_error(code, err, "--sweep", needle)
+    assert not (tmp_path / "x").exists()
+
+
+def test_labels_file_trains_an_adapter_per_column_in_one_run(tmp_path, capsys):
+    rows = ["path,shade,size"]
+    for i in range(24):
+        gray_png(tmp_path / "img" / f"{i}.png", 20 + 9 * i)
+        rows.append(f"img/{i}.png,{'dark' if i < 12 else 'light'},{'' if i % 5 == 0 else ('s', 'm', 'l')[i % 3]}")
+    (tmp_path / "attrs.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "attrs"
+    code, text, err = _run(["train", "--labels", tmp_path / "attrs.csv", "--n-mem", "1", "--steps", "3",
+                            "--batch-size", "8", "--val-fraction", "0.25", "--no-progress", "--out", out], capsys)
+    assert code == 0, err
+    model = load_adapters(D.load_demo_base(), [out / "shade", out / "size"])
+    assert model.tasks["shade"].config.class_names == ["dark", "light"]
+    assert model.tasks["size"].config.class_names == ["l", "m", "s"]
+    assert "shade: 2 classes; best validation accuracy" in text
+    info = json.loads((out / "size" / "training.json").read_text())
+    assert info["validation"]["fraction"] == 0.25 and info["task"] == "size"
+    code, _, err = _run(["train", "--labels", tmp_path / "attrs.csv", "--tasks", "size", "--steps", "1",
+                         "--no-progress", "--out", tmp_path / "only"], capsys)
+    assert code == 0 and sorted(p.name for p in (tmp_path / "only").iterdir()) == ["size"]
+    (tmp_path / "bad.csv").write_text("file,shade\nimg/0.png,dark\n")
+    code, _, err = _run(["train", "--labels", tmp_path / "bad.csv", "--steps", "1"], capsys)
+    assert_one_line_error(code, err, "has no 'path' column")
+    code, _, err = _run(["train", "--labels", tmp_path / "attrs.csv", "--tasks", "colour", "--steps", "1"], capsys)
+    assert_one_line_error(code, err, "no label column ['colour']")
+
+
+def test_an_interrupted_sweep_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    import learnable_memory.cli.sweep as sweep_cli
+
+    out, calls = tmp_path / "sw", []
+    save = sweep_cli.save_configs
+
+    def interrupt_the_second(*args, complete=True, **kwargs):  # Ctrl-C while step 4 is being saved
+        if calls and not complete:
+            raise KeyboardInterrupt
+        calls.append(complete)
+        save(*args, complete=complete, **kwargs)
+
+    monkeypatch.setattr(sweep_cli, "save_configs", interrupt_the_second)
+    argv = ["train", "--data", "digits", "--steps", "6", "--save-every", "2", "--batch-size", "16", "--max-train",
+            "48", "--no-val", "--no-progress", "--optimizer", "adamw", "--lr", "0.01"]
+    code, _, err = _run([*argv, "--sweep", "n-mem=1,2", "--out", out], capsys)
+    assert code == 130 and "the checkpoint of step 2 is in" in err, err
+    names = ["n-mem-1", "n-mem-2"]
+    assert [json.loads((out / n / "training.json").read_text())["total_steps"] for n in names] == [2, 2]
+    code, text, err = _run(["train", "--resume", out, "--no-progress"], capsys)
+    assert code == 0, err
+    assert "from step 2" in text
+    done = tmp_path / "sw-resumed"
+    for n in names:
+        info = json.loads((done / n / "training.json").read_text())
+        assert (info["total_steps"], info["complete"], info["settings"]["optimizer"]) == (6, True, "adamw")
+    assert load_adapters(D.load_demo_base(), [done / n for n in names]).task_names == names
+    code, _, err = _run(["train", "--resume", out, "--sweep", "lr=0.1"], capsys)
+    assert_one_line_error(code, err, "drop --sweep")

@@ -175,3 +175,13 @@ def test_pretrain_script_smoke(tmp_path):
     assert D.data_config(base)["input_size"] == (1, 28, 28)
     with pytest.raises(FileNotFoundError, match="pretrain_base"):
         D.load_demo_base(tmp_path / "missing")
+
+
+def test_preprocessing_and_bases_have_their_own_modules_and_data_re_exports_them():
+    from learnable_memory import bases, preprocessing
+
+    for name in ("data_config", "model_transform", "pil_mode", "open_image"):
+        assert getattr(D, name) is getattr(preprocessing, name), name
+    for name in ("load_demo_base", "label_names", "DEMO_BASE_DIR", "DEMO_BASES", "GLYPH_BASE_DIR"):
+        assert getattr(D, name) is getattr(bases, name), name
+    assert set(D.__all__) <= set(dir(D))

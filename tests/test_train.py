@@ -124,7 +124,8 @@ def test_fit_trains_only_the_task_of_a_memory_model():
 def test_fit_rejects_bad_arguments():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     loader = DataLoader(_blobs(8, d=2), batch_size=4)
-    with pytest.raises(ValueError, match="no trainable"):
+    with pytest.raises(ValueError, match=r"the model has no trainable parameters: load adapters with "
+                                         r"load_adapters\(\.\.\., trainable=True\).* or call requires_grad_\(\)"):
         fit(frozen, loader, steps=1)
     with pytest.raises(ValueError, match="exactly one"):
         fit(nn.Linear(2, 2), loader, steps=1, epochs=1)
@@ -151,3 +152,9 @@ def test_evaluate_accuracy_and_confusion():
     assert torch.equal(r["confusion"], expected)
     with pytest.raises(ValueError, match="empty"):
         evaluate(_Fixed(), DataLoader(TensorDataset(torch.zeros(0, 1), torch.zeros(0).long())))
+
+
+def test_fit_shows_no_progress_bar_off_a_terminal(capsys):
+    """A log file or CI output (stderr not a terminal) gets the epoch lines only, not a bar per step."""
+    fit(nn.Linear(8, 3), DataLoader(_blobs(64), batch_size=4), steps=16, lr=0.1, progress=True)
+    assert capsys.readouterr().err == ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("adapters", nargs="+", help="adapter folders, save_pretrained folders or hf-hub:owner/repo")
     p.add_argument("--data", nargs="+", metavar="TASK=SOURCE", help="data per task; base=SOURCE evaluates the "
                    "base model too")
-    p.add_argument("--split", choices=("train", "test"), default="test")
+    p.add_argument("--split", choices=("train", "test", "val"), default="test",
+                   help="val: the images each adapter was validated on while training (its held-out fraction of "
+                   "the training images, rebuilt from training.json, or the test split); test falls back to it for "
+                   "data without a test split (default %(default)s)")
     p.add_argument("--limit", type=positive_int,
                    help="evaluate on a fixed random subset of at most this many images per task")
     p.add_argument("--batch-size", type=positive_int, default=256)
@@ -48,16 +52,54 @@ def parse_data_map(items: Sequence[str] | None) -> dict[str, str]:
 
 
 def task_data(task: str, source: str | None, classes, num_classes: int, split: str, config: dict,
-              limit: int | None) -> Dataset:
-    """The ``split`` images of ``source`` for a task with ``num_classes`` outputs, prepared as ``config`` says."""
+              limit: int | None, validation: dict | None = None) -> Dataset:
+    """The ``split`` images of ``source`` for a task with ``num_classes`` outputs, prepared as ``config`` says
+    (``validation``: how its training chose its validation images, from ``training.json``; see
+    :func:`split_data`)."""
     from .. import data as D
 
     if source is None:
         raise ValueError(f"no data for task {task!r}: pass --data {task}=SOURCE")
-    ds = D.subsample(D.load_dataset(source, split, config, classes=classes), limit)
+    ds = D.subsample(split_data(task, source, split, config, classes, validation), limit)
     if len(ds.classes) != num_classes:
         raise ValueError(f"data {source!r} has {len(ds.classes)} classes but task {task!r} predicts {num_classes}")
     return ds
+
+
+def _held_out(task: str, validation: dict | None) -> dict | None:
+    """The recorded held-out split (fraction, seed, max_train), checked, or None."""
+    if not isinstance(validation, dict) or validation.get("split") != "held_out":
+        return None
+    fraction, seed, limit = validation.get("fraction"), validation.get("seed"), validation.get("max_train")
+    if not (isinstance(fraction, float) and 0 < fraction < 1 and isinstance(seed, int)
+            and (limit is None or isinstance(limit, int))):
+        raise ValueError(f"task {task!r}: the validation split in its training.json is malformed ({validation}); "
+                         "fix it, or evaluate with --split test")
+    return validation
+
+
+def split_data(task: str, source: str, split: str, config: dict, classes, validation: dict | None) -> Dataset:
+    """The images of ``split``: "val" rebuilds the held-out images a training run validated on (the same
+    subsample and split of the training images, by its recorded fraction and seed), or is the test split
+    it validated on; "test" of an image folder without a test split falls back to that held-out split."""
+    from .. import data as D
+
+    held = _held_out(task, validation)
+    folder = split == "test" and held is not None and not D.is_builtin(source)
+    if folder and D.image_folder_split(source, "test") is None:
+        print(f"task {task!r}: {source} has no test split; evaluating on the validation images its training "
+              "held out", file=sys.stderr)
+        split = "val"
+    if split == "val" and held is None:
+        if not isinstance(validation, dict) or validation.get("split") != "test":
+            raise ValueError(f"task {task!r} records no validation split (trained with --no-val, or by an older "
+                             "version): evaluate it with --split test")
+        split = "test"
+    if split != "val":
+        return D.load_dataset(source, split, config, classes=classes)
+    train = D.load_dataset(source, "train", config, classes=classes)
+    train = D.subsample(train, held["max_train"], seed=held["seed"])
+    return D.holdout(train, held["fraction"], seed=held["seed"])[1]
 
 
 def format_confusion(conf: torch.Tensor, names: Sequence[str]) -> str:
@@ -105,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         cfg, info = model.tasks[task].config, infos[task]
         source = mapping.get(task) or info.get("data")
         ds = task_data(task, source, cfg.class_names or info.get("class_subset"), cfg.num_classes, args.split,
-                       output_preprocessing(model, task), args.limit)
+                       output_preprocessing(model, task), args.limit, info.get("validation"))
         jobs.append((task, model, ds))
     if "base" in mapping:
         ds = task_data("base", mapping["base"], D.label_names(base), base.num_classes, args.split,

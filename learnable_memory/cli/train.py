@@ -1,11 +1,13 @@
 """``learnable-memory train``: fine-tune one memory adapter on a frozen base and save it with its
-``training.json`` (data, base model spec, settings, history), from which ``eval`` and ``predict``
-rebuild the base and the data, and ``--resume`` continues."""
+``training.json`` (data, base model spec, settings, validation split, history), from which ``eval`` and
+``predict`` rebuild the base and the data, and ``training_state.pt`` (the optimizer state and the
+schedule position), from which ``--resume`` continues with the recorded settings. ``--save-every``
+writes the same folder periodically; Ctrl-C or SIGTERM then keeps the last one."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from .. import data as D
 from ..config import MODES
 from ..model import MemoryViT
-from ..train import DEFAULTS
+from ..training.optim import DEFAULTS
+from ..training.results import FitState
 from .base import (
     add_model_options,
     base_spec,
@@ -27,17 +30,27 @@ from .base import (
     save_base,
     saved_base_spec,
 )
+from .checkpoints import (
+    RECORDED,
+    apply_recorded,
+    read_state,
+    report_interrupt,
+    resumed_folder,
+    save_adapter_run,
+    sigterm_raises,
+    training_record,
+)
+from .labels import check_labels_args, label_data, labels_model, save_labels_run
 from .options import fraction, non_negative_float, non_negative_int, positive_float, positive_int, task_name
 from .records import (
-    TRAINING_FILE,
     add_adapter_options,
     load_named_adapters,
     read_training_info,
     resolve_adapters,
 )
+from .sweep import SWEEP_STATE, SWEEPABLE, check_sweep_args, checkpoint_step, resumed_sweep, run_sweep, sweep_axis
 
 N_MEM, EPOCHS = 5, 3  # defaults of --n-mem and --epochs (None in the parser, so --resume can tell)
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -58,28 +71,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int, help="optimizer steps")
     length.add_argument("--epochs", type=positive_int, help=f"passes over the training data (default {EPOCHS})")
-    p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"], help="peak learning rate (default %(default)s)")
-    p.add_argument("--memory-lr-scale", type=positive_float, default=DEFAULTS["memory_lr_scale"],
-                   help="the memory tokens' learning rate is --lr times this (default %(default)s)")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=DEFAULTS["optimizer"],
-                   help="default %(default)s (momentum 0.9)")
-    p.add_argument("--weight-decay", type=non_negative_float, default=DEFAULTS["weight_decay"])
-    p.add_argument("--warmup", type=non_negative_float, default=DEFAULTS["warmup"],
-                   help="warm-up steps, or fraction of the steps if < 1 (default %(default)s)")
-    p.add_argument("--clip", type=positive_float, default=DEFAULTS["clip"],
-                   help="max gradient norm (default %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="per process (default %(default)s)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {DEFAULTS['lr']})")
+    p.add_argument("--memory-lr-scale", type=positive_float,
+                   help=f"the memory tokens' learning rate is --lr times this (default {DEFAULTS['memory_lr_scale']})")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), help=f"default {DEFAULTS['optimizer']} (momentum 0.9)")
+    p.add_argument("--weight-decay", type=non_negative_float, help=f"default {DEFAULTS['weight_decay']}")
+    p.add_argument("--warmup", type=non_negative_float,
+                   help=f"warm-up steps, or fraction of the steps if < 1 (default {DEFAULTS['warmup']})")
+    p.add_argument("--clip", type=positive_float, help=f"max gradient norm (default {DEFAULTS['clip']})")
+    p.add_argument("--batch-size", type=positive_int, help=f"per process (default {RECORDED['batch_size']})")
+    p.add_argument("--seed", type=non_negative_int, help="default 0; also the seed of --max-train and the "
+                   "validation split")
+    p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
     p.add_argument("--max-train", type=positive_int, help="use at most this many training images")
     p.add_argument("--val-fraction", type=fraction, help="validate on this fraction of the training images "
-                   "(default: the test split)")
-    p.add_argument("--no-val", action="store_true", help="skip per-epoch validation")
+                   "(default: the test split); recorded, so eval can rebuild the split")
+    p.add_argument("--no-val", action="store_true", default=None, help="skip per-epoch validation")
     p.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes")
-    p.add_argument("--out", help="adapter folder to write (default adapters/TASK)")
+    p.add_argument("--out", help="adapter folder to write (default adapters/TASK; resuming: a new folder "
+                   "ADAPTER-resumed beside the adapter)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --save-base)")
-    p.add_argument("--resume", metavar="ADAPTER", help="continue training a saved adapter (written back in place "
-                   "unless --out is given)")
+    p.add_argument("--resume", metavar="ADAPTER", help="continue training a saved adapter with its recorded "
+                   "settings (options given here override them), optimizer state and schedule position")
+    p.add_argument("--init-std", type=positive_float, help="the new memory's initial standard deviation "
+                   "(default 0.02)")
+    p.add_argument("--sweep", action="append", type=sweep_axis, metavar="KEY=V1,V2",
+                   help="train the grid of every --sweep in one pass per batch, one adapter per configuration under "
+                   f"--out, with sweep.json/.csv/.png and the best copied to OUT/best; KEY: {', '.join(SWEEPABLE)} "
+                   "(seed: of the initialisation)")
+    p.add_argument("--labels", metavar="FILE.csv", help="train an adapter per label column of FILE.csv (a 'path' "
+                   "column, relative to the file, then a column per task; an empty cell is no label) in one pass "
+                   "per batch, each under --out/COLUMN")
+    p.add_argument("--tasks", nargs="+", metavar="COLUMN", help="with --labels: the columns to train (default all)")
+    p.add_argument("--save-every", type=positive_int, metavar="STEPS", help="write the adapter (and what --resume "
+                   "needs) to --out every STEPS steps; Ctrl-C or SIGTERM then keeps the last one")
     add_adapter_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -98,6 +123,8 @@ class Plan:
     subset: str | list[str] | None  # --class-subset, or the resumed task's class names
     model: MemoryViT | None = None  # the resumed adapter, loaded trainable
     previous: dict = field(default_factory=dict)  # the resumed adapter's training.json
+    state: FitState | None = None  # the resumed adapter's optimizer state and schedule position
+    records: dict[str, dict] = field(default_factory=dict)  # a resumed sweep: each configuration's training.json
 
 
 def default_task_name(source: str, subset: str | None) -> str:
@@ -141,6 +168,8 @@ def resume_plan(args: argparse.Namespace) -> Plan:
     if len(folders) != 1:
         raise ValueError(f"--resume takes one adapter folder; {args.resume} holds {len(folders)}")
     info = read_training_info(folders[0])
+    settings = info.get("settings", {})
+    apply_recorded(args, settings if isinstance(settings, dict) else {})
     spec = base_spec(args) if _has_model_options(args) else info.get("base", base_spec(args))
     refuse_random_weights(spec)
     base = create_base(**spec)
@@ -157,35 +186,68 @@ def resume_plan(args: argparse.Namespace) -> Plan:
     if source is None:
         raise ValueError(f"no data for resumed task {task!r}: pass --data")
     subset = cfg.class_names or args.class_subset or info.get("class_subset")
-    return Plan(spec, base, extend, task, source, subset, model, info)
+    return Plan(spec, base, extend, task, source, subset, model, info, read_state(folders[0]))
+
+
+def sweep_resume_plan(args: argparse.Namespace) -> Plan:
+    """A sweep ``--resume`` continues: its configurations loaded trainable on the base they record, their
+    optimizer states merged, the grid and settings they record."""
+    folders, state = resumed_sweep(Path(args.resume), args)
+    records = {f.name: read_training_info(f) for f in folders}
+    info = records[folders[0].name]
+    apply_recorded(args, info.get("settings", {}))
+    spec = info.get("base", {})
+    base = create_base(**spec)
+    model = load_named_adapters(base, folders, check_fingerprint=not args.no_fingerprint_check, trainable=True)
+    cfg = model.tasks[model.task_names[0]].config
+    return Plan(spec, base, [], cfg.name, args.data or info.get("data"), cfg.class_names, model, {}, state, records)
 
 
 def output_folder(args: argparse.Namespace, task: str) -> Path:
-    """``--out``, else the resumed adapter (in place), else ``adapters/TASK``; an existing folder is
-    refused unless ``--overwrite`` or resuming in place, so nothing saved is lost."""
-    out = Path(args.out) if args.out else (Path(args.resume) if args.resume else Path("adapters") / task)
-    in_place = args.resume is not None and out.resolve() == Path(args.resume).resolve()
-    if out.exists() and not (args.overwrite or in_place):
+    """``--out``, else (resuming) a new folder beside the resumed adapter, else ``adapters/TASK``. An
+    existing folder, the resumed adapter included, is refused unless ``--overwrite``: nothing saved is lost."""
+    if args.resume and not args.out:
+        return resumed_folder(Path(args.resume))
+    out = Path(args.out) if args.out else Path("adapters") / task
+    if out.exists() and not args.overwrite:
+        if args.resume and out.resolve() == Path(args.resume).resolve():
+            raise FileExistsError(f"{out} is the adapter being resumed: pass --overwrite to write over it, or drop "
+                                  f"--out to write {resumed_folder(out)}")
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     return out
 
 
-def datasets(args: argparse.Namespace, plan: Plan, accelerator) -> tuple[Dataset, Dataset | None]:
-    """Training and validation images: ``--val-fraction``, else the test split, else 10% held out."""
+def datasets(args: argparse.Namespace, plan: Plan, accelerator) -> tuple[Dataset, Dataset | None, dict | None]:
+    """Training and validation images (``--val-fraction``, else the test split, else 10% held out), and
+    how the validation images were chosen, as ``training.json`` records it for ``eval``."""
     config = D.data_config(plan.base)
     train_ds = D.load_dataset(plan.source, "train", config, classes=plan.subset)
     train_ds = D.subsample(train_ds, args.max_train, seed=args.seed)
+    held_out = dict(split="held_out", fraction=args.val_fraction, seed=args.seed, max_train=args.max_train)
     if args.val_fraction:
-        return D.holdout(train_ds, args.val_fraction, seed=args.seed)
+        return *D.holdout(train_ds, args.val_fraction, seed=args.seed), held_out
     if args.no_val:
-        return train_ds, None
+        return train_ds, None, None
     try:
-        return train_ds, D.load_dataset(plan.source, "test", config, classes=plan.subset)
+        return train_ds, D.load_dataset(plan.source, "test", config, classes=plan.subset), dict(split="test")
     except FileNotFoundError:
         if D.is_builtin(plan.source):
             raise
         accelerator.print("no val/test folder: holding out 10% of the training images for validation")
-        return D.holdout(train_ds, 0.1, seed=args.seed)
+        return *D.holdout(train_ds, 0.1, seed=args.seed), dict(held_out, fraction=0.1)
+
+
+def run_length(args: argparse.Namespace, plan: Plan) -> tuple[int | None, int | None]:
+    """``(steps, epochs)`` of this run: as given; resuming, the rest of the recorded schedule; else
+    ``EPOCHS`` epochs."""
+    if args.steps or args.epochs:
+        return args.steps, args.epochs
+    if plan.state is not None:
+        if plan.state.step < plan.state.total:
+            return plan.state.total - plan.state.step, None
+        raise ValueError(f"{args.resume} finished its {plan.state.total} steps: pass --steps N or --epochs N to "
+                         "train N more")
+    return None, EPOCHS
 
 
 def task_model(args: argparse.Namespace, plan: Plan, class_names: list[str]) -> MemoryViT:
@@ -204,62 +266,139 @@ def task_model(args: argparse.Namespace, plan: Plan, class_names: list[str]) -> 
         if plan.task in start.tasks:
             raise ValueError(f"an --extend adapter already holds task {plan.task!r}: name this one with --task NAME")
     return wrap_model(start, n_mem=N_MEM if args.n_mem is None else args.n_mem, task=plan.task,
+                      init_std=args.init_std or 0.02,
                       mode=args.mode or "non_destructive", class_names=class_names)
 
 
-def recorded(spec: str | Path) -> str:
-    """An adapter spec as ``training.json`` records it: ``hf-hub:`` as given, a folder made absolute."""
-    return str(spec) if str(spec).startswith("hf-hub:") else str(Path(spec).resolve())
+def _fit_args(args: argparse.Namespace, steps: int | None, epochs: int | None, accelerator) -> dict:
+    """``fit``'s keyword arguments from the options."""
+    return dict(steps=steps, epochs=epochs, lr=args.lr, memory_lr_scale=args.memory_lr_scale,
+                optimizer=args.optimizer, weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip,
+                bf16=args.bf16, accelerator=accelerator, seed=args.seed, progress=not args.no_progress,
+                log=accelerator.print)
 
 
-def training_record(args: argparse.Namespace, plan: Plan, class_names: list[str], result, processes: int) -> dict:
-    """The ``training.json`` of the saved adapter; a resumed one adds to its steps and history."""
-    previous = plan.previous
-    return dict(
-        task=plan.task, data=plan.source if D.is_builtin(plan.source) else str(Path(plan.source).resolve()),
-        class_subset=plan.subset if isinstance(plan.subset, str) else previous.get("class_subset"),
-        class_names=class_names, base=plan.spec, extends=[recorded(e) for e in plan.extend],
-        settings=dict(steps=result.steps, batch_size=args.batch_size, processes=processes, lr=args.lr,
-                      memory_lr_scale=args.memory_lr_scale, optimizer=args.optimizer,
-                      weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, bf16=args.bf16,
-                      seed=args.seed),
-        total_steps=previous.get("total_steps", 0) + result.steps,
-        resumed_from=recorded(args.resume) if args.resume else None,
-        history=previous.get("history", []) + result.history,
-        val_accuracy=result.val.get("accuracy"))
+def run_labels(args: argparse.Namespace, accelerator) -> int:
+    """``--labels``: a task per column, trained in one pass per batch, saved one folder each."""
+    from ..train import fit
+
+    args.data, args.init_std = args.labels, args.init_std or 0.02
+    args.n_mem = N_MEM if args.n_mem is None else args.n_mem
+    plan = new_plan(args, accelerator)
+    out = output_folder(args, Path(args.labels).stem)
+    table, train_ds, val_ds, validation = label_data(args, D.data_config(plan.base))
+    model = labels_model(args, plan.base, table, lambda: create_base(**plan.spec))
+    g = torch.Generator().manual_seed(args.seed)
+    train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, generator=g,
+                              num_workers=args.workers)
+    val_loader = DataLoader(val_ds, batch_size=args.batch_size * 2, num_workers=args.workers) if val_ds else None
+    accelerator.print(f"{len(table.tasks)} tasks ({', '.join(table.tasks)}) on {len(train_ds)} training images"
+                      f"{f', {len(val_ds)} validation images' if val_ds else ''}, in one pass per batch")
+    steps, epochs = run_length(args, plan)
+    result = fit(model, train_loader, val_loader, **_fit_args(args, steps, epochs, accelerator), desc="labels",
+                 restore_best=val_loader is not None)
+    if accelerator.is_main_process:
+        save_labels_run(model, out, table, result, save_adapter_run,
+                        lambda task, r: training_record(args, dataclasses.replace(plan, task=task),
+                                                        table.classes[task], r, accelerator.num_processes,
+                                                        validation))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def sweep(args: argparse.Namespace, plan: Plan, out: Path, loaders: tuple, class_names: list[str],
+          validation: dict | None, fit_args: dict, accelerator) -> int:
+    """``--sweep`` (or a sweep's ``--resume``): the grid in one pass per batch; Ctrl-C / SIGTERM in one line."""
+    from ..train import fit
+
+    args.n_mem, args.init_std = N_MEM if args.n_mem is None else args.n_mem, args.init_std or 0.02
+
+    def record(cargs: argparse.Namespace, task: str, result, complete: bool) -> dict:
+        config_plan = dataclasses.replace(plan, task=task, previous=plan.records.get(task, {}))
+        return training_record(cargs, config_plan, class_names, result, accelerator.num_processes, validation,
+                               complete)
+
+    try:
+        with sigterm_raises():
+            run_sweep(args, plan.model, plan.base, out, loaders, class_names,
+                      fit=lambda *a, **k: fit(*a, **fit_args, desc="sweep", **k), record=record,
+                      make_base=lambda: create_base(**plan.spec), accelerator=accelerator, resume=plan.state)
+    except KeyboardInterrupt as e:
+        from . import PROG
+
+        return report_interrupt(e, out, checkpoint_step(out), PROG)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    """Plan, check the output folder, load the data, train, then save the adapter and its record."""
+    """Plan, check the output folder, load the data, train (with checkpoints), then save the adapter, its
+    record and its optimizer state."""
     from accelerate.utils import set_seed
 
     from ..train import count_trainable, fit
 
     accelerator = make_accelerator()
-    set_seed(args.seed)
-    plan = resume_plan(args) if args.resume else new_plan(args, accelerator)
-    out = output_folder(args, plan.task)
-    train_ds, val_ds = datasets(args, plan, accelerator)
+    if args.resume and (Path(args.resume) / SWEEP_STATE).is_file():
+        plan = sweep_resume_plan(args)
+        set_seed(args.seed)
+    elif args.resume:
+        plan = resume_plan(args)
+        set_seed(args.seed)
+    elif args.labels:
+        check_labels_args(args)
+        apply_recorded(args, {})
+        set_seed(args.seed)
+        return run_labels(args, accelerator)
+    else:
+        apply_recorded(args, {})
+        set_seed(args.seed)
+        plan = new_plan(args, accelerator)
+    if args.sweep and not plan.records:
+        check_sweep_args(args)
+    out = output_folder(args, plan.task + ("-sweep" if args.sweep else ""))
+    train_ds, val_ds, validation = datasets(args, plan, accelerator)
     class_names = list(train_ds.classes)
-    model = task_model(args, plan, class_names)
+    model = None if args.sweep else task_model(args, plan, class_names)
     g = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, generator=g,
                               num_workers=args.workers)
     val_loader = DataLoader(val_ds, batch_size=args.batch_size * 2, num_workers=args.workers) if val_ds else None
+    steps, epochs = run_length(args, plan)
+    fit_args = _fit_args(args, steps, epochs, accelerator)
+    if args.sweep:
+        return sweep(args, plan, out, (train_loader, val_loader), class_names, validation, fit_args, accelerator)
     accelerator.print(f"task {plan.task!r}: {len(class_names)} classes, {len(train_ds)} training images"
                       f"{f', {len(val_ds)} validation images' if val_ds else ''}; "
                       f"{count_trainable(model):,} trainable parameters; {accelerator.num_processes} process(es)")
-    result = fit(model, train_loader, val_loader, steps=args.steps,
-                 epochs=args.epochs or (None if args.steps else EPOCHS), lr=args.lr,
-                 memory_lr_scale=args.memory_lr_scale, optimizer=args.optimizer, weight_decay=args.weight_decay,
-                 warmup=args.warmup, clip=args.clip, bf16=args.bf16, accelerator=accelerator, seed=args.seed,
-                 progress=not args.no_progress, desc=plan.task, log=accelerator.print)
+    if args.resume:
+        at = f"at step {plan.state.step} of its schedule" if plan.state else "with a fresh optimizer (no saved state)"
+        accelerator.print(f"resuming {args.resume} {at}: " + ", ".join(f"{k} {getattr(args, k)}" for k in RECORDED)
+                          + f"; writing {out}")
+    saved: dict = {}
+
+    def checkpoint(state: FitState, so_far) -> None:
+        if accelerator.is_main_process:
+            record = training_record(args, plan, class_names, so_far, accelerator.num_processes, validation, False)
+            save_adapter_run(model, out, plan.task, record, state)
+        saved["step"] = state.step
+        accelerator.wait_for_everyone()
+
+    try:
+        with sigterm_raises():
+            result = fit(model, train_loader, val_loader, **fit_args, desc=plan.task, resume=plan.state,
+                         checkpoint_every=args.save_every, on_checkpoint=checkpoint)
+    except KeyboardInterrupt as e:
+        from . import PROG
+
+        return report_interrupt(e, out, saved.get("step"), PROG)
     if accelerator.is_main_process:
-        saved = Path(model.save_adapter(out, task=plan.task))
-        record = training_record(args, plan, class_names, result, accelerator.num_processes)
-        (saved / TRAINING_FILE).write_text(json.dumps(record, indent=2))
+        record = training_record(args, plan, class_names, result, accelerator.num_processes, validation)
+        saved_to = save_adapter_run(model, out, plan.task, record, result.state)
         acc = f"validation accuracy {result.val['accuracy']:.4f}; " if result.val else ""
-        print(f"{acc}saved adapter {saved}")
+        print(f"{acc}saved adapter {saved_to}")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group, so every process exits cleanly
     return 0

@@ -1,0 +1,70 @@
+"""What a fit returns (:class:`FitResult`, one per task) and what it can resume from (:class:`FitState`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FitState:
+    """Where a fit stands, to resume it: pass it back as ``fit(..., resume=state)``.
+
+    Attributes:
+        step: Optimizer steps taken since the schedule began.
+        total: The step at which the schedule ends (the warm-up + cosine decay's horizon).
+        optimizers: Task name (``""`` for a model without tasks) -> the task's optimizer ``state_dict``.
+        optimizer_names: Task name -> "sgd" or "adamw" (a state is only loaded into the same optimizer).
+    """
+
+    step: int = 0
+    total: int = 0
+    optimizers: dict[str, dict] = field(default_factory=dict)
+    optimizer_names: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """Plain containers and tensors, for ``torch.save`` (and ``torch.load(weights_only=True)``)."""
+        return {"step": self.step, "total": self.total, "optimizers": self.optimizers,
+                "optimizer_names": self.optimizer_names}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FitState:
+        return cls(int(d["step"]), int(d["total"]), dict(d["optimizers"]), dict(d["optimizer_names"]))
+
+
+@dataclass
+class FitResult:
+    """What :func:`~learnable_memory.training.fit` did, for one task or for the whole fit.
+
+    Attributes:
+        history: One row per epoch (or per validation with ``val_every``): ``epoch``, ``step``,
+            ``train_loss``, ``lr`` and, with a validation loader, ``val_accuracy`` and ``val_loss``.
+        steps: Optimizer steps taken (by this task: fewer when it was stopped).
+        seconds: Wall time of the training loop (validation included).
+        val: The last validation result of :func:`~learnable_memory.training.evaluate` (empty without a
+            validation loader).
+        best_step, best_metric: The step of the best validation accuracy, and that accuracy (None without
+            validation).
+        stopped: Why the task was stopped (its loss or parameters turned NaN or Inf), or None. A stopped
+            task keeps its parameters of the step before.
+        tasks: Task name -> the task's own result. A fit of one task gives that task's result at the top
+            level as well; a fit of several gives only ``steps``, ``seconds`` and ``tasks`` there.
+        state: The optimizers and schedule position at the end, for ``fit(..., resume=state)``.
+    """
+
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    val: dict = field(default_factory=dict)
+    best_step: int | None = None
+    best_metric: float | None = None
+    stopped: str | None = None
+    tasks: dict[str, FitResult] = field(default_factory=dict, repr=False)
+    state: FitState | None = field(default=None, repr=False)
+
+    def record_val(self, val: dict, step: int) -> bool:
+        """Keep ``val`` as the last validation; True when its accuracy is the best so far."""
+        self.val = val
+        if self.best_metric is not None and val["accuracy"] <= self.best_metric:
+            return False
+        self.best_step, self.best_metric = step, val["accuracy"]
+        return True
