@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .adapters import prepare_tasks, save_adapter, save_pretrained, warn_preprocessing
+from .adapters import prepare_tasks, save_adapter, save_pretrained
 from .adapters.fingerprint import dependency_record
 from .adapters.loading import check_trained_on, trainable_tasks
 from .config import BASE_KEY, TaskConfig, UnknownTaskError
@@ -20,6 +20,7 @@ from .kv_cache import MemoryKVCache
 from .layout import NewTokenLayout, new_token_layout
 from .mask import check_layout, has_full_task
 from .memory import TaskMemory, TaskStore
+from .pass_groups import warn_mixed_preprocessing
 from .registry import attention_kind, backbone_kind, block_kind
 
 Rename = Mapping[str, str] | Sequence[str | None] | None
@@ -479,5 +480,5 @@ def load_adapters(
         out.add_task(t)
     for t in tasks:
         t.requires_grad_(t.name in train)
-    warn_preprocessing(list(out.tasks.values()), base, stacklevel=3)
+    warn_mixed_preprocessing(out, stacklevel=3)
     return out

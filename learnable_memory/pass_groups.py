@@ -16,7 +16,9 @@ share its preprocessing.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,9 @@ from .config import BASE_KEY
 
 if TYPE_CHECKING:
     from .model import MemoryViT
+
+#: How :func:`warn_mixed_preprocessing`'s warning starts (what :func:`grouped_by_caller` silences).
+MIXED_PREPROCESSING = "these tasks were trained with different preprocessing"
 
 #: The fields of a timm data config that change the input tensor.
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
@@ -73,3 +78,23 @@ def pass_groups(model: MemoryViT, outputs: Sequence[str]) -> list[PassGroup]:
         key = json.dumps(config, sort_keys=True)
         groups.setdefault(key, (config, []))[1].append(name)
     return [PassGroup(config, tuple(names)) for config, names in groups.values()]
+
+
+def warn_mixed_preprocessing(model: MemoryViT, stacklevel: int = 3) -> None:
+    """Warn (``UserWarning``) when ``model``'s outputs need more than one pass group: one
+    ``forward_all`` would give every task the same images. ``load_adapters`` calls it."""
+    groups = pass_groups(model, model.task_names)
+    if len(groups) > 1:
+        warnings.warn(f"{MIXED_PREPROCESSING}: {[list(g.outputs) for g in groups]}. One forward_all gives every "
+                      "task the same images: prepare each group's images with its own data_config and run one "
+                      "pass per group (learnable_memory.pass_groups.pass_groups; predict, eval and serve do)",
+                      UserWarning, stacklevel=stacklevel)
+
+
+@contextmanager
+def grouped_by_caller() -> Iterator[None]:
+    """Silence :func:`warn_mixed_preprocessing` for a caller that runs one pass per group (the commands
+    and the server), so its users are not told of a mix they are not exposed to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", MIXED_PREPROCESSING, UserWarning)
+        yield

@@ -42,3 +42,24 @@ def test_other_preprocessing_gets_its_own_pass_in_the_order_asked():
 def test_unknown_output_is_refused_by_name():
     with pytest.raises(ValueError, match="unknown task 'zz'"):
         pass_groups(_model_with(None), ["a", "zz"])
+
+
+def test_loading_a_mix_warns_with_the_groups_and_the_remedy(tmp_path):
+    model = _model_with(None)
+    model.tasks["b"].config.data_config = {**model.data_config(), "mean": (0.1, 0.2, 0.3)}
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"different preprocessing: \[\['a'\], \['b'\]\].*one pass per group"):
+        lm.load_adapters(make_vit(), [tmp_path])
+
+
+def test_callers_that_run_a_pass_per_group_are_not_warned(tmp_path, recwarn):
+    from learnable_memory.pass_groups import grouped_by_caller
+
+    model = _model_with(None)
+    model.tasks["b"].config.data_config = {**model.data_config(), "mean": (0.1, 0.2, 0.3)}
+    model.save_pretrained(tmp_path)
+    with grouped_by_caller():
+        lm.load_adapters(make_vit(), [tmp_path])
+    assert not [w for w in recwarn if "preprocessing" in str(w.message)]
+    lm.load_adapters(make_vit(), [tmp_path])  # and the filter ends with the block
+    assert [w for w in recwarn if "preprocessing" in str(w.message)]

@@ -20,7 +20,7 @@ from .folder import (
     save_adapter,
     save_pretrained,
 )
-from .loading import check_backbone, prepare_tasks, warn_preprocessing
+from .loading import check_backbone, prepare_tasks
 
 __all__ = [
     "AdapterError",
@@ -33,5 +33,4 @@ __all__ = [
     "read_adapter",
     "save_adapter",
     "save_pretrained",
-    "warn_preprocessing",
 ]

@@ -34,7 +34,6 @@ from .fingerprint import (
     dependency_record,
     dtype_name,
     own_tensors,
-    preprocessing,
     same_as_record,
     tensors_fingerprint,
 )
@@ -209,21 +208,6 @@ def trainable_tasks(trainable: bool | str | Iterable[str], loaded: Sequence[Task
         raise ValueError(f"task(s) {sorted(train & extended)} can not be trained: other loaded tasks extend "
                          "them and would no longer match; train the extension task instead")
     return train
-
-
-def warn_preprocessing(tasks: Sequence[TaskMemory], base: nn.Module, stacklevel: int = 3) -> None:
-    """Warn when tasks sharing one forward pass were trained with different preprocessing."""
-    seen: dict[str, list[str]] = {}
-    base_pre = None
-    for t in tasks:
-        pre = t.config.data_config
-        if pre is None:  # a task made in this process: the backbone's own preprocessing
-            base_pre = base_pre or preprocessing(base)
-            pre = base_pre
-        seen.setdefault(repr(sorted(pre.items())), []).append(t.name)
-    if len(seen) > 1:
-        warnings.warn(f"these tasks were trained with different preprocessing, but forward_all gives them "
-                      f"the same images: {list(seen.values())}", stacklevel=stacklevel)
 
 
 def _as_task(a: AdapterFile, config: TaskConfig, trained_on: list[tuple[str, dict[str, Any]]],

@@ -17,6 +17,7 @@ from torch import nn
 from ..adapters.folder import AdapterError, adapter_folders
 from ..mask import LayoutError
 from ..model import MemoryViT, load_adapters
+from ..pass_groups import grouped_by_caller
 from .base import base_spec, create_base, refuse_random_weights
 from .options import add_adapter_options as add_adapter_options  # where the parsers of the commands take it
 
@@ -82,7 +83,8 @@ def load_named_adapters(model: nn.Module, folders: Sequence[Path], *, check_fing
     """:func:`~learnable_memory.load_adapters` with its advice given as command-line options (each adapter
     is read once, by the loader)."""
     try:
-        return load_adapters(model, list(folders), check_fingerprint=check_fingerprint, trainable=trainable)
+        with grouped_by_caller():  # every command runs one pass per preprocessing group
+            return load_adapters(model, list(folders), check_fingerprint=check_fingerprint, trainable=trainable)
     except AdapterError as e:
         layout = e.__cause__ if isinstance(e.__cause__, LayoutError) else None
         if layout is not None and layout.rule == "duplicate":  # the command line can not rename tasks

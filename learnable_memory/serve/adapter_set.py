@@ -28,6 +28,7 @@ from ..adapters import AdapterError, adapter_folders, describe_task, read_adapte
 from ..adapters.fingerprint import base_identity
 from ..config import BASE_KEY
 from ..model import MemoryViT, load_adapters
+from ..pass_groups import grouped_by_caller
 from .inference import has_full_task
 from .settings import ServeError, ServeSettings
 
@@ -101,7 +102,8 @@ def load_resolved(base: Any, resolved: Resolved, *, check_fingerprint: bool = Tr
     if not folders:
         return MemoryViT(base).eval(), {}
     names = [e.name for e, found in resolved for _ in found]
-    model = load_adapters(base, folders, rename=names, check_fingerprint=check_fingerprint, cache_dir=cache_dir)
+    with grouped_by_caller():  # the server runs one pass per preprocessing group
+        model = load_adapters(base, folders, rename=names, check_fingerprint=check_fingerprint, cache_dir=cache_dir)
     specs = [e.spec for e, found in resolved for _ in found]
     return model.eval(), dict(zip(model.task_names, specs, strict=True))
 
@@ -233,8 +235,10 @@ class AdapterSet:
                              + ("" if len(adapters) == 1 else " (for a save_pretrained folder, load its adapter "
                                 "folders one at a time)"), "adapter_conflict")
         try:
-            new = load_adapters(model, adapters, rename=None if name is None else [name],
-                                check_fingerprint=self.settings.check_fingerprint, cache_dir=self.settings.cache_dir)
+            with grouped_by_caller():
+                new = load_adapters(model, adapters, rename=None if name is None else [name],
+                                    check_fingerprint=self.settings.check_fingerprint,
+                                    cache_dir=self.settings.cache_dir)
         except AdapterError as err:  # does not fit: another backbone, a full-mode clash, ...
             message = str(err).replace("check_fingerprint=False", "start the server with --no-fingerprint-check")
             raise ServeError(409, message, "adapter_conflict") from err
