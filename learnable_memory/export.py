@@ -218,7 +218,9 @@ def _outputs(model: MemoryViT, names: Sequence[str], sizes: dict[str, int]) -> l
     out = []
     for n in names:
         if n == BASE_KEY:
-            out.append({"name": n, "task": None, "num_classes": sizes[n], "class_names": label_names(model.base),
+            labels = label_names(model.base)  # the backbone's pretrained_cfg, when they fit its head
+            out.append({"name": n, "task": None, "num_classes": sizes[n],
+                        "class_names": labels if labels is not None and len(labels) == sizes[n] else None,
                         "preprocessing": base_pre})
             continue
         c = model.tasks[n].config

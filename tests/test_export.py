@@ -262,4 +262,7 @@ def test_two_exports_in_one_folder_keep_their_own_sidecars(tmp_path):
     assert first["file"] == "model.pt2" and [o["name"] for o in first["outputs"]] == ["pets", "base"]
     assert second["file"] == "other.pt2" and [o["name"] for o in second["outputs"]] == ["cifar"]
     assert first["outputs"][1]["class_names"] == [f"c{i}" for i in range(7)]  # the base output's label names
+    model.base.pretrained_cfg["label_names"] = ["too", "few"]  # not this head's: left out
+    lm.export_model(model, tmp_path / "model.pt2", format="pt2", tasks=["base"], dynamic_batch=False)
+    assert json.loads((tmp_path / "model.pt2.json").read_text())["outputs"][0]["class_names"] is None
     assert sidecar_path(tmp_path / "model.onnx") == tmp_path / "model.onnx.json"
