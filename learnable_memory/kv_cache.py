@@ -281,6 +281,7 @@ def _stepped(params: Sequence[torch.Tensor]) -> Callable[[torch.UntypedStorage],
     return lambda storage: storages is not None and id(storage) in ids  # the closure keeps them alive
 
 
+@torch.compiler.disable  # runs eagerly in a compiled optimizer step: the set of caches is not a constant
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
     """Global post-step hook of every ``torch.optim.Optimizer``: every cache forgets what it computed
     from the parameters the step may have changed (a fused step does not bump their version)."""

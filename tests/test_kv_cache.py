@@ -321,3 +321,23 @@ def test_a_backbone_of_inference_tensors_is_served_without_the_cache():
         want = m.forward_all(images_for(32))
     for k in want:
         assert torch.equal(got[k], want[k])
+
+
+def test_a_compiled_optimizer_step_is_seen(model):
+    """A compiled (fused) optimizer step is seen too, also by a cache made after the step was compiled."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x = images_for(32)
+    memory = model.tasks["c"].memory
+    opt = torch.optim.Adam([memory], lr=0.5, fused=True)
+    step = torch.compile(opt.step, backend="eager")
+    for i in range(2):
+        cached(model, x)
+        memory.grad = torch.ones_like(memory)
+        step()
+        assert_fresh(model, x, f"after compiled step {i}")
+        model = copy.deepcopy(model)  # a cache that did not exist when the step was compiled
+        memory = model.tasks["c"].memory
+        opt.param_groups[0]["params"] = [memory]
+    torch._dynamo.reset()
