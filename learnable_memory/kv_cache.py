@@ -27,7 +27,8 @@ What the cache tracks, on every pass that reads it:
   without bumping their version counter; this is what catches them.
 - **The pass's numerics**: the autocast state (on, and its dtype) of the memory's device type and
   ``torch.get_float32_matmul_precision()``.
-- ``MemoryViT.train()`` and ``.eval()`` empty the cache.
+- ``MemoryViT.train()`` and ``.eval()`` empty the cache; a copy of the model (``copy.deepcopy``,
+  pickling) starts with an empty cache of its own.
 
 Not tracked: in-place writes through ``.data`` (``p.data.mul_(2)``), which bypass the version
 counter, in-place writes by code that is neither autograd-tracked nor an optimizer step, and
