@@ -8,13 +8,18 @@ the key/value cache is bypassed while tracing (``torch.compiler.is_compiling()``
 ``torch.export``). The image size is fixed at the backbone's ``data_config()["input_size"]``; the
 batch size is dynamic unless ``dynamic_batch=False`` (then 1).
 
-Files: ``path`` (``.onnx`` or ``.pt2``) and beside it ``path.with_suffix(".json")``: the input (name,
-shape, dtype), the outputs in order (task, mode, number of classes, class names, the preprocessing
-each task was trained with), the backbone's preprocessing and identity, and the check's result.
+Files: ``path`` (``.onnx`` or ``.pt2``) and beside it :func:`sidecar_path`, the file's name plus
+``.json`` (``model.onnx.json``): the input (name, shape, dtype), the outputs in order (task, mode,
+number of classes, class names, the base output's included when the backbone's ``pretrained_cfg``
+has them, the preprocessing each task was trained with), the backbone's preprocessing and identity,
+and the check's result.
 
-- ONNX: one graph input (``images``, or another name when a task is called that), one graph output
-  per task, named after it (``base``, ``cifar100``, ...). Graph values that would clash with those
-  names are renamed. Needs the ``export`` extra (onnx, onnxscript, onnxruntime).
+Any valid task name exports (``train``, ``keys``, ``to``, ...: see :class:`TaskOutputs`).
+
+- ONNX: one graph input (``images``; ``pixel_values``, ``input_images``, ``images_1``, ... when tasks
+  are called that), one graph output per task, named after it (``base``, ``cifar100``, ...). Graph
+  values that would clash with those names are renamed. Needs the ``export`` extra (onnx,
+  onnxscript, onnxruntime).
 - pt2: ``torch.export.load(path).module()(images)`` returns ``{task: logits}`` in the same order
   (the program's output spec holds the names).
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +43,7 @@ import torch
 from torch import nn
 
 from .adapters.fingerprint import base_identity, preprocessing
+from .bases import label_names
 from .config import BASE_KEY, UnknownTaskError
 from .model import MemoryViT
 from .version import __version__
@@ -54,11 +61,23 @@ class ExportCheckError(RuntimeError):
 
 
 class TaskOutputs(nn.Module):
-    """What is exported: ``images`` ``[B, C, H, W]`` -> ``{name: logits [B, C_name]}``, in the order of ``names``."""
+    """What is exported: ``images`` ``[B, C, H, W]`` -> ``{name: logits [B, C_name]}``, in the order of ``names``.
+
+    The model's submodules are registered here under names that are always plain attributes: the
+    backbone as ``base`` and the tasks as ``tasks.0``, ``tasks.1``, ... (``torch.export`` reaches every
+    tensor by attribute lookups along its name, and a task called ``train``, ``keys`` or ``to`` would
+    name a method). The ``MemoryViT`` itself, whose forward runs, shares those modules and is kept out
+    of the module tree."""
 
     def __init__(self, model: MemoryViT, names: Sequence[str]):
         super().__init__()
-        self.model = model
+        for name, child in model.named_children():
+            self.add_module(name, nn.ModuleList(model.tasks.values()) if child is model.tasks else child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in model.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        self.__dict__["model"] = model  # not a submodule: its tensors are registered above
         self.names = list(names)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -191,7 +210,9 @@ def _outputs(model: MemoryViT, names: Sequence[str], sizes: dict[str, int]) -> l
     out = []
     for n in names:
         if n == BASE_KEY:
-            out.append({"name": n, "task": None, "num_classes": sizes[n], "class_names": None,
+            labels = label_names(model.base)  # the backbone's pretrained_cfg, when they fit its head
+            out.append({"name": n, "task": None, "num_classes": sizes[n],
+                        "class_names": labels if labels is not None and len(labels) == sizes[n] else None,
                         "preprocessing": base_pre})
             continue
         c = model.tasks[n].config
@@ -201,6 +222,13 @@ def _outputs(model: MemoryViT, names: Sequence[str], sizes: dict[str, int]) -> l
     return out
 
 
+def sidecar_path(path: str | Path) -> Path:
+    """The sidecar JSON of the exported file ``path``: its name plus ``.json`` (``model.onnx.json``), so
+    that an ONNX and a pt2 export in one folder each keep their own."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
 def export_model(model: MemoryViT, path: str | Path, *, tasks: Sequence[str] | None = None, format: str = "onnx",
                  dynamic_batch: bool = True) -> Path:
     """Export the one-pass inference of ``model`` (the base output and tasks) and check it against eager.
@@ -208,7 +236,7 @@ def export_model(model: MemoryViT, path: str | Path, *, tasks: Sequence[str] | N
     Args:
         model: A ``MemoryViT`` (for a peft model: ``peft_model.base_model.model``).
         path: The file to write, ending in ``.onnx`` or ``.pt2`` as ``format`` says; the sidecar
-            ``path.with_suffix(".json")`` is written beside it.
+            :func:`sidecar_path` (``model.onnx.json`` for ``model.onnx``) is written beside it.
         tasks: The outputs, task names and/or ``"base"``, in order (default: as ``forward_all``).
         format: ``"onnx"`` (needs the ``export`` extra) or ``"pt2"`` (``torch.export``).
         dynamic_batch: Any batch size (checked at two); False: batch 1 only.
@@ -218,6 +246,30 @@ def export_model(model: MemoryViT, path: str | Path, *, tasks: Sequence[str] | N
         docstring), ``ImportError`` when the ONNX packages are missing, :class:`ExportCheckError` when
         the exported file does not match the eager model.
     """
+    path = _checked_request(model, path, format)
+    names = _output_names(model, tasks)
+    input_name = _input_name(names) if format == "onnx" else "images"
+    batches = (2, 3) if dynamic_batch else (1,)
+    example = _images(model, batches[0], seed=0)
+    with _eval_mode(model):
+        program = _trace(model, names, example, dynamic_batch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run = _write(program, path, format, input_name, names)
+        check, sizes = _check(model, names, run, batches, path)
+    sidecar = {
+        "format": format, "file": path.name, "created_with": f"learnable_memory {__version__}",
+        "torch": torch.__version__,
+        "input": {"name": input_name, "shape": ["batch" if dynamic_batch else 1, *model.data_config()["input_size"]],
+                  "dtype": str(example.dtype).removeprefix("torch.")},
+        "outputs": _outputs(model, names, sizes), "preprocessing": preprocessing(model.base),
+        "base_model": _base_model(model), "check": check,
+    }
+    sidecar_path(path).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _checked_request(model: MemoryViT, path: str | Path, format: str) -> Path:
+    """``path`` as a ``Path``, once the model, format and file name can be exported (else the error)."""
     if not isinstance(model, MemoryViT):
         raise TypeError(f"export_model takes a MemoryViT (for a peft model: peft_model.base_model.model), got "
                         f"{type(model).__name__}")
@@ -226,43 +278,54 @@ def export_model(model: MemoryViT, path: str | Path, *, tasks: Sequence[str] | N
     path = Path(path).expanduser()
     if path.suffix != FORMATS[format]:
         raise ValueError(f"{path}: a {format} export is written to a file ending in {FORMATS[format]}")
-    names = _output_names(model, tasks)
-    input_name = next(n for n in INPUT_NAMES if n not in names) if format == "onnx" else "images"
     if format == "onnx":
         _require_onnx()
         if next(model.base.parameters()).dtype == torch.bfloat16:
             raise ValueError("ONNX export of a bfloat16 model can not be checked with onnxruntime on CPU: export "
                              "model.float() (or use format='pt2')")
-    batches = (2, 3) if dynamic_batch else (1,)
-    example = _images(model, batches[0], seed=0)
-    dynamic = {"images": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
+    return path
+
+
+def _input_name(names: Sequence[str]) -> str:
+    """The ONNX graph input's name: the first of :data:`INPUT_NAMES`, then ``images_1``, ``images_2``, ...
+    that no output is called."""
+    taken = set(names)
+    return next(n for n in itertools.chain(INPUT_NAMES, (f"images_{i}" for i in itertools.count(1)))
+                if n not in taken)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: MemoryViT) -> Iterator[None]:
+    """``model`` in eval mode, its training mode restored after."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():  # the inference layout, whatever the caller's autograd mode
-            program = torch.export.export(TaskOutputs(model, names), (example,), dynamic_shapes=dynamic)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if format == "onnx":
-            with _quiet_onnx_folding():
-                onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
-            _name_onnx_values(onnx_program.model.graph, input_name, names)
-            onnx_program.save(str(path))
-            run = _onnx_runner(path, input_name, names)
-        else:
-            torch.export.save(program, str(path))
-            run = _pt2_runner(path)
-        check, sizes = _check(model, names, run, batches, path)
+        yield
     finally:
         model.train(was_training)
+
+
+def _trace(model: MemoryViT, names: Sequence[str], example: torch.Tensor,
+           dynamic_batch: bool) -> torch.export.ExportedProgram:
+    """``torch.export`` of :class:`TaskOutputs`, the inference layout whatever the caller's autograd mode."""
+    dynamic = {"images": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
+    with torch.no_grad():
+        return torch.export.export(TaskOutputs(model, names), (example,), dynamic_shapes=dynamic)
+
+
+def _write(program: torch.export.ExportedProgram, path: Path, format: str, input_name: str,
+           names: Sequence[str]) -> Run:
+    """Write ``program`` to ``path`` in ``format``; returns a runner of the written file."""
+    if format == "onnx":
+        with _quiet_onnx_folding():
+            onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
+        _name_onnx_values(onnx_program.model.graph, input_name, names)
+        onnx_program.save(str(path))
+        return _onnx_runner(path, input_name, names)
+    torch.export.save(program, str(path))
+    return _pt2_runner(path)
+
+
+def _base_model(model: MemoryViT) -> dict[str, Any]:
     base = base_identity(model.base)
-    sidecar = {
-        "format": format, "file": path.name, "created_with": f"learnable_memory {__version__}",
-        "torch": torch.__version__,
-        "input": {"name": input_name, "shape": ["batch" if dynamic_batch else 1, *model.data_config()["input_size"]],
-                  "dtype": str(example.dtype).removeprefix("torch.")},
-        "outputs": _outputs(model, names, sizes), "preprocessing": preprocessing(model.base),
-        "base_model": {k: base[k] for k in ("class", "architecture", "tag", "hf_hub_id", "fingerprint")},
-        "check": check,
-    }
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-    return path
+    return {k: base[k] for k in ("class", "architecture", "tag", "hf_hub_id", "fingerprint")}

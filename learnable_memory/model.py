@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -58,6 +58,18 @@ def _cat_with_layout(like: torch.Tensor, parts: Sequence[torch.Tensor]) -> torch
         out[:, start : start + p.shape[1]] = p
         start += p.shape[1]
     return out
+
+
+def _pack(x: torch.Tensor, c: torch.Tensor, extras: PassExtras) -> tuple[torch.Tensor, torch.Tensor, PassExtras]:
+    """The packed layout of a pass: original tokens ``x`` ``[B, N, D]`` with the new class tokens ``c``
+    ``[B, K, D]`` behind them, ``[B, N + K, D]``, an empty ``[B, 0, D]``, and the extras for it."""
+    return _cat_with_layout(x, [x, c]), c[:, :0], extras.for_packed(c.shape[1])
+
+
+def _unpack(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed ``[B, N + K, D]`` -> the ``n`` original tokens ``[B, N, D]`` (in their layout) and the
+    new class tokens ``[B, K, D]``."""
+    return _cat_with_layout(x, [x[:, :n]]), x[:, n:]
 
 
 class MemoryViT(nn.Module):
@@ -171,9 +183,11 @@ class MemoryViT(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> MemoryViT:
-        """Set the tasks' training mode; the frozen backbone always stays in eval mode."""
+        """Set the tasks' training mode; the frozen backbone always stays in eval mode. Empties the
+        memory key/value cache."""
         super().train(mode)
         self.base.eval()
+        self.kv_cache.clear()  # a safety net: training may change weights in ways the cache can not see
         return self
 
     def data_config(self) -> dict:
@@ -204,24 +218,47 @@ class MemoryViT(nn.Module):
             self._layouts[names, device] = layout
         return layout
 
-    def _memory_kv(self, tasks: list[TaskMemory]) -> list[tuple[KV, ...]] | None:
-        """Per block, the keys and values of the memory of ``tasks`` from the cache, or None when this
-        pass computes them itself: it trains a task's memory, runs under ``torch.compile``, or the cache
-        is off or full."""
-        if not tasks or torch.compiler.is_compiling():
-            return None
-        if torch.is_grad_enabled() and any(t.memory.requires_grad for t in tasks):
-            return None
+    def _original_grad(self, images: torch.Tensor, full: bool) -> bool:
+        """Whether this pass keeps an autograd graph for the original tokens (``PassContext.orig_grad``):
+        autograd is on and something trainable touches them (a full-mode task's memory, the images or
+        a backbone parameter)."""
+        return torch.is_grad_enabled() and (
+            full
+            or any(t.requires_grad for t in tree_leaves(images) if isinstance(t, torch.Tensor))
+            or any(p.requires_grad for p in self.base.parameters())
+        )
+
+    def _new_class_tokens(self, tasks: list[TaskMemory], x: torch.Tensor) -> torch.Tensor:
+        """The class tokens of ``tasks`` as they enter the first block, ``[B, K, D]`` (B from ``x``)."""
+        tokens = torch.stack([t.class_token for t in tasks]) if tasks else x.new_zeros(0, x.shape[-1])  # [K, D]
+        return self.backbone.embed_new(self.base, tokens).unsqueeze(0).expand(x.shape[0], -1, -1)
+
+    def _memory_kv(self, tasks: list[TaskMemory], like: torch.Tensor) -> Callable[[int], tuple[KV, ...]]:
+        """Block index -> that block's keys and values of the memory of ``tasks`` (``[H, M, hd]`` per attention).
+
+        From the cache when it serves. Computed in the pass instead, one block at a time, when autograd
+        is on and anything they depend on requires grad (a task's memory or any backbone parameter:
+        cached values carry no graph), under ``torch.compile`` / ``torch.export``, or when the cache is
+        off, full or can not track a tensor (see :mod:`learnable_memory.kv_cache`). ``like``: the
+        original tokens ``[B, N, D]``, for the device and dtype of an empty memory."""
         blocks = self.backbone.blocks(self.base)
 
         def compute(i: int, mem: torch.Tensor) -> tuple[KV, ...]:
             return self._block_kinds[i].memory_kv(blocks[i], mem)
 
-        return self.kv_cache.lookup(list(self.tasks.values()), tasks, self.base, compute)
+        needs_grad = torch.is_grad_enabled() and (
+            any(t.memory.requires_grad for t in tasks) or any(p.requires_grad for p in self.base.parameters()))
+        if tasks and not needs_grad and not torch.compiler.is_compiling():
+            cached = self.kv_cache.lookup(self.tasks.values(), tasks, self.base, compute)
+            if cached is not None:
+                return cached.__getitem__
+        memory = (torch.cat([t.memory for t in tasks], dim=1) if tasks
+                  else like.new_zeros(self.depth, 0, like.shape[-1]))  # [depth, M, D]
+        return lambda i: compute(i, memory[i])
 
     def clear_kv_cache(self) -> None:
-        """Drop the cached memory keys and values. Needed only after editing weights through ``.data``,
-        which PyTorch does not track (see :mod:`learnable_memory.kv_cache`)."""
+        """Drop the cached memory keys and values. Needed only after a weight edit the cache can not
+        see, such as an in-place write through ``.data`` (see :mod:`learnable_memory.kv_cache`)."""
         self.kv_cache.clear()
 
     def forward_tokens(self, images: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,40 +277,33 @@ class MemoryViT(nn.Module):
     def _run_blocks(
         self, images: torch.Tensor, names: Sequence[str]
     ) -> tuple[torch.Tensor, torch.Tensor, PassExtras]:
-        """:meth:`forward_tokens`, plus the backbone's per-pass extras (which ``base_logits`` may need)."""
+        """:meth:`forward_tokens`, plus the backbone's per-pass extras (which ``base_logits`` may need).
+
+        Steps: check the input; the gradient policy (:meth:`_original_grad`); the original tokens and
+        the new class tokens as they enter the blocks; the memory's keys and values (:meth:`_memory_kv`);
+        pack (:func:`_pack`); the blocks; unpack."""
         self.backbone.check_input(self.base, images)
         names = tuple(names)
         tasks = [self.tasks[n] for n in names]
-        full = any(t.mode == "full" for t in tasks)
-        orig_grad = torch.is_grad_enabled() and (
-            full
-            or any(t.requires_grad for t in tree_leaves(images) if isinstance(t, torch.Tensor))
-            or any(p.requires_grad for p in self.base.parameters())
-        )
+        full = has_full_task(tasks)
+        orig_grad = self._original_grad(images, full)
         with torch.set_grad_enabled(orig_grad):
             x, extras = self.backbone.embed(self.base, images)  # [B, N, D]
         layout = self._layout(names, x.device)
-        tokens = torch.stack([t.class_token for t in tasks]) if tasks else x.new_zeros(0, x.shape[-1])  # [K, D]
-        cached = self._memory_kv(tasks)
-        if cached is None:  # this pass computes the memory's keys and values itself
-            memory = (torch.cat([t.memory for t in tasks], dim=1) if tasks
-                      else x.new_zeros(self.depth, 0, x.shape[-1]))  # [depth, M, D]
-        c = self.backbone.embed_new(self.base, tokens).unsqueeze(0).expand(x.shape[0], -1, -1)  # [B, K, D]
+        c = self._new_class_tokens(tasks, x)  # [B, K, D]
+        memory_kv = self._memory_kv(tasks, x)
         # Inference packs the new class tokens behind the original tokens (see PassContext.packed) where every
         # block's kinds allow it. Training keeps them apart: non-destructive training must keep no graph
         # through the backbone, and full-mode steps measured slower packed.
+        packed = len(tasks) if tasks and self._packable and not torch.is_grad_enabled() else 0
         n = x.shape[1]
-        pack = bool(tasks) and self._packable and not torch.is_grad_enabled()
-        if pack:  # [B, N + K, D], [B, 0, D]
-            x, c = _cat_with_layout(x, [x, c]), c[:, :0]
-            extras = extras.for_packed(len(tasks))
-        ctx = PassContext(layout=layout, full=full, orig_grad=orig_grad, packed=len(tasks) if pack else 0,
-                          extras=extras)
+        if packed:
+            x, c, extras = _pack(x, c, extras)
+        ctx = PassContext(layout=layout, full=full, orig_grad=orig_grad, packed=packed, extras=extras)
         for i, (kind, blk) in enumerate(zip(self._block_kinds, self.backbone.blocks(self.base), strict=True)):
-            kv = cached[i] if cached is not None else kind.memory_kv(blk, memory[i])
-            x, c = kind.forward(blk, x, c, kv, ctx)
-        if pack:
-            x, c = _cat_with_layout(x, [x[:, :n]]), x[:, n:]
+            x, c = kind.forward(blk, x, c, memory_kv(i), ctx)
+        if packed:
+            x, c = _unpack(x, n)
         return x, c, extras
 
     def resolve_outputs(self, tasks: str | Iterable[str] | None = None) -> tuple[list[str], tuple[str, ...]]:

@@ -10,6 +10,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import learnable_memory as lm
+from learnable_memory.compiled import compile_model
 from learnable_memory.testing import randomize
 from tests.helpers import images_for, make_vit
 
@@ -72,3 +73,41 @@ def test_the_cache_is_not_a_guard(model):
         model.forward_all(x)
         compiled(x)
     assert graphs() == 1
+
+
+@pytest.mark.integration
+def test_a_raw_compile_reports_the_models_error_inside_dynamos(model):
+    """Documented: under a raw torch.compile(fullgraph=True) the error arrives as dynamo's Unsupported."""
+    compiled = torch.compile(model.forward_all, fullgraph=True, backend="eager")
+    with torch.no_grad(), pytest.raises(torch._dynamo.exc.Unsupported, match=r"ValueError\(\"unknown task"):
+        compiled(images_for(32), tasks=["zz"])
+
+
+@pytest.mark.integration
+def test_compile_model_raises_the_models_own_errors(model):
+    compiled = compile_model(model, backend="eager")
+    x = images_for(32)
+    with torch.no_grad():
+        first = compiled.forward_all(x)
+        for call, error, match in [
+            (lambda: compiled.forward_all(x, tasks=["a", "zz"]), ValueError, r"unknown task\(s\) \['zz'\]"),
+            (lambda: compiled.forward_all(images_for(48)), ValueError, "images are 48x48 but this model takes 32x32"),
+            (lambda: compiled(images_for(48)), ValueError, "images are 48x48"),
+        ]:
+            with pytest.raises(error, match=match) as caught:
+                call()
+            assert not isinstance(caught.value, torch._dynamo.exc.TorchDynamoException)
+        again = compiled.forward_all(x)
+        model.set_task("b")
+        out = compiled(x)
+        eager, eager_b = model.forward_all(x), model(x)
+    for k in eager:
+        torch.testing.assert_close(first[k], eager[k], atol=1e-5, rtol=1e-5)
+        assert torch.equal(again[k], first[k])
+    torch.testing.assert_close(out, eager_b, atol=1e-5, rtol=1e-5)
+    assert graphs() == 2, "forward_all compiled once and forward once: no error left a graph or a recompile"
+    empty = lm.MemoryViT(model.base)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="this MemoryViT has no task"):
+        compile_model(empty, backend="eager")(x)
+    with pytest.raises(TypeError, match="takes a MemoryViT"):
+        compile_model(model.base)

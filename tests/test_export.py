@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import learnable_memory as lm
-from learnable_memory.export import ExportCheckError, _check, _pt2_runner
+from learnable_memory.export import ExportCheckError, _check, _pt2_runner, sidecar_path
 from learnable_memory.kinds import AttentionKind
 from learnable_memory.kv_cache import MemoryKVCache
 from learnable_memory.testing import randomize
@@ -82,7 +82,7 @@ def exports(tmp_path_factory):
                 in_trace, packed[:] = sum(packed), []
                 with torch.no_grad():
                     model.forward_all(images_for(size))
-            done[family, fmt] = Export(model, size, path, json.loads(path.with_suffix(".json").read_text()),
+            done[family, fmt] = Export(model, size, path, json.loads(sidecar_path(path).read_text()),
                                        in_trace, len(packed), sum(reads))
         return done[family, fmt]
 
@@ -164,7 +164,7 @@ def test_the_check_catches_a_model_that_differs(exports):
 def test_static_batch_and_chosen_outputs(tmp_path):
     model, size = build("vit")
     path = lm.export_model(model, tmp_path / "one.pt2", tasks=["pets", "base"], format="pt2", dynamic_batch=False)
-    sidecar = json.loads(path.with_suffix(".json").read_text())
+    sidecar = json.loads(sidecar_path(path).read_text())
     assert sidecar["input"]["shape"] == [1, 3, size, size] and sidecar["check"]["batch_sizes"] == [1]
     program = torch.export.load(str(path)).module()
     images = images_for(size, batch=1)
@@ -199,3 +199,70 @@ def test_what_can_not_be_exported_is_refused_clearly(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"missing: onnxruntime.*pip install 'learnable-memory\[export\]'"):
         lm.export_model(model, tmp_path / "m.onnx")
     assert not list(tmp_path.iterdir())  # every refusal comes before anything is written
+
+
+#: Task names that are attributes of the modules holding the tasks (methods of ``nn.Module`` and
+#: ``TaskStore``, and its internals), which ``torch.export`` would look a task's tensors up through.
+ATTRIBUTE_NAMES = ["train", "keys", "add", "to", "values", "items", "forward", "eval", "remove", "state_dict",
+                   "_modules", "__class__"]
+INPUT_LIKE_NAMES = ["images", "pixel_values", "input_images"]
+
+
+def export_named(tmp_path: Path, names: list[str], fmt: str) -> tuple[lm.MemoryViT, Path]:
+    model = lm.MemoryViT(make_vit(depth=1))
+    for i, name in enumerate(names):
+        model.add_task(lm.TaskConfig(name, 1, 2 + i % 3))
+    randomize(model, seed=3)
+    return model, lm.export_model(model, tmp_path / f"m.{fmt}", format=fmt)
+
+
+def assert_named_outputs(model: lm.MemoryViT, e: Export) -> None:
+    assert [o["name"] for o in e.sidecar["outputs"]] == ["base", *model.task_names]
+    got, images = run_exported(e, images_for(32, batch=2)), images_for(32, batch=2)
+    with torch.no_grad():
+        want = model.forward_all(images)
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-4)
+
+
+def named_export(tmp_path: Path, names: list[str], fmt: str) -> tuple[lm.MemoryViT, Export]:
+    model, path = export_named(tmp_path, names, fmt)
+    return model, Export(model, 32, path, json.loads(sidecar_path(path).read_text()), 0, 0, 0)
+
+
+@pytest.mark.parametrize("names", [ATTRIBUTE_NAMES, INPUT_LIKE_NAMES], ids=["attribute_names", "input_names"])
+def test_any_valid_task_name_exports_pt2(tmp_path, names):
+    model, e = named_export(tmp_path, names, "pt2")
+    assert_named_outputs(model, e)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("names", [ATTRIBUTE_NAMES, INPUT_LIKE_NAMES], ids=["attribute_names", "input_names"])
+def test_any_valid_task_name_exports_onnx(tmp_path, names):
+    import onnx
+
+    model, e = named_export(tmp_path, names, "onnx")
+    graph = onnx.load(str(e.path)).graph
+    input_name = "images_1" if names == INPUT_LIKE_NAMES else "images"
+    assert [i.name for i in graph.input] == [input_name] == [e.sidecar["input"]["name"]]
+    assert [o.name for o in graph.output] == ["base", *names]
+    assert_named_outputs(model, e)
+
+
+def test_two_exports_in_one_folder_keep_their_own_sidecars(tmp_path):
+    """The README's two export lines: ``model.onnx`` and ``model.pt2`` side by side."""
+    model, _ = build("vit")
+    model.base.pretrained_cfg = {**model.base.pretrained_cfg, "label_names": [f"c{i}" for i in range(7)]}
+    lm.export_model(model, tmp_path / "model.pt2", format="pt2", tasks=["pets", "base"], dynamic_batch=False)
+    lm.export_model(model, tmp_path / "other.pt2", format="pt2", tasks=["cifar"], dynamic_batch=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "model.pt2.json", "other.pt2",
+                                                          "other.pt2.json"]
+    first, second = (json.loads((tmp_path / f"{n}.pt2.json").read_text()) for n in ("model", "other"))
+    assert first["file"] == "model.pt2" and [o["name"] for o in first["outputs"]] == ["pets", "base"]
+    assert second["file"] == "other.pt2" and [o["name"] for o in second["outputs"]] == ["cifar"]
+    assert first["outputs"][1]["class_names"] == [f"c{i}" for i in range(7)]  # the base output's label names
+    model.base.pretrained_cfg["label_names"] = ["too", "few"]  # not this head's: left out
+    lm.export_model(model, tmp_path / "model.pt2", format="pt2", tasks=["base"], dynamic_batch=False)
+    assert json.loads((tmp_path / "model.pt2.json").read_text())["outputs"][0]["class_names"] is None
+    assert sidecar_path(tmp_path / "model.onnx") == tmp_path / "model.onnx.json"
