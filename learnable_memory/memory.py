@@ -91,6 +91,14 @@ class TaskStore(nn.Module):
     attribute of this module (unlike ``nn.ModuleDict``, which refuses those names).
     """
 
+    def __setattr__(self, name: str, value: object) -> None:
+        """Plain attributes (``training``, set by ``nn.Module.train``) live on the instance, never on a task
+        of the same name: ``nn.Module`` would refuse to set them over a child module."""
+        if isinstance(value, nn.Module | torch.Tensor):
+            super().__setattr__(name, value)
+        else:
+            object.__setattr__(self, name, value)
+
     def __getitem__(self, name: str) -> TaskMemory:
         try:
             return self._modules[task_key(name)]

@@ -294,3 +294,18 @@ def test_model_without_tasks_serves_the_base(images):
         assert list(out) == ["base"] and torch.equal(out["base"], vit(images))
     with pytest.raises(RuntimeError, match="no task"):
         model(images)
+
+
+@pytest.mark.parametrize("name", ["training", "_modules", "forward"])
+def test_a_task_named_like_a_module_attribute_trains_evaluates_and_saves(name, images, tmp_path):
+    model = lm.wrap_model(make_vit(), n_mem=2, num_classes=3, task=name)
+    model.train()
+    assert model.tasks[name].training and model.training
+    model.eval()
+    assert not model.tasks[name].training and not model.tasks.training
+    assert set(model.forward_all(images)) == {"base", name}
+    assert f"tasks.{name}.memory" in model.state_dict()
+    model.save_adapter(tmp_path / "a")
+    loaded = lm.load_adapters(make_vit(), [tmp_path / "a"])
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_all(images)[name], model.forward_all(images)[name])
