@@ -18,11 +18,13 @@ from .version import __version__ as __version__
 if TYPE_CHECKING:
     from .adapters import AdapterError, inspect_adapter, save_adapter, save_pretrained
     from .batch import predict_dataset
+    from .compiled import compile_model
     from .config import MODES, TaskConfig
     from .export import export_model
     from .mask import build_attention_mask
     from .memory import TaskMemory
     from .model import MemoryViT, load_adapters, wrap_model
+    from .pass_groups import pass_groups
     from .plotting import plot_attention_mask
     from .registry import UnsupportedModelError
 
@@ -31,7 +33,7 @@ _HOMES = {
     "MODES": "config", "TaskConfig": "config",
     "AdapterError": "adapters", "inspect_adapter": "adapters", "save_adapter": "adapters",
     "save_pretrained": "adapters",
-    "predict_dataset": "batch",
+    "predict_dataset": "batch", "compile_model": "compiled", "pass_groups": "pass_groups",
     "export_model": "export",
     "build_attention_mask": "mask",
     "TaskMemory": "memory",
@@ -48,9 +50,11 @@ __all__ = [
     "TaskMemory",
     "UnsupportedModelError",
     "build_attention_mask",
+    "compile_model",
     "export_model",
     "inspect_adapter",
     "load_adapters",
+    "pass_groups",
     "plot_attention_mask",
     "predict_dataset",
     "save_adapter",

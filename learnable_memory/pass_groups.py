@@ -20,13 +20,24 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+from torch import nn
 
 from .adapters.fingerprint import preprocessing
 from .config import BASE_KEY
+from .memory import TaskStore
 
-if TYPE_CHECKING:
-    from .model import MemoryViT
+
+class MemoryViT(Protocol):
+    """What grouping reads of a :class:`~learnable_memory.MemoryViT` (named so here to keep this module
+    free of an import of the model, which imports it)."""
+
+    base: nn.Module
+    tasks: TaskStore
+
+    @property
+    def task_names(self) -> list[str]: ...
 
 #: How :func:`warn_mixed_preprocessing`'s warning starts (what :func:`grouped_by_caller` silences).
 MIXED_PREPROCESSING = "these tasks were trained with different preprocessing"
