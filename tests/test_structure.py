@@ -159,8 +159,8 @@ def test_an_unsupported_timm_model_is_told_its_module_and_why():
 
     with torch.device("meta"):
         cait = timm.create_model("cait_xxs24_224", pretrained=False, depth=1)
-    with pytest.raises(registry.UnsupportedModelError, match=(
-            r"unsupported model type Cait \(module timm.models.cait\): learnable_memory has no model kind for it")) as e:
+    want = r"unsupported model type Cait \(module timm.models.cait\): learnable_memory has no model kind for it"
+    with pytest.raises(registry.UnsupportedModelError, match=want) as e:
         registry.backbone_kind(cait)
     assert "timm.create_model('vit_" not in str(e.value)
 
