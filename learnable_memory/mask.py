@@ -6,8 +6,9 @@ Token order (queries and keys alike), the order timm uses for its own tokens::
 
 ``build_attention_mask`` is the single source of truth for the attention pattern. It draws the
 cells of :func:`table1_cells`; the forward pass reads what each new class token sees off the same
-cells (:mod:`learnable_memory.layout`), the tests check that layout against this mask
+cells (:class:`~learnable_memory.token_index.NewTokenIndex`), the tests check that index against this mask
 (:func:`new_token_mask`), and the model against a dense reference that uses the mask as ``attn_mask``.
+:func:`check_task_order` says whether tasks can share a model in a given order.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def has_full_task(tasks: Iterable[TaskConfig | TaskMemory]) -> bool:
     return any(t.mode == "full" for t in tasks)
 
 
-class LayoutError(ValueError):
-    """Tasks that can not share one model in this order (see :func:`check_layout`).
+class TaskOrderError(ValueError):
+    """Tasks that can not share one model in this order (see :func:`check_task_order`).
 
     Attributes:
         task: The name of the task that breaks the rule (for a full-mode conflict, the full-mode task).
@@ -57,24 +58,24 @@ class LayoutError(ValueError):
         self.task, self.rule = task, rule
 
 
-def check_layout(tasks: Sequence[TaskConfig]) -> None:
-    """Raise :class:`LayoutError` (a ``ValueError``) if these tasks can not share one model, in this order:
+def check_task_order(tasks: Sequence[TaskConfig]) -> None:
+    """Raise :class:`TaskOrderError` (a ``ValueError``) if these tasks can not share one model, in this order:
     a reserved name (:data:`~learnable_memory.config.RESERVED_NAMES`), two tasks with one name, a full-mode
     task with others, or an extension task whose predecessors are not all before it, in its order."""
     names = [t.name for t in tasks]
     seen: set[str] = set()
     for i, t in enumerate(tasks):
         if t.name in RESERVED_NAMES:
-            raise LayoutError(f"task name {t.name!r} is reserved for the base model's output (reserved: "
+            raise TaskOrderError(f"task name {t.name!r} is reserved for the base model's output (reserved: "
                               f"{list(RESERVED_NAMES)}); pick another name", t.name, "reserved")
         if t.name in seen:
-            raise LayoutError(f"duplicate task name {t.name!r}: a task named {t.name!r} already exists (tasks: "
+            raise TaskOrderError(f"duplicate task name {t.name!r}: a task named {t.name!r} already exists (tasks: "
                               f"{names[:i]}); every task in a model needs its own name, pick another", t.name,
                               "duplicate")
         seen.add(t.name)
     if len(tasks) > 1 and has_full_task(tasks):
         full = [t.name for t in tasks if t.mode == "full"]
-        raise LayoutError(
+        raise TaskOrderError(
             f"task(s) {full} use mode 'full', whose memory changes the shared tokens, so they can not "
             f"share a model with other tasks (here: {names}). Train them with mode='non_destructive' or "
             "'extension' to concatenate, or serve the full-mode task in a model of its own.", full[0], "full"
@@ -83,13 +84,13 @@ def check_layout(tasks: Sequence[TaskConfig]) -> None:
     for i, t in enumerate(tasks):
         missing = [d for d in t.depends_on if index.get(d, i) >= i]
         if missing:
-            raise LayoutError(
+            raise TaskOrderError(
                 f"extension task {t.name!r} attends to {t.depends_on}, which must all come before it; "
                 f"missing or later: {missing} (tasks before it: {names[:i]})", t.name, "missing"
             )
         order = [index[d] for d in t.depends_on]
         if order != sorted(order):
-            raise LayoutError(
+            raise TaskOrderError(
                 f"extension task {t.name!r} needs its predecessors in the order {t.depends_on}, "
                 f"but the model has them as {[n for n in names[:i] if n in t.depends_on]}", t.name, "order"
             )
@@ -124,10 +125,10 @@ Cell = tuple[slice, slice]
 def table1_cells(configs: Sequence[TaskConfig], n_orig: int) -> tuple[list[Cell], int]:
     """Table 1, cell by cell: the ``(query rows, key columns)`` blocks that attend, and the token count.
 
-    Plain Python on the configs (no tensors), so that :mod:`learnable_memory.layout` reads the same
+    Plain Python on the configs (no tensors), so that :mod:`learnable_memory.token_index` reads the same
     cells inside ``torch.compile``. ``n_orig``: original tokens (prefix + patches).
     """
-    check_layout(configs)
+    check_task_order(configs)
     k = len(configs)
     mem_start = [n_orig + k]
     for c in configs:
@@ -145,6 +146,8 @@ def table1_cells(configs: Sequence[TaskConfig], n_orig: int) -> tuple[list[Cell]
             j = index[dep]
             cells += [(row, slice(n_orig + j, n_orig + j + 1)), (row, slice(mem_start[j], mem_start[j + 1]))]
     return cells, mem_start[-1]
+
+
 
 
 def new_token_mask(tasks: Sequence[TaskConfig]) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -15,32 +16,23 @@ from .adapters.fingerprint import dependency_record
 from .adapters.loading import check_trained_on, trainable_tasks
 from .config import BASE_KEY, TaskConfig, UnknownTaskError
 from .context import PassContext, PassExtras
-from .kinds import BlockKind
+from .kinds import AttentionKind, BlockKind, unpacked_reason
 from .kv_cache import MemoryKVCache
-from .layout import NewTokenLayout, new_token_layout
-from .mask import check_layout, has_full_task
+from .mask import check_task_order, has_full_task
 from .memory import TaskMemory, TaskStore
 from .pass_groups import warn_mixed_preprocessing
 from .registry import attention_kind, backbone_kind, block_kind
+from .token_index import NewTokenIndex, new_token_index
 
 Rename = Mapping[str, str] | Sequence[str | None] | None
 KV = tuple[torch.Tensor, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
-#: Feature widths inside a block that a packed pass needs to be multiples of (see :func:`_packable`).
-SIMD_SAFE_WIDTH = 64
-
-
-def _packable(kind: BlockKind, blk: nn.Module) -> bool:
-    """Whether block ``blk`` can serve a packed pass (see ``PassContext.packed`` and ``kinds``) and keep
-    the base output bit-identical. Besides what the kinds say, every linear width in the block must
-    be a multiple of :data:`SIMD_SAFE_WIDTH`: an elementwise kernel handles a tensor in SIMD chunks and
-    its last ``size mod chunk`` elements another way, which can round a function like SiLU or exp
-    differently, and with new class tokens behind them the original tokens' last elements would move
-    out of that tail (EVA-02-L's SwiGLU width 2730 does this)."""
-    widths = [w for m in blk.modules() if isinstance(m, nn.Linear) for w in (m.in_features, m.out_features)]
-    aligned = all(w % SIMD_SAFE_WIDTH == 0 for w in widths)
-    return aligned and kind.packable and all(attention_kind(a).packable for a in kind.attentions(blk))
+def _packable(kind: BlockKind, blk: nn.Module, attention_kinds: Mapping[nn.Module, AttentionKind]) -> str | None:
+    """Why block ``blk`` can not serve a packed pass (see ``PassContext.packed``), or None when it can:
+    :func:`learnable_memory.kinds.unpacked_reason` on its kind and attention kinds."""
+    return unpacked_reason(kind, blk, [attention_kinds[a] for a in kind.attentions(blk)])
 
 
 def _cat_with_layout(like: torch.Tensor, parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -86,21 +78,34 @@ class MemoryViT(nn.Module):
     def __init__(self, base: nn.Module, *, kv_cache: MemoryKVCache | None = None):
         super().__init__()
         self.backbone = backbone_kind(base)
+        self.backbone.check_model(base)
         blocks = self.backbone.blocks(base)
         self._block_kinds = [block_kind(b) for b in blocks]
-        self._packable = all(_packable(k, b) for k, b in zip(self._block_kinds, blocks, strict=True))
+        #: Every attention module's kind, resolved once here (``PassContext.attention_kinds``).
+        self._attention_kinds = {a: attention_kind(a) for k, b in zip(self._block_kinds, blocks, strict=True)
+                                for a in k.attentions(b)}
+        reasons = [(i, r) for i, (k, b) in enumerate(zip(self._block_kinds, blocks, strict=True))
+                   if (r := _packable(k, b, self._attention_kinds)) is not None]
+        self._packable = not reasons
+        #: Why inference passes run split (None when they pack): the first block that can not pack.
+        self.unpacked_reason = None if not reasons else (
+            f"block {reasons[0][0]} ({type(blocks[reasons[0][0]]).__name__}): {reasons[0][1]}")
+        if reasons:
+            logger.debug("%s: inference passes run unpacked: %s", type(base).__name__, self.unpacked_reason)
+        self._width = self.backbone.width(base)
         base.requires_grad_(False)
         base.eval()
         self.base = base
         self.tasks = TaskStore()
         self.active_task: str | None = None
-        self._layouts: dict[tuple[tuple[str, ...], torch.device], NewTokenLayout] = {}
+        self._indices: dict[tuple[tuple[str, ...], torch.device], NewTokenIndex] = {}
         self.kv_cache = kv_cache if kv_cache is not None else MemoryKVCache()
 
     # ----- structure -----
     @property
     def embed_dim(self) -> int:
-        return self.base.embed_dim
+        """D, the backbone's width (its kind's :meth:`~learnable_memory.kinds.BackboneKind.width`)."""
+        return self._width
 
     @property
     def depth(self) -> int:
@@ -133,13 +138,13 @@ class MemoryViT(nn.Module):
         predecessors with other weights than the ones it recorded (``AdapterError``, as ``load_adapters``
         does); one that records none (built by hand) can not be checked, and is added with a warning.
         Raises ``ValueError`` for a reserved or duplicate name, a full-mode conflict or a dependency out
-        of order (``mask.check_layout``) or a ``TaskMemory`` of the wrong shape, before anything changes.
+        of order (``mask.check_task_order``) or a ``TaskMemory`` of the wrong shape, before anything changes.
         """
         config = task.config if isinstance(task, TaskMemory) else dataclasses.replace(task)
         config.validate()
         if config.mode == "extension" and not config.depends_on and not isinstance(task, TaskMemory):
             config.depends_on = self.task_names
-        check_layout(self.task_configs + [config])
+        check_task_order(self.task_configs + [config])
         if isinstance(task, TaskMemory):
             expected = (self.depth, config.n_mem, self.embed_dim)
             if tuple(task.memory.shape) != expected:
@@ -157,7 +162,7 @@ class MemoryViT(nn.Module):
             t.requires_grad_(False)
         self.tasks.add(task)
         self.active_task = config.name
-        self._layouts.clear()
+        self._indices.clear()
         return task
 
     def remove_task(self, name: str) -> TaskMemory:
@@ -172,7 +177,7 @@ class MemoryViT(nn.Module):
         task = self.tasks.remove(name)
         if self.active_task == name:
             self.active_task = self.task_names[-1] if len(self.tasks) else None
-        self._layouts.clear()
+        self._indices.clear()
         return task
 
     def set_task(self, name: str) -> MemoryViT:
@@ -206,17 +211,17 @@ class MemoryViT(nn.Module):
                 need.update(self.tasks[name].config.depends_on)
         return tuple(n for n in self.task_names if n in need)
 
-    def _layout(self, names: tuple[str, ...], device: torch.device) -> NewTokenLayout:
+    def _new_token_index(self, names: tuple[str, ...], device: torch.device) -> NewTokenIndex:
         """What the new class tokens of ``names`` see (Table 1 in gather form), on ``device``; kept per
         task set (built afresh under ``torch.compile``, where it becomes a constant of the graph)."""
         if torch.compiler.is_compiling():
-            return new_token_layout([self.tasks[n].config for n in names]).to(device)
-        layout = self._layouts.get((names, device))
-        if layout is None:
+            return new_token_index([self.tasks[n].config for n in names]).to(device)
+        index = self._indices.get((names, device))
+        if index is None:
             with torch.inference_mode(False):  # plain tensors: a later pass may need them for backward
-                layout = new_token_layout([self.tasks[n].config for n in names]).to(device)
-            self._layouts[names, device] = layout
-        return layout
+                index = new_token_index([self.tasks[n].config for n in names]).to(device)
+            self._indices[names, device] = index
+        return index
 
     def _original_grad(self, images: torch.Tensor, full: bool) -> bool:
         """Whether this pass keeps an autograd graph for the original tokens (``PassContext.orig_grad``):
@@ -289,7 +294,7 @@ class MemoryViT(nn.Module):
         orig_grad = self._original_grad(images, full)
         with torch.set_grad_enabled(orig_grad):
             x, extras = self.backbone.embed(self.base, images)  # [B, N, D]
-        layout = self._layout(names, x.device)
+        index = self._new_token_index(names, x.device)
         c = self._new_class_tokens(tasks, x)  # [B, K, D]
         memory_kv = self._memory_kv(tasks, x)
         # Inference packs the new class tokens behind the original tokens (see PassContext.packed) where every
@@ -299,7 +304,7 @@ class MemoryViT(nn.Module):
         n = x.shape[1]
         if packed:
             x, c, extras = _pack(x, c, extras)
-        ctx = PassContext(layout=layout, full=full, orig_grad=orig_grad, packed=packed, extras=extras)
+        ctx = PassContext(index=index, full=full, orig_grad=orig_grad, packed=packed, extras=extras)
         for i, (kind, blk) in enumerate(zip(self._block_kinds, self.backbone.blocks(self.base), strict=True)):
             x, c = kind.forward(blk, x, c, memory_kv(i), ctx)
         if packed:

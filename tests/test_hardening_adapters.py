@@ -111,7 +111,7 @@ def test_the_command_line_reads_each_adapter_once(tmp_path, monkeypatch):
 
 
 def test_the_loader_refuses_by_check_layout_and_names_the_file(tmp_path):
-    from learnable_memory.mask import LayoutError
+    from learnable_memory.mask import TaskOrderError
 
     small(["a"]).save_adapter(tmp_path / "a")
     small(["b"], mode="full").save_adapter(tmp_path / "f")
@@ -120,7 +120,7 @@ def test_the_loader_refuses_by_check_layout_and_names_the_file(tmp_path):
     for paths, rename, rule in cases:
         with pytest.raises(lm.AdapterError) as err:
             lm.load_adapters(make_vit(depth=1), paths, rename=rename)
-        assert isinstance(err.value.__cause__, LayoutError) and err.value.__cause__.rule == rule
+        assert isinstance(err.value.__cause__, TaskOrderError) and err.value.__cause__.rule == rule
         assert str(err.value).startswith(str(paths[-1])) and str(err.value.__cause__) in str(err.value)
 
 

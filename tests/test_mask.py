@@ -82,7 +82,7 @@ def test_layout_errors():
 
 
 def test_check_layout_names_the_rule_and_the_task():
-    from learnable_memory.mask import LayoutError, check_layout, has_full_task
+    from learnable_memory.mask import TaskOrderError, check_task_order, has_full_task
 
     a, full = TaskConfig("a", 1, 2), TaskConfig("f", 1, 2, mode="full")
     cases = [
@@ -94,7 +94,7 @@ def test_check_layout_names_the_rule_and_the_task():
         ([a, TaskConfig("b", 1, 2), TaskConfig("e", 1, 2, mode="extension", depends_on=["b", "a"])], "order", "e"),
     ]
     for tasks, rule, task in cases:
-        with pytest.raises(LayoutError) as err:
-            check_layout(tasks)
+        with pytest.raises(TaskOrderError) as err:
+            check_task_order(tasks)
         assert (err.value.rule, err.value.task) == (rule, task) and isinstance(err.value, ValueError)
     assert has_full_task([a, full]) and not has_full_task([a]) and not has_full_task([])

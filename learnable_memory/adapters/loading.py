@@ -6,7 +6,7 @@ Checks, each a ``ValueError`` (:class:`~learnable_memory.adapters.AdapterError`)
 
 - the backbone: same width, depth and prefix tokens, and (unless ``check_fingerprint=False``)
   the same weights, by fingerprint;
-- the rules of :func:`~learnable_memory.mask.check_layout`, the model's own (no reserved name, no two
+- the rules of :func:`~learnable_memory.mask.check_task_order`, the model's own (no reserved name, no two
   tasks with one name, a full-mode task stands alone, extension tasks after the tasks they extend, in
   order), on the tasks the model will hold; ``rename`` resolves name clashes;
 - extension tasks: the tasks they were trained on have the same weights (task fingerprints,
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import TaskConfig
-from ..mask import LayoutError, check_layout
+from ..mask import TaskOrderError, check_task_order
 from ..memory import TaskMemory
 from .fingerprint import (
     backbone_shape,
@@ -146,12 +146,13 @@ def _dependency_names(adapters: list[AdapterFile], names: list[str], rename: Ren
     return out
 
 
-def _check_layout(existing: Mapping[str, TaskMemory], adapters: list[AdapterFile], configs: list[TaskConfig]) -> None:
-    """:func:`~learnable_memory.mask.check_layout` on the tasks the model will hold, its error as an
-    :class:`AdapterError` naming the file (and its ``LayoutError`` as the cause, e.g. ``.rule``)."""
+def _check_task_order(existing: Mapping[str, TaskMemory], adapters: list[AdapterFile],
+                      configs: list[TaskConfig]) -> None:
+    """:func:`~learnable_memory.mask.check_task_order` on the tasks the model will hold, its error as an
+    :class:`AdapterError` naming the file (and its ``TaskOrderError`` as the cause, e.g. ``.rule``)."""
     try:
-        check_layout([t.config for t in existing.values()] + configs)
-    except LayoutError as err:
+        check_task_order([t.config for t in existing.values()] + configs)
+    except TaskOrderError as err:
         first: dict[str, str] = {n: "already in the model" for n in existing}
         where = ""
         for a, c in zip(adapters, configs, strict=True):
@@ -249,7 +250,7 @@ def prepare_tasks(
     deps = _dependency_names(adapters, names, rename)
     configs = [dataclasses.replace(a.config, name=n, depends_on=d) for a, n, d in zip(adapters, names, deps,
                                                                                       strict=True)]
-    _check_layout(existing, adapters, configs)
+    _check_task_order(existing, adapters, configs)
     like = next(iter(base.parameters()), None)
     trained_on = _trained_on(adapters, configs, existing, check_fingerprint,
                              like.dtype if like is not None else torch.float32)

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from ..adapters.folder import AdapterError, adapter_folders
-from ..mask import LayoutError
+from ..mask import TaskOrderError
 from ..model import MemoryViT, load_adapters
 from ..pass_groups import grouped_by_caller
 from .base import base_spec, create_base, refuse_random_weights
@@ -86,7 +86,7 @@ def load_named_adapters(model: nn.Module, folders: Sequence[Path], *, check_fing
         with grouped_by_caller():  # every command runs one pass per preprocessing group
             return load_adapters(model, list(folders), check_fingerprint=check_fingerprint, trainable=trainable)
     except AdapterError as e:
-        layout = e.__cause__ if isinstance(e.__cause__, LayoutError) else None
+        layout = e.__cause__ if isinstance(e.__cause__, TaskOrderError) else None
         if layout is not None and layout.rule == "duplicate":  # the command line can not rename tasks
             raise AdapterError(f"two adapters hold task {layout.task!r} ({e}); a model serves each task name "
                                "once, so give one of them at a time") from e

@@ -100,7 +100,7 @@ def select_tasks(model: nn.Module, tasks: Sequence[str] | None) -> list[str] | N
 
 def check_shared_pass(model: MemoryViT, names: list[str]) -> None:
     """Refuse a trained task that attends to another trained task's memory: their gradients would mix.
-    (A full-mode task changes the original tokens, so it is alone in its model: ``check_layout``.)"""
+    (A full-mode task changes the original tokens, so it is alone in its model: ``check_task_order``.)"""
     for n in names:
         shared = sorted(set(model.tasks[n].config.depends_on) & set(names))
         if shared:
