@@ -252,8 +252,9 @@ def test_any_valid_task_name_exports_onnx(tmp_path, names):
 
 def test_two_exports_in_one_folder_keep_their_own_sidecars(tmp_path):
     """The README's two export lines: ``model.onnx`` and ``model.pt2`` side by side."""
-    model, _ = build("vit")
-    model.base.pretrained_cfg = {**model.base.pretrained_cfg, "label_names": [f"c{i}" for i in range(7)]}
+    model, _ = build(VIT)
+    names = [f"c{i}" for i in range(model.base.num_classes)]
+    model.base.pretrained_cfg = {**model.base.pretrained_cfg, "label_names": names}
     lm.export_model(model, tmp_path / "model.pt2", format="pt2", tasks=["pets", "base"], dynamic_batch=False)
     lm.export_model(model, tmp_path / "other.pt2", format="pt2", tasks=["cifar"], dynamic_batch=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "model.pt2.json", "other.pt2",
@@ -261,7 +262,7 @@ def test_two_exports_in_one_folder_keep_their_own_sidecars(tmp_path):
     first, second = (json.loads((tmp_path / f"{n}.pt2.json").read_text()) for n in ("model", "other"))
     assert first["file"] == "model.pt2" and [o["name"] for o in first["outputs"]] == ["pets", "base"]
     assert second["file"] == "other.pt2" and [o["name"] for o in second["outputs"]] == ["cifar"]
-    assert first["outputs"][1]["class_names"] == [f"c{i}" for i in range(7)]  # the base output's label names
+    assert first["outputs"][1]["class_names"] == names  # the base output's label names
     model.base.pretrained_cfg["label_names"] = ["too", "few"]  # not this head's: left out
     lm.export_model(model, tmp_path / "model.pt2", format="pt2", tasks=["base"], dynamic_batch=False)
     assert json.loads((tmp_path / "model.pt2.json").read_text())["outputs"][0]["class_names"] is None
