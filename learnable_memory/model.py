@@ -304,7 +304,8 @@ class MemoryViT(nn.Module):
         n = x.shape[1]
         if packed:
             x, c, extras = _pack(x, c, extras)
-        ctx = PassContext(index=index, full=full, orig_grad=orig_grad, packed=packed, extras=extras)
+        ctx = PassContext(index=index, full=full, orig_grad=orig_grad, packed=packed, extras=extras,
+                          attention_kinds=self._attention_kinds)
         for i, (kind, blk) in enumerate(zip(self._block_kinds, self.backbone.blocks(self.base), strict=True)):
             x, c = kind.forward(blk, x, c, memory_kv(i), ctx)
         if packed:

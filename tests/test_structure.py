@@ -179,6 +179,7 @@ def test_attention_kinds_are_resolved_when_wrapping(monkeypatch):
     resolved = model._attention_kinds[attn]
     assert resolved is registry.ATTENTION_KINDS[Attention]
     monkeypatch.setitem(registry.ATTENTION_KINDS, Attention, object())  # a later registration
-    ctx = PassContext(layout=new_token_index([]), full=False, orig_grad=False, attention_kinds=model._attention_kinds)
+    ctx = PassContext(index=new_token_index([]), full=False, orig_grad=False, attention_kinds=model._attention_kinds)
     assert kind_of(attn, ctx) is resolved
-    assert kind_of(attn, PassContext(layout=ctx.index, full=False, orig_grad=False)) is not resolved
+    assert kind_of(attn, PassContext(index=ctx.index, full=False, orig_grad=False)) is not resolved
+
