@@ -2,7 +2,10 @@
 ``training.json`` (data, base model spec, settings, validation split, history), from which ``eval`` and
 ``predict`` rebuild the base and the data, and ``training_state.pt`` (the optimizer state and the
 schedule position), from which ``--resume`` continues with the recorded settings. ``--save-every``
-writes the same folder periodically; Ctrl-C or SIGTERM then keeps the last one."""
+writes the same folder periodically; Ctrl-C or SIGTERM then keeps the last one.
+
+This module is the parser, which imports no torch (so ``train --help`` starts fast); the run is
+:mod:`.train_run`, what it trains (plan, output folder, data) :mod:`.train_plan`."""
 
 from __future__ import annotations
 
