@@ -130,17 +130,30 @@ def test_command_modules_are_discovered(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.integration
 def test_help_imports_no_torch():
-    """``--help`` starts in a fraction of a second: it imports neither torch nor the libraries built on it
-    (the commands whose modules import torch at their top, train and predict, still do for their own help)."""
+    """``--help`` starts in a fraction of a second: neither the top-level help nor any command's imports
+    torch or the libraries built on it."""
     script = ("import runpy, sys\nsys.argv = ['learnable-memory', *sys.argv[1:]]\ntry:\n"
               "    runpy.run_module('learnable_memory', run_name='__main__')\nexcept SystemExit as e:\n"
               "    assert e.code == 0, e.code\n"
               "print(sorted(m for m in ('torch', 'timm', 'peft', 'fastapi', 'uvicorn') if m in sys.modules))\n")
-    for argv in (["--help"], ["eval", "--help"], ["inspect", "--help"], ["serve", "--help"], ["demo", "--help"]):
+    for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["predict", "--help"], ["inspect", "--help"],
+                 ["serve", "--help"], ["demo", "--help"]):
         r = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=ROOT,
                            timeout=1800)
         assert r.returncode == 0, r.stderr
         assert r.stdout.splitlines()[-1] == "[]", (argv, r.stdout[-500:])
+
+
+def test_light_parser_defaults_equal_the_ones_runs_use():
+    """The parsers of train and predict take their defaults from modules that import no torch: literals
+    equal to those of the modules that do."""
+    from learnable_memory.batch.formats import DTYPE_NAMES
+    from learnable_memory.batch.pipeline import DTYPES
+    from learnable_memory.cli.train_settings import FIT_DEFAULTS
+    from learnable_memory.training.optim import DEFAULTS
+
+    assert list(FIT_DEFAULTS.items()) == list(DEFAULTS.items())
+    assert DTYPE_NAMES == tuple(DTYPES)
 
 
 def test_train_writes_adapter_and_training_record(trained):
@@ -632,7 +645,7 @@ def test_resume_reuses_the_recorded_settings_and_never_writes_over_the_adapter(t
 
 
 def test_save_every_keeps_the_last_checkpoint_when_interrupted(tmp_path, monkeypatch, capsys):
-    import learnable_memory.cli.train as train_cli
+    import learnable_memory.cli.train_run as train_cli
 
     out, calls = tmp_path / "ck", []
     save = train_cli.save_adapter_run

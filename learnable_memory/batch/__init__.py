@@ -19,10 +19,28 @@ The modules, in the order a job runs through them:
 - :mod:`.summary`: the progress bar and the :class:`~.summary.Summary` at the end.
 - :mod:`.job`: :func:`~.job.predict_dataset`, which runs them all on this machine.
 - :mod:`.ray_engine`: the same job on Ray Data (the optional ``ray`` extra).
+
+The names below are imported on first use (PEP 562), so that :mod:`.sources` and :mod:`.formats`, which
+``predict``'s parser takes, import no torch.
 """
 
-from .job import predict_dataset
-from .sources import Listing, list_images
-from .summary import Summary
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .job import predict_dataset
+    from .sources import Listing, list_images
+    from .summary import Summary
+
+#: Each public name and the module that defines it.
+_HOMES = {"predict_dataset": "job", "Listing": "sources", "list_images": "sources", "Summary": "summary"}
 
 __all__ = ["Listing", "Summary", "list_images", "predict_dataset"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,15 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..pass_groups import PassGroup, pass_groups
+from .formats import PART_SIZE as PART_SIZE  # where its readers take it
 from .manifest import Manifest, job_identity, open_folder, remove_stale_temporaries
 from .pipeline import ImageFiles, Preparation, check_device, collate, resolve_outputs, run_passes
 from .schema import Schema
 from .sources import Listing, check_shard, list_images
 from .summary import Summary, progress_bar
 from .writers import FORMATS, part_name, write_part, write_stream
-
-#: Images per part file (the most a kill loses).
-PART_SIZE = 4096
 
 
 def _parts(listing: Listing, part_size: int) -> list[tuple[int, int]]:

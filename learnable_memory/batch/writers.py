@@ -15,10 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from .formats import FORMATS as FORMATS  # where its readers take it
 from .schema import Schema, csv_value
-
-#: Output formats and their file extensions.
-FORMATS = {"parquet": ".parquet", "jsonl": ".jsonl", "csv": ".csv"}
 
 
 def part_prefix(shard: tuple[int, int]) -> str:

@@ -21,14 +21,11 @@ import torch
 
 from .. import data as D
 from ..training import FitState
-from ..training.optim import DEFAULTS
 from .records import TRAINING_FILE
+from .train_settings import RECORDED as RECORDED  # where its readers take it
 
 #: Written beside the adapter: the optimizer state and schedule position (a ``FitState``), for --resume.
 STATE_FILE = "training_state.pt"
-#: Options --resume takes from the record unless given (None in the parser), and their defaults otherwise.
-RECORDED = dict(DEFAULTS, batch_size=128, seed=0, bf16=False, max_train=None, val_fraction=None, no_val=False)
-RECORDED.pop("momentum")
 
 
 def apply_recorded(args: argparse.Namespace, settings: dict) -> None:

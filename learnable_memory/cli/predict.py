@@ -19,15 +19,10 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..adapters.folder import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
-from ..batch.job import PART_SIZE, predict_dataset
-from ..batch.pipeline import DTYPES
+from ..batch.formats import DTYPE_NAMES, FORMATS, PART_SIZE
 from ..batch.sources import TABLES, is_image_name, list_images, parse_shard
-from ..batch.writers import FORMATS
-from ..model import MemoryViT
 from .base import add_model_options
-from .options import non_negative_int, positive_int
-from .records import add_adapter_options, base_for_adapters, load_named_adapters, resolve_adapters
+from .options import add_adapter_options, non_negative_int, positive_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--workers", type=non_negative_int, default=0,
                    help="processes decoding images (default %(default)s: decode in the main process)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or mps (default %(default)s)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision (default %(default)s)")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="float32", help="precision (default %(default)s)")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", help="folder of the dataset (default: JSON lines on stdout)")
     g.add_argument("--format", choices=list(FORMATS), help="part files in --out (default: parquet)")
@@ -100,6 +95,8 @@ def launched_shard(env: Mapping[str, str]) -> tuple[int, int]:
 def is_adapter_spec(value: str) -> bool:
     """Whether a value given to ``--adapter`` names an adapter: ``hf-hub:``, an adapter or ``save_pretrained``
     folder, or a path that does not exist (refused by the adapter loader, naming it)."""
+    from ..adapters.folder import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+
     path = Path(value).expanduser()
     if value.startswith("hf-hub:"):
         return True
@@ -119,6 +116,10 @@ def split_adapters(values: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     """List the images, load the adapters on their base, label batch by batch, print the summary."""
+    from ..batch.job import predict_dataset
+    from ..model import MemoryViT
+    from .records import base_for_adapters, load_named_adapters, resolve_adapters
+
     if args.out is None and args.format is not None:
         raise ValueError(f"--format {args.format} needs --out DIR (without it, rows go to stdout as JSON lines)")
     adapters, more = split_adapters(args.adapter)

@@ -20,48 +20,12 @@ from ..config import TaskConfig
 from ..model import MemoryViT
 from ..training import FitState
 from .checkpoints import read_state, save_adapter_run, save_run
-from .options import non_negative_float, non_negative_int, positive_float
+from .sweep_axes import SWEEPABLE
 
-#: Sweepable options: the option's name -> (its ``args`` attribute, how a value parses). ``seed`` seeds the
-#: configuration's initialisation; the data order and split keep the run's ``--seed``.
-SWEEPABLE: dict[str, tuple[str, Callable[[str], object]]] = {
-    "lr": ("lr", positive_float),
-    "memory-lr-scale": ("memory_lr_scale", positive_float),
-    "weight-decay": ("weight_decay", non_negative_float),
-    "n-mem": ("n_mem", non_negative_int),
-    "init-std": ("init_std", positive_float),
-    "seed": ("seed", non_negative_int),
-    "warmup": ("warmup", non_negative_float),
-    "clip": ("clip", positive_float),
-    "optimizer": ("optimizer", lambda v: v if v in ("sgd", "adamw") else _bad(f"{v!r} is not sgd or adamw")),
-}
 #: Written in a sweep's folder: its grid and step, so ``--resume OUT`` continues it.
 SWEEP_STATE = "sweep_state.json"
 #: The fit settings among them (the others shape a task when it is made).
 FIT_KEYS = ("lr", "memory_lr_scale", "weight_decay", "warmup", "clip", "optimizer")
-
-
-def _bad(message: str):
-    raise argparse.ArgumentTypeError(message)
-
-
-def sweep_axis(text: str) -> tuple[str, list]:
-    """``"lr=0.03,0.1"`` -> ``("lr", [0.03, 0.1])``: the ``--sweep`` option's type."""
-    key, sep, values = text.partition("=")
-    if not sep or not values:
-        _bad(f"takes KEY=V1,V2,... (e.g. lr=0.03,0.1), got {text!r}")
-    if key not in SWEEPABLE:
-        _bad(f"can not sweep {key!r}: sweepable are {', '.join(SWEEPABLE)}")
-    parse = SWEEPABLE[key][1]
-    out = []
-    for v in values.split(","):
-        try:
-            out.append(parse(v.strip()))
-        except (argparse.ArgumentTypeError, ValueError) as e:
-            _bad(f"{key}={v!r}: {e}")
-    if len(set(map(str, out))) != len(out):
-        _bad(f"{key} lists a value twice: {values}")
-    return key, out
 
 
 @dataclass
