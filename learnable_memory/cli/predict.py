@@ -15,7 +15,6 @@ import argparse
 import glob
 import os
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -126,10 +125,8 @@ def run(args: argparse.Namespace) -> int:
     listing = list_images([*args.inputs, *more])  # bad inputs fail before any model is built
     folders = resolve_adapters(adapters)
     base = base_for_adapters(args, folders)
-    with warnings.catch_warnings():  # the loader warns that one pass would mix them; predict runs one per group
-        warnings.filterwarnings("ignore", "these tasks were trained with different preprocessing", UserWarning)
-        model = (load_named_adapters(base, folders, check_fingerprint=not args.no_fingerprint_check) if folders
-                 else MemoryViT(base))
+    model = (load_named_adapters(base, folders, check_fingerprint=not args.no_fingerprint_check) if folders
+             else MemoryViT(base))
     summary = predict_dataset(
         model, listing, args.out, tasks=args.tasks, top_k=args.top_k, batch_size=args.batch_size,
         workers=args.workers, device=args.device, dtype=args.dtype, format=args.format or "parquet", logits=args.logits,
