@@ -34,7 +34,7 @@ from learnable_memory import testing as lmt
 from learnable_memory.registry import BLOCK_KINDS, UNSUPPORTED, load_families
 from tests.helpers import grid_backbone, images_for
 
-MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "eva", "beit", "naflexvit")
+MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "eva", "beit", "naflexvit", "vitamin")
 MODULE_OF = {arch: module for module in MODULES for arch in timm.list_models(module=module)}
 GRID = 3  # patches per side
 BATCH = 2
@@ -77,6 +77,8 @@ SAMPLE = {
     "beit_base_patch16_224": "Beit: relative position bias",
     # naflexvit
     "naflexvit_base_patch16_gap": "NaFlexVit + NaFlexEmbeds",
+    # vitamin
+    "vitamin_small_224": "ViTamin: MbConv stages as HybridEmbed, GeGluMlp, no class token, avg pooling",
 }
 # Sample architectures the default run builds narrower than registered (same kinds; the slow sweep builds
 # them as registered): a 1792-wide EVA would take most of the default run's time.
