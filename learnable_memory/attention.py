@@ -11,8 +11,12 @@ memory. Each new class token attends only to what Table 1 lets it see, gathered 
 
 Each timm attention type gets an attention kind (:class:`~learnable_memory.kinds.AttentionKind`)
 that only knows how to call that module's own projections; :func:`memory_attention` does the rest.
+The split of the attention itself (original tokens as the base model, new class tokens as Table 1
+says) is written once, in :func:`attend_split`; kinds that project their own heads (fused blocks)
+call it too, and :func:`~learnable_memory.differential.attend_split_differential` is its
+two-softmax form.
 
-Two layouts of a pass. Split (training): original tokens ``[B, N, D]`` and new class tokens
+Two forms of a pass. Split (training): original tokens ``[B, N, D]`` and new class tokens
 ``[B, K, D]`` are separate tensors, so that non-destructive training keeps no autograd graph
 through the backbone. Packed (inference): the new class tokens ride behind the original tokens as
 ``[B, N + K, D]`` and share one call of every norm, projection and MLP (a kernel on K rows costs
@@ -28,10 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .context import PassContext
-from .layout import NewTokenLayout
-
-Bias = torch.Tensor | None
-KV = tuple[torch.Tensor, torch.Tensor]
+from .layout import NewTokenIndex
+from .typing import KV, Bias, Biases, Pair, Tensor
 
 
 class Projections(Protocol):
@@ -41,7 +43,7 @@ class Projections(Protocol):
 
     def out(self, attn: nn.Module, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor: ...
 
-    def position_bias(self, attn: nn.Module, ctx: PassContext, n_tokens: int) -> tuple[Bias, Bias]: ...
+    def position_bias(self, attn: nn.Module, ctx: PassContext, n_tokens: int) -> Biases: ...
 
 
 def attend_original(
@@ -124,7 +126,7 @@ def attend_new(
     v_c: torch.Tensor,
     k_m: torch.Tensor,
     v_m: torch.Tensor,
-    layout: NewTokenLayout,
+    layout: NewTokenIndex,
     scale: float,
     bias_x: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -141,7 +143,7 @@ def attend_new(
         q_c, k_c, v_c: ``[B, H, K, hd]`` new class tokens (``v_c`` may have another head dim, as all values).
         k_x, v_x: ``[B, H, N, hd]`` original tokens.
         k_m, v_m: ``[H, M, hd]`` memory of the pass, shared by the batch.
-        layout: What each new class token sees (:func:`learnable_memory.layout.new_token_layout`).
+        layout: What each new class token sees (:func:`learnable_memory.layout.new_token_index`).
         scale: Softmax temperature (``head_dim ** -0.5``).
         bias_x: Optional additive bias on the scores against the original tokens, broadcastable to
             ``[B, H, K, N]`` (relative position bias, key padding).
@@ -184,18 +186,59 @@ def attend_new(
     return out.addcmul_(o_x, share_x)
 
 
-def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+def dense_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float, bias: Bias = None) -> Tensor:
+    """The unfused softmax of a dense reference: ``q`` ``[B, H, 1, hd]`` against ``keys`` / ``values``
+    ``[B, H, T, hd]``, with an optional additive ``bias`` on the first columns (``[.., 1, N]``,
+    N <= T; zero on the rest) -> ``[B, H, 1, hd_v]``."""
+    scores = (q * scale) @ keys.transpose(-2, -1)  # [B, H, 1, T]
+    if bias is not None:
+        scores = scores + F.pad(bias, (0, scores.shape[-1] - bias.shape[-1]))
+    return scores.softmax(dim=-1) @ values
+
+
+def add_bias(a: Bias, b: Bias) -> Bias:
     """Sum of two optional additive biases."""
     return b if a is None else a if b is None else a + b
 
 
-def _biases(attn: nn.Module, ctx: PassContext, n: int, kind: Projections) -> tuple[Bias, Bias]:
-    """The additive biases on the scores against the N original tokens: the backbone's (e.g. key
-    padding) plus the attention kind's (e.g. relative position bias); ``[.., N, N]`` for the original
+def score_biases(ctx: PassContext, own: Biases = (None, None)) -> Biases:
+    """The additive biases on the scores against the N original tokens: the backbone's
+    (``ctx.extras.score_bias``, e.g. key padding) plus the module's ``own`` (e.g. an attention kind's
+    :meth:`~learnable_memory.kinds.AttentionKind.position_bias`); ``[.., N, N]`` for the original
     tokens' queries, ``[.., 1, N]`` for the new class tokens'."""
-    bias_x, bias_c = ctx.extras.attn_bias or (None, None)
-    pos_x, pos_c = kind.position_bias(attn, ctx, n)
-    return _add(bias_x, pos_x), _add(bias_c, pos_c)
+    bias_x, bias_c = ctx.extras.score_bias
+    return add_bias(bias_x, own[0]), add_bias(bias_c, own[1])
+
+
+def attend_original_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KV, full: bool, scale: float,
+                           fused: bool, bias: Bias) -> torch.Tensor:
+    """The original tokens' attention ``[B, H, N, hd]``: the base model's own (``fused`` as the module
+    is), or in ``full`` mode against ``[tokens ; memory]``; ``kv`` is the memory's keys and values."""
+    if full:
+        return attend_original_with_memory(q, k, v, *kv, scale, bias)
+    return attend_original(q, k, v, fused, scale, bias)
+
+
+def attend_split(q_x: torch.Tensor, k_x: torch.Tensor, v_x: torch.Tensor, q_c: torch.Tensor, k_c: torch.Tensor,
+                 v_c: torch.Tensor, kv: KV, ctx: PassContext, scale: float, fused: bool, biases: Biases) -> Pair:
+    """Softmax attention of the original tokens and of the new class tokens, as Table 1 says.
+
+    Args:
+        q_x, k_x, v_x: ``[B, H, N, hd]`` original tokens (under ``ctx.orig_grad``, as the base model).
+        q_c, k_c, v_c: ``[B, H, K, hd]`` new class tokens.
+        kv: The memory's keys and values ``[H, M, hd]``.
+        ctx: The pass's context (what each new class token sees, mode, gradient policy).
+        scale: Softmax temperature of the module.
+        fused: The module's ``fused_attn`` (the original tokens use the same path).
+        biases: Score biases against the original tokens (:func:`score_biases`).
+
+    Returns:
+        ``[B, H, N, hd]`` and ``[B, H, K, hd]``.
+    """
+    bias_x, bias_c = biases
+    with torch.set_grad_enabled(ctx.orig_grad):
+        o_x = attend_original_tokens(q_x, k_x, v_x, kv, ctx.full, scale, fused, bias_x)
+    return o_x, attend_new(q_c, k_x, v_x, k_c, v_c, *kv, ctx.layout, scale, bias_c)
 
 
 def memory_attention(
@@ -205,7 +248,7 @@ def memory_attention(
     kv: KV,
     ctx: PassContext,
     kind: Projections,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Pair:
     """One attention layer over original tokens, new class tokens and memory.
 
     Args:
@@ -219,17 +262,13 @@ def memory_attention(
     Returns:
         Attention outputs (after the output projection) ``[B, N, D]`` and ``[B, K, D]``.
     """
-    k_m, v_m = kv
-    bias_x, bias_c = _biases(attn, ctx, h_x.shape[1], kind)
+    biases = score_biases(ctx, kind.position_bias(attn, ctx, h_x.shape[1]))
     with torch.set_grad_enabled(ctx.orig_grad):
         q_x, k_x, v_x = kind.qkv(attn, h_x, ctx.extras.rope)
-        if ctx.full:
-            o_x = attend_original_with_memory(q_x, k_x, v_x, k_m, v_m, attn.scale, bias_x)
-        else:
-            o_x = attend_original(q_x, k_x, v_x, attn.fused_attn, attn.scale, bias_x)
-        a_x = kind.out(attn, o_x, h_x)
     q_c, k_c, v_c = kind.qkv(attn, h_c)
-    o_c = attend_new(q_c, k_x, v_x, k_c, v_c, k_m, v_m, ctx.layout, attn.scale, bias_c)
+    o_x, o_c = attend_split(q_x, k_x, v_x, q_c, k_c, v_c, kv, ctx, attn.scale, attn.fused_attn, biases)
+    with torch.set_grad_enabled(ctx.orig_grad):
+        a_x = kind.out(attn, o_x, h_x)
     return a_x, kind.out(attn, o_c, h_c)
 
 
@@ -237,9 +276,9 @@ def packed_attention(attn: nn.Module, h: torch.Tensor, kv: KV, ctx: PassContext,
     """:func:`memory_attention` for a packed pass (``ctx.packed`` = K new class tokens).
 
     One ``qkv`` and one output projection serve the original tokens and the new class tokens
-    together; the attention itself is split as in Table 1, with the same biases as the split
-    layout. A rotary table (``ctx.extras.rope``) covers the new class tokens with identity rows
-    (see ``PassExtras.for_packed``), so they stay unrotated, as in the split layout.
+    together; the attention itself is :func:`attend_split`'s, with the same biases as in a split
+    pass. A rotary table (``ctx.extras.rope``) covers the new class tokens with identity rows
+    (see ``PassExtras.for_packed``), so they stay unrotated, as in a split pass.
 
     Args:
         h: ``[B, N + K, D]``, original tokens then new class tokens, after the pre-attention norm.
@@ -249,15 +288,10 @@ def packed_attention(attn: nn.Module, h: torch.Tensor, kv: KV, ctx: PassContext,
         ``[B, N + K, D]`` attention outputs after the output projection.
     """
     n = h.shape[1] - ctx.packed
-    k_m, v_m = kv
-    bias_x, bias_c = _biases(attn, ctx, n, kind)
+    biases = score_biases(ctx, kind.position_bias(attn, ctx, n))
     q, k, v = kind.qkv(attn, h, ctx.extras.rope)  # [B, H, N + K, hd]
-    k_x, v_x = k[:, :, :n], v[:, :, :n]
-    if ctx.full:
-        o_x = attend_original_with_memory(q[:, :, :n], k_x, v_x, k_m, v_m, attn.scale, bias_x)
-    else:
-        o_x = attend_original(q[:, :, :n], k_x, v_x, attn.fused_attn, attn.scale, bias_x)
-    o_c = attend_new(q[:, :, n:], k_x, v_x, k[:, :, n:], v[:, :, n:], k_m, v_m, ctx.layout, attn.scale, bias_c)
+    o_x, o_c = attend_split(q[:, :, :n], k[:, :, :n], v[:, :, :n], q[:, :, n:], k[:, :, n:], v[:, :, n:], kv, ctx,
+                            attn.scale, attn.fused_attn, biases)
     # laid out [B, N + K, H, hd], so that the output projection's head merge is a view (one copy, as in timm)
     o = torch.cat([o_x.transpose(1, 2), o_c.transpose(1, 2)], dim=1).transpose(1, 2)  # [B, H, N + K, hd]
     return kind.out(attn, o, h)  # [B, N + K, D]

@@ -4,7 +4,9 @@ A family whose blocks have one of these shapes subclasses the runner and overrid
 differs (``after_attention``, for LayerScale or MLP variants). Every runner keeps the rules of
 :class:`~learnable_memory.kinds.BlockKind`: the original tokens run exactly the base block's
 arithmetic under ``ctx.orig_grad``, the memory goes only through what the block applies before
-attention and the key/value projections, and the new class tokens go through everything.
+attention and the key/value projections, and the new class tokens go through everything. Each
+also gives the kind's dense reference (``reference``), which reuses ``after_attention`` (row-wise)
+and the attention kind's own reference.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import torch
 from torch import nn
 
 from .context import PassContext
-from .kinds import BlockKind
+from .kinds import AttentionKind, BlockKind
 from .registry import attention_kind
+from .typing import KV, Pair, Tensor
 
-Tensor = torch.Tensor
-Pair = tuple[Tensor, Tensor]
-KV = tuple[Tensor, Tensor]
+
+def kind_of(attn: nn.Module, ctx: PassContext) -> AttentionKind:
+    """``attn``'s kind as resolved when wrapping (``ctx.attention_kinds``), else from the registry."""
+    kind = ctx.attention_kinds.get(attn)
+    return attention_kind(attn) if kind is None else kind
 
 
 def run_attention(attn: nn.Module, h_x: Tensor, h_c: Tensor, kv: KV, ctx: PassContext) -> Pair:
@@ -26,7 +31,7 @@ def run_attention(attn: nn.Module, h_x: Tensor, h_c: Tensor, kv: KV, ctx: PassCo
     ``[B, K, D]`` (after the block's pre-attention norm), with the memory's keys and values ``kv``
     -> outputs ``[B, N, D]``, ``[B, K, D]``. In a packed pass the new class tokens are the last rows
     of ``h_x`` and ``h_c`` is empty."""
-    kind = attention_kind(attn)
+    kind = kind_of(attn, ctx)
     if ctx.packed:
         return kind.attend_packed(attn, h_x, kv, ctx), h_c
     return kind.attend(attn, h_x, h_c, kv, ctx)
@@ -53,6 +58,13 @@ class PreNormBlock(BlockKind):
         with torch.set_grad_enabled(ctx.orig_grad):
             x = self.after_attention(blk, x, a_x)
         return x, self.after_attention(blk, c, a_c)
+
+    def reference(self, blk: nn.Module, x: Tensor, c: Tensor, mem: Tensor, ctx: PassContext) -> Tensor:
+        """One new class token: ``norm1`` on everything (memory included), the attention kind's dense
+        reference, then :meth:`after_attention`."""
+        ctx = ctx.for_block(blk)
+        a = kind_of(blk.attn, ctx).reference(blk.attn, blk.norm1(x), blk.norm1(c), blk.norm1(mem), ctx)
+        return self.after_attention(blk, c, a)
 
     @staticmethod
     def after_attention(blk: nn.Module, t: Tensor, a: Tensor) -> Tensor:
@@ -81,6 +93,12 @@ class PostNormBlock(BlockKind):
         with torch.set_grad_enabled(ctx.orig_grad):
             x = self.after_attention(blk, x, a_x)
         return x, self.after_attention(blk, c, a_c)
+
+    def reference(self, blk: nn.Module, x: Tensor, c: Tensor, mem: Tensor, ctx: PassContext) -> Tensor:
+        """One new class token: the attention kind's dense reference on the tokens and memory as they
+        are, then :meth:`after_attention`."""
+        ctx = ctx.for_block(blk)
+        return self.after_attention(blk, c, kind_of(blk.attn, ctx).reference(blk.attn, x, c, mem, ctx))
 
     @staticmethod
     def after_attention(blk: nn.Module, t: Tensor, a: Tensor) -> Tensor:

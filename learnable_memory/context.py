@@ -1,5 +1,5 @@
 """What one forward pass tells every block: the Table 1 rows of the new class tokens, the mode, the
-gradient policy, the layout, and the per-pass values of the backbone.
+gradient policy, whether the pass is split or packed, and the per-pass values of the backbone.
 
 Shapes: B batch, H heads, N original tokens (prefix + patches), K new class tokens, M memory
 tokens of all tasks in the pass, hd head dim.
@@ -9,38 +9,40 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
 
-from .layout import NewTokenLayout
-
-Tensor = torch.Tensor
+from .layout import NewTokenIndex
+from .typing import Biases, Tensor
 
 
 @dataclass(frozen=True)
 class PassExtras:
     """Per-pass values a backbone computes once (:meth:`~learnable_memory.kinds.BackboneKind.embed`)
-    and hands to every block. All optional; a plain ViT has none.
+    and hands to every block. All optional; a plain ViT has none. The core reads the first three;
+    :attr:`family` is the family's own.
 
     Attributes:
-        rope: Rotary table of the original patch tokens (EVA family), ``[N - prefix, 2 hd]`` or with a
-            leading head dim. Rotates the original tokens' queries and keys after their prefix tokens;
-            new class tokens and memory are never rotated.
-        block_rope: RoPE-Mixed: one rotary table per block, ``{block: table}``. Each block runner
+        rope: Rotary table of the original tokens after their prefix tokens, ``[N - prefix, 2 hd]``
+            or with a leading head dim. Rotates the original tokens' queries and keys; new class
+            tokens and memory are never rotated.
+        block_rope: One rotary table per block, ``{block: table}`` (RoPE-Mixed). Each block runner
             takes its own with :meth:`PassContext.for_block`.
-        attn_bias: Additive biases on the scores against the original tokens (NaFlex key padding):
-            ``[.., N, N]`` for the original tokens' queries and ``[.., 1, N]`` for the new class tokens'.
-        rel_pos_bias: BEiT's relative position bias shared by all blocks, ``[H, N, N]``; read by the
-            attention kind's :meth:`~learnable_memory.kinds.AttentionKind.position_bias`.
-        patch_valid: NaFlex: ``[B, N - prefix]`` bool, the valid patches, for the base model's pooling.
+        score_bias: Additive biases on the scores against the original tokens (e.g. key padding):
+            ``[.., N, N]`` for the original tokens' queries and ``[.., 1, N]`` for the new class
+            tokens', either None. An attention kind adds its own with
+            :meth:`~learnable_memory.kinds.AttentionKind.position_bias`.
+        family: Anything else the family computes once per pass for its own kinds (a tensor, a
+            dataclass of its own), e.g. a bias shared by all blocks or what the base head pools over.
+            The core never reads it.
     """
 
     rope: Tensor | None = None
     block_rope: Mapping[nn.Module, Tensor] | None = None
-    attn_bias: tuple[Tensor, Tensor] | None = None
-    rel_pos_bias: Tensor | None = None
-    patch_valid: Tensor | None = None
+    score_bias: Biases = (None, None)
+    family: Any = None
 
     def for_packed(self, k: int) -> PassExtras:
         """These extras for a packed pass with ``k`` new class tokens behind the original ones: the
@@ -68,22 +70,26 @@ class PassContext:
 
     Attributes:
         layout: What each new class token sees besides the original tokens (Table 1 in gather form,
-            :func:`learnable_memory.layout.new_token_layout`).
+            a :class:`~learnable_memory.layout.NewTokenIndex`).
         full: Original tokens attend to the memory too (paper Sec. 2.1).
         orig_grad: Keep an autograd graph for the original tokens. False when nothing trainable
             touches them (non-destructive training), which saves the backbone's backward.
         packed: The pass runs packed: the last ``packed`` rows of the original-token tensor are the
             new class tokens, which share every row-wise op (norms, projections, MLP) with the
             original tokens, and the class-token tensor is empty ``[B, 0, D]``. Only the attention
-            tells them apart. 0: the two are separate tensors (the split layout).
+            tells them apart. 0: the two are separate tensors (a split pass).
         extras: The backbone's per-pass values.
+        attention_kinds: ``{attention module: its kind}``, resolved once when the model was wrapped
+            (``MemoryViT._attention_kinds``); :func:`learnable_memory.blocks.run_attention` reads it
+            and looks a module up in the registry only when it is missing.
     """
 
-    layout: NewTokenLayout
+    layout: NewTokenIndex
     full: bool
     orig_grad: bool
     packed: int = 0
     extras: PassExtras = field(default_factory=PassExtras)
+    attention_kinds: Mapping[nn.Module, Any] = field(default_factory=dict)  # values: kinds.AttentionKind
 
     def for_block(self, blk: nn.Module) -> PassContext:
         """This context with ``blk``'s own rotary table as ``extras.rope`` (RoPE-Mixed), else itself."""

@@ -1,9 +1,10 @@
-"""Table 1's rows of the new class tokens in gather form: what each one sees, as indices.
+"""Table 1's rows of the new class tokens in gather form: what each one sees, as indices
+(:class:`NewTokenIndex`, which ``PassContext.layout`` holds).
 
 Every new class token sees every original token; besides them, task i's class token sees itself,
 its own memory and, for an extension task, the class tokens and memory of the tasks it extends.
-:class:`NewTokenLayout` lists exactly those as indices, read off the cells that ``build_attention_mask``
-draws (:func:`~learnable_memory.mask.table1_cells`; ``tests/test_layout.py`` checks the layout against
+:class:`NewTokenIndex` lists exactly those as indices, read off the cells that ``build_attention_mask``
+draws (:func:`~learnable_memory.mask.table1_cells`; ``tests/test_layout.py`` checks the index against
 :func:`~learnable_memory.mask.new_token_mask`), so that the attention of K new class
 tokens costs ``K * (N + 1 + m)`` scores, not ``K * (N + K + M)``, and no arithmetic path leads from
 one task's parameters to another task's output (see :func:`learnable_memory.attention.attend_new`).
@@ -21,12 +22,11 @@ import torch
 
 from .config import TaskConfig
 from .mask import table1_cells
-
-Tensor = torch.Tensor
+from .typing import Tensor
 
 
 @dataclass(frozen=True)
-class NewTokenLayout:
+class NewTokenIndex:
     """What each new class token sees besides the original tokens.
 
     Attributes:
@@ -48,13 +48,13 @@ class NewTokenLayout:
     mem_valid: Tensor | None
     mem_block: int | None
 
-    def to(self, device: torch.device) -> NewTokenLayout:
-        """This layout with its index tensors on ``device``."""
+    def to(self, device: torch.device) -> NewTokenIndex:
+        """This index with its tensors on ``device``."""
 
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device)
 
-        return NewTokenLayout(self.k, move(self.tok_index), move(self.tok_valid), move(self.mem_index),
+        return NewTokenIndex(self.k, move(self.tok_index), move(self.tok_valid), move(self.mem_index),
                               move(self.mem_valid), self.mem_block)
 
 
@@ -69,9 +69,9 @@ def _padded(rows: list[list[int]]) -> tuple[Tensor, Tensor]:
     return index, valid
 
 
-def new_token_layout(tasks: Sequence[TaskConfig]) -> NewTokenLayout:
-    """The layout of a pass over ``tasks`` (in model order), read off Table 1 (plain Python, so it
-    can run inside ``torch.compile``, where the index tensors become constants of the graph)."""
+def new_token_index(tasks: Sequence[TaskConfig]) -> NewTokenIndex:
+    """What the new class tokens of a pass over ``tasks`` (in model order) see, read off Table 1 (plain
+    Python, so it can run inside ``torch.compile``, where the index tensors become constants of the graph)."""
     k = len(tasks)
     cells, _ = table1_cells(tasks, n_orig=1)  # one original token stands for all of them
     seen: list[set[int]] = [set() for _ in range(k)]  # token index after the original one
@@ -86,6 +86,11 @@ def new_token_layout(tasks: Sequence[TaskConfig]) -> NewTokenLayout:
         tok_index, tok_valid = _padded([[i] + [j for j in t if j != i] for i, t in enumerate(toks)])  # itself first
     m = len(mems[0]) if mems else 0
     if all(r == list(range(i * m, (i + 1) * m)) for i, r in enumerate(mems)):
-        return NewTokenLayout(k, tok_index, tok_valid, None, None, m)
+        return NewTokenIndex(k, tok_index, tok_valid, None, None, m)
     mem_index, mem_valid = _padded(mems)
-    return NewTokenLayout(k, tok_index, tok_valid, mem_index, mem_valid, None)
+    return NewTokenIndex(k, tok_index, tok_valid, mem_index, mem_valid, None)
+
+
+#: Earlier names, kept for ``model.py``'s callers.
+NewTokenLayout = NewTokenIndex
+new_token_layout = new_token_index

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 from .adapters import prepare_tasks, save_adapter, save_pretrained, warn_preprocessing
 from .config import BASE_KEY, TaskConfig
 from .context import PassContext, PassExtras
-from .kinds import BlockKind
+from .kinds import AttentionKind, BlockKind, unpacked_reason
 from .kv_cache import MemoryKVCache
 from .layout import NewTokenLayout, new_token_layout
 from .mask import check_layout
@@ -22,22 +23,13 @@ from .registry import attention_kind, backbone_kind, block_kind
 
 Rename = Mapping[str, str] | Sequence[str | None] | None
 KV = tuple[torch.Tensor, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
-#: Feature widths inside a block that a packed pass needs to be multiples of (see :func:`_packable`).
-SIMD_SAFE_WIDTH = 64
-
-
-def _packable(kind: BlockKind, blk: nn.Module) -> bool:
-    """Whether block ``blk`` can serve a packed pass (see ``PassContext.packed`` and ``kinds``) and keep
-    the base output bit-identical. Besides what the kinds say, every linear width in the block must
-    be a multiple of :data:`SIMD_SAFE_WIDTH`: an elementwise kernel handles a tensor in SIMD chunks and
-    its last ``size mod chunk`` elements another way, which can round a function like SiLU or exp
-    differently, and with new class tokens behind them the original tokens' last elements would move
-    out of that tail (EVA-02-L's SwiGLU width 2730 does this)."""
-    widths = [w for m in blk.modules() if isinstance(m, nn.Linear) for w in (m.in_features, m.out_features)]
-    aligned = all(w % SIMD_SAFE_WIDTH == 0 for w in widths)
-    return aligned and kind.packable and all(attention_kind(a).packable for a in kind.attentions(blk))
+def _packable(kind: BlockKind, blk: nn.Module, attention_kinds: Mapping[nn.Module, AttentionKind]) -> str | None:
+    """Why block ``blk`` can not serve a packed pass (see ``PassContext.packed``), or None when it can:
+    :func:`learnable_memory.kinds.unpacked_reason` on its kind and attention kinds."""
+    return unpacked_reason(kind, blk, [attention_kinds[a] for a in kind.attentions(blk)])
 
 
 def _cat_with_layout(like: torch.Tensor, parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -71,9 +63,21 @@ class MemoryViT(nn.Module):
     def __init__(self, base: nn.Module, *, kv_cache: MemoryKVCache | None = None):
         super().__init__()
         self.backbone = backbone_kind(base)
+        self.backbone.check_model(base)
         blocks = self.backbone.blocks(base)
         self._block_kinds = [block_kind(b) for b in blocks]
-        self._packable = all(_packable(k, b) for k, b in zip(self._block_kinds, blocks, strict=True))
+        #: Every attention module's kind, resolved once here (``PassContext.attention_kinds``).
+        self._attention_kinds = {a: attention_kind(a) for k, b in zip(self._block_kinds, blocks, strict=True)
+                                for a in k.attentions(b)}
+        reasons = [(i, r) for i, (k, b) in enumerate(zip(self._block_kinds, blocks, strict=True))
+                   if (r := _packable(k, b, self._attention_kinds)) is not None]
+        self._packable = not reasons
+        #: Why inference passes run split (None when they pack): the first block that can not pack.
+        self.unpacked_reason = None if not reasons else (
+            f"block {reasons[0][0]} ({type(blocks[reasons[0][0]]).__name__}): {reasons[0][1]}")
+        if reasons:
+            logger.debug("%s: inference passes run unpacked: %s", type(base).__name__, self.unpacked_reason)
+        self._width = self.backbone.width(base)
         base.requires_grad_(False)
         base.eval()
         self.base = base
@@ -85,7 +89,8 @@ class MemoryViT(nn.Module):
     # ----- structure -----
     @property
     def embed_dim(self) -> int:
-        return self.base.embed_dim
+        """D, the backbone's width (its kind's :meth:`~learnable_memory.kinds.BackboneKind.width`)."""
+        return self._width
 
     @property
     def depth(self) -> int:

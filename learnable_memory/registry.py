@@ -6,8 +6,10 @@ in :mod:`learnable_memory.kinds`). Family modules fill them with the class decor
 :func:`register_attention`, :func:`register_block` and :func:`register_backbone`.
 
 Every module in ``learnable_memory/families/`` is imported the first time a kind is looked up, so a
-new family file needs no import anywhere else. A timm type with no kind, or one refused on purpose
-with :func:`refuse`, raises :class:`UnsupportedModelError` naming what is supported (or why not).
+new family file needs no import anywhere else. A type gets one kind: registering a second one raises
+``ValueError`` unless ``override=True``. A timm type with no kind, or one refused on purpose with
+:func:`refuse`, raises :class:`UnsupportedModelError` naming its module and why.
+:func:`supported_types` lists what is registered.
 """
 
 from __future__ import annotations
@@ -52,10 +54,21 @@ def load_families() -> None:
         importlib.import_module(f"{families.__name__}.{info.name}")
 
 
-def _register(table: dict[type, K], base: type, types: tuple[type, ...]) -> Callable[[type], type]:
+def _qualname(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _register(table: dict[type, K], base: type, types: tuple[type, ...], override: bool) -> Callable[[type], type]:
     def deco(cls: type) -> type:
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise TypeError(f"{cls!r} must subclass {base.__name__} to be registered")
+        taken = [t for t in types if t in table and not override]
+        if taken:
+            raise ValueError(
+                f"{', '.join(_qualname(t) for t in taken)} already run(s) with "
+                f"{', '.join(sorted({type(table[t]).__name__ for t in taken}))}: registering {cls.__name__} too "
+                "would replace it; pass override=True to mean that"
+            )
         instance = cls()
         for t in types:
             table[t] = instance
@@ -64,19 +77,30 @@ def _register(table: dict[type, K], base: type, types: tuple[type, ...]) -> Call
     return deco
 
 
-def register_attention(*types: type) -> Callable[[type], type]:
-    """Class decorator: one instance of this :class:`AttentionKind` runs every type in ``types``."""
-    return _register(ATTENTION_KINDS, AttentionKind, types)
+def register_attention(*types: type, override: bool = False) -> Callable[[type], type]:
+    """Class decorator: one instance of this :class:`AttentionKind` runs every type in ``types``
+    (``ValueError`` for a type that already has a kind, unless ``override``)."""
+    return _register(ATTENTION_KINDS, AttentionKind, types, override)
 
 
-def register_block(*types: type) -> Callable[[type], type]:
-    """Class decorator: one instance of this :class:`BlockKind` runs every type in ``types``."""
-    return _register(BLOCK_KINDS, BlockKind, types)
+def register_block(*types: type, override: bool = False) -> Callable[[type], type]:
+    """Class decorator: one instance of this :class:`BlockKind` runs every type in ``types``
+    (``ValueError`` for a type that already has a kind, unless ``override``)."""
+    return _register(BLOCK_KINDS, BlockKind, types, override)
 
 
-def register_backbone(*types: type) -> Callable[[type], type]:
-    """Class decorator: one instance of this :class:`BackboneKind` runs every type in ``types``."""
-    return _register(BACKBONE_KINDS, BackboneKind, types)
+def register_backbone(*types: type, override: bool = False) -> Callable[[type], type]:
+    """Class decorator: one instance of this :class:`BackboneKind` runs every type in ``types``
+    (``ValueError`` for a type that already has a kind, unless ``override``)."""
+    return _register(BACKBONE_KINDS, BackboneKind, types, override)
+
+
+def supported_types() -> dict[str, list[type]]:
+    """The types learnable_memory runs: ``{"backbone": [...], "block": [...], "attention": [...]}``,
+    each list sorted by module and name (refused types are in :data:`UNSUPPORTED`)."""
+    load_families()
+    tables = {"backbone": BACKBONE_KINDS, "block": BLOCK_KINDS, "attention": ATTENTION_KINDS}
+    return {what: sorted(table, key=_qualname) for what, table in tables.items()}
 
 
 def refuse(cls: type, reason: str) -> None:
@@ -101,7 +125,7 @@ def _refusal(t: type) -> str | None:
     return next((r for p, r in _REFUSED_MODULES.items() if module == p or module.startswith(f"{p}.")), None)
 
 
-def _lookup(table: dict[type, K], obj: object, what: str, hint: str = "") -> K:
+def _lookup(table: dict[type, K], obj: object, what: str) -> K:
     load_families()
     t = type(obj)
     reason = _refusal(t)
@@ -110,7 +134,11 @@ def _lookup(table: dict[type, K], obj: object, what: str, hint: str = "") -> K:
     kind = table.get(t)
     if kind is None:
         names = ", ".join(sorted({k.__name__ for k in table}))
-        raise UnsupportedModelError(f"unsupported {what} type {t.__name__}{hint}; supported {what} types: {names}")
+        raise UnsupportedModelError(
+            f"unsupported {what} type {t.__name__} (module {t.__module__}): learnable_memory has no {what} kind "
+            f"for it, and types are matched exactly; supported {what} types: {names}. CONTRIBUTING.md says how "
+            "to add a kind"
+        )
     return kind
 
 
@@ -128,6 +156,5 @@ def block_kind(blk: nn.Module) -> BlockKind:
 
 
 def backbone_kind(model: nn.Module) -> BackboneKind:
-    """The kind for ``model``'s exact type, or :class:`UnsupportedModelError` naming the supported families."""
-    return _lookup(BACKBONE_KINDS, model, "model", hint=(
-        ": learnable_memory wraps timm Vision Transformers; build one with timm.create_model('vit_...')"))
+    """The kind for ``model``'s exact type, or :class:`UnsupportedModelError` naming its module."""
+    return _lookup(BACKBONE_KINDS, model, "model")

@@ -114,6 +114,8 @@ def test_unregistered_type_fails_loudly_naming_the_kinds():
     class Odd(nn.Module):
         pass
 
-    with pytest.raises(registry.UnsupportedModelError, match="unsupported block type Odd; supported block types: "):
+    with pytest.raises(registry.UnsupportedModelError, match=(
+            r"unsupported block type Odd \(module tests.test_structure\): learnable_memory has no block kind for it.*"
+            r"supported block types: ")):
         registry.block_kind(Odd())
     assert issubclass(registry.UnsupportedModelError, TypeError)

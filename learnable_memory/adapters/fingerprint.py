@@ -145,7 +145,7 @@ def backbone_shape(base: nn.Module) -> dict[str, int]:
     unsupported). Reads the model only: nothing is frozen or wrapped."""
     kind = backbone_kind(base)
     return {
-        "embed_dim": int(base.embed_dim),
+        "embed_dim": int(kind.width(base)),
         "depth": len(kind.blocks(base)),
         "num_prefix_tokens": int(kind.num_prefix_tokens(base)),
     }

@@ -10,14 +10,15 @@ token. New class tokens and memory have no place in that table; the choice made 
 - Scores against new class tokens and memory get no bias (zero), for every query; in full mode
   the original tokens' scores against the memory get none either.
 
-The attention kind gives these through the ``position_bias`` hook; the backbone computes the
-shared bias (``Beit.rel_pos_bias``) once per pass and hands it over as ``PassExtras.rel_pos_bias``.
-Blocks are pre-norm with optional LayerScale, like ``EvaBlock``.
+The attention kind gives these through the ``position_bias`` hook (and states the row again in
+``reference_bias``, for its dense reference); the backbone computes the shared bias
+(``Beit.rel_pos_bias``) once per pass and hands it over as the family's slot, ``PassExtras.family``
+(``[H, N, N]``, or None). Blocks are pre-norm with optional LayerScale, like ``EvaBlock``.
 
-Every architecture of ``timm.models.beit`` is supported. The base output is bit-exact, except
-for a model with both per-block and shared relative position bias run with timm's non-fused
-attention (``TIMM_FUSED_ATTN=0``): timm then adds the two biases to the scores one after the
-other, here their sum is added (differences ~1e-7). No registered architecture has both.
+The base output is bit-exact, except for a model with both per-block and shared relative position
+bias run with timm's non-fused attention (``TIMM_FUSED_ATTN=0``): timm then adds the two biases to
+the scores one after the other, here their sum is added (differences ~1e-7). No registered
+architecture has both.
 """
 
 from __future__ import annotations
@@ -56,12 +57,18 @@ class RelPosBiasAttention(AttentionKind):
         """The block's bias plus the shared one, ``[1, H, N, N]`` for the original tokens, and
         the class token's row ``[1, H, 1, N]`` for the new class tokens (None without any)."""
         bias = attn._get_rel_pos_bias() if attn.relative_position_bias_table is not None else None
-        shared = ctx.extras.rel_pos_bias  # [H, N, N]
+        shared = ctx.extras.family  # [H, N, N], the shared bias (see BeitBackbone.embed)
         if shared is not None:
             bias = shared if bias is None else bias + shared
         if bias is None:
             return None, None
         return bias, bias[..., :1, :]
+
+    def reference_bias(self, attn: nn.Module, ctx: PassContext, n_tokens: int) -> torch.Tensor | None:
+        """A new class token is biased as the class token is: the first row of the original tokens'
+        bias (which the base output's bit-identity checks)."""
+        bias_x, _ = self.position_bias(attn, ctx, n_tokens)
+        return None if bias_x is None else bias_x[..., 0:1, :]
 
 
 @register_backbone(Beit)
@@ -76,7 +83,7 @@ class BeitBackbone(VitBackbone):
         if model.pos_embed is not None:
             x = x + model.pos_embed
         x = model.pos_drop(x)
-        return x, PassExtras(rel_pos_bias=model.rel_pos_bias() if model.rel_pos_bias is not None else None)
+        return x, PassExtras(family=model.rel_pos_bias() if model.rel_pos_bias is not None else None)
 
     def embed_new(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         """New class tokens ``[K, D]`` enter the blocks as they are (BEiT has no ``norm_pre``)."""

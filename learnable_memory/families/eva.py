@@ -18,10 +18,9 @@ What these models add to a plain ViT, and how memory and new class tokens meet i
   task's feature is what the model applies to a class token after the last block: ``norm``, then
   ``fc_norm`` (attention pooling and averaging are over the original tokens and do not apply).
 
-Every architecture of ``timm.models.eva`` is supported, its base output bit-exact. The five
-Sapiens2 models can not be built with ``depth=2`` as registered (their per-block ``num_kv_heads``
-has one entry per block of the full depth); built with a matching ``num_kv_heads`` they are
-supported like the others.
+The five Sapiens2 models can not be built with ``depth=2`` as registered (their per-block
+``num_kv_heads`` has one entry per block of the full depth); built with a matching ``num_kv_heads``
+they run like the others.
 """
 
 from __future__ import annotations

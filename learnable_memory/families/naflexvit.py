@@ -9,10 +9,11 @@ Inputs, as ``NaFlexVit.forward`` takes them:
   and optionally ``attn_mask``. The base model's own padding mask (valid tokens only attend to
   valid tokens) is used, unchanged, for the original tokens; new class tokens attend only to the
   prefix tokens and the valid patches (an additive mask on the original-token columns, handed to
-  the attention as ``PassExtras.attn_bias``). The base output pools with ``patch_valid`` as
-  the model does. A boolean ``attn_mask`` is turned into timm's additive form (0 where True,
-  the dtype's lowest value where False) before use. Patch dicts need the linear patch
-  embedding (timm's default); with ``embed_proj_type='conv'`` they are refused, as in timm.
+  the attention as ``PassExtras.score_bias``). The base output pools with ``patch_valid`` (the
+  family's slot, ``PassExtras.family``) as the model does. A boolean ``attn_mask`` is turned
+  into timm's additive form (0 where True, the dtype's lowest value where False) before use.
+  Patch dicts need the linear patch embedding (timm's default); with ``embed_proj_type='conv'``
+  they are refused, as in timm.
 
 Blocks are timm's ``Block``/``Attention`` (see ``vit.py``) or, with rotary embeddings, gating,
 SwiGLU or grouped-query attention, ``EvaBlock`` (see ``eva.py``); rotary tables (one per block for
@@ -21,8 +22,6 @@ RoPE-Mixed) reach them in the pass's extras and apply to the patch tokens only.
 Prefix tokens carry no position embedding in NaFlexVit, so a new class token starts as the
 class token; without one, as the mean patch position embedding of the model's reference grid.
 The task feature is ``fc_norm(norm(c))`` as for ``VisionTransformer``.
-
-Every architecture of ``timm.models.naflexvit`` is supported, on both inputs.
 """
 
 from __future__ import annotations
@@ -103,17 +102,17 @@ class NaFlexBackbone(VitBackbone):
         e = model._forward_embeds(patches, patch_coord=coord, patch_valid=valid, attn_mask=mask)
         x = e["patches"]
         rope, rope_mixed = e["rope_embeds"], e["rope_embeds"] is not None and model.rope_is_mixed
-        attn_bias = None
+        score_bias = (None, None)
         if e["attn_mask"] is not None:
             keys = create_attention_mask(
                 e["patch_valid"], num_prefix_tokens=model.num_prefix_tokens, symmetric=False, q_len=1, dtype=x.dtype
             )  # [B, 1, 1, N]: prefix tokens and valid patches
-            attn_bias = (_additive(e["attn_mask"], x.dtype), keys)
+            score_bias = (_additive(e["attn_mask"], x.dtype), keys)
         return x, PassExtras(
             rope=None if rope_mixed else rope,
             block_rope=dict(zip(model.blocks, rope, strict=False)) if rope_mixed else None,  # a tensor or an iterator
-            attn_bias=attn_bias,
-            patch_valid=e["patch_valid"],
+            score_bias=score_bias,
+            family=e["patch_valid"],  # [B, N - prefix] bool or None, for base_logits' pooling
         )
 
     def class_token_init(self, model: nn.Module) -> torch.Tensor:
@@ -133,4 +132,4 @@ class NaFlexBackbone(VitBackbone):
     def base_logits(self, model: nn.Module, x: torch.Tensor, extras: PassExtras) -> torch.Tensor:
         """Original tokens after the blocks ``[B, N, D]`` -> the base model's own output (pooled over
         the valid patches of a patch dict)."""
-        return model.forward_head(model.norm(x), patch_valid=extras.patch_valid)
+        return model.forward_head(model.norm(x), patch_valid=extras.family)

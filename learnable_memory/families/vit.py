@@ -12,13 +12,13 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, ParallelThingsBlock, ResPostBlock, VisionTransformer
 from torch import nn
 
-from ..blocks import PostNormBlock, PreNormBlock, run_attention
+from ..attention import add_bias, score_biases
+from ..blocks import PostNormBlock, PreNormBlock, kind_of, run_attention
 from ..context import PassContext, PassExtras
-from ..heads import diff_attend_heads
+from ..differential import attend_split_differential, dense_differential
 from ..kinds import AttentionKind, BackboneKind, BlockKind
 from ..registry import attention_kind, register_attention, register_backbone, register_block
-
-Pair = tuple[torch.Tensor, torch.Tensor]
+from ..typing import Pair
 
 register_block(Block)(PreNormBlock)
 register_block(ResPostBlock)(PostNormBlock)
@@ -66,16 +66,26 @@ class DiffAttentionKind(AttentionKind):
         return attn.proj_drop(attn.proj(attn.norm(o)))
 
     def attend(self, attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, kv: Pair, ctx: PassContext) -> Pair:
-        """Both softmaxes of every head with the Table 1 mask (:func:`~learnable_memory.heads.diff_attend_heads`)."""
+        """Both softmaxes of every head with the Table 1 rows
+        (:func:`~learnable_memory.differential.attend_split_differential`)."""
+        biases = score_biases(ctx, self.position_bias(attn, ctx, h_x.shape[1]))
         with torch.set_grad_enabled(ctx.orig_grad):
             q_x, k_x, v_x = self.qkv(attn, h_x)
             lam = attn._compute_lambda().type_as(q_x)
-        k_m, v_m = kv
         q_c, k_c, v_c = self.qkv(attn, h_c)
-        o_x, o_c = diff_attend_heads(q_x, k_x, v_x, q_c, k_c, v_c, k_m, v_m, lam, ctx, attn.scale, attn.fused_attn)
+        o_x, o_c = attend_split_differential(q_x, k_x, v_x, q_c, k_c, v_c, kv, lam, ctx, attn.scale, attn.fused_attn,
+                                             biases)
         with torch.set_grad_enabled(ctx.orig_grad):
             a_x = self.out(attn, o_x, h_x)
         return a_x, self.out(attn, o_c, h_c)
+
+    def reference(self, attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, h_m: torch.Tensor,
+                  ctx: PassContext) -> torch.Tensor:
+        """One new class token, both softmaxes unfused (:func:`~learnable_memory.differential.dense_differential`)."""
+        q, keys, values = self.reference_heads(attn, h_x, h_c, h_m, ctx)
+        bias = add_bias(ctx.extras.score_bias[1], self.reference_bias(attn, ctx, h_x.shape[1]))
+        lam = attn._compute_lambda().type_as(q)
+        return self.out(attn, dense_differential(q, keys, values, lam, attn.scale, bias), h_c)
 
 
 @register_block(ParallelThingsBlock)
@@ -108,6 +118,14 @@ class ParallelBranchesBlock(BlockKind):
             x = self._mlps(blk, x + torch.stack(outs_x).sum(dim=0))
         return x, self._mlps(blk, c + torch.stack(outs_c).sum(dim=0))
 
+    def reference(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor,
+                  ctx: PassContext) -> torch.Tensor:
+        """One new class token: every branch's norm and its attention kind's dense reference, summed,
+        then the MLP branches."""
+        outs = [b.drop_path(b.ls(kind_of(b.attn, ctx).reference(b.attn, b.norm(x), b.norm(c), b.norm(mem), ctx)))
+                for b in blk.attns]
+        return self._mlps(blk, c + torch.stack(outs).sum(dim=0))
+
     @staticmethod
     def _mlps(blk: nn.Module, t: torch.Tensor) -> torch.Tensor:
         return t + torch.stack([ffn(t) for ffn in blk.ffns]).sum(dim=0)
@@ -118,7 +136,30 @@ class VitBackbone(BackboneKind):
     """timm ``VisionTransformer``: class/register tokens, ``no_embed_class``, token/avg/map
     pooling, ``dynamic_img_size``, ``set_input_size``, ``PatchEmbed`` or ``HybridEmbed``.
     DeiT's ``VisionTransformerDistilled`` adds a distillation token (a second prefix token) and
-    head; its base output is its own ``forward_head`` (the mean of both heads)."""
+    head; its base output is its own ``forward_head`` (the mean of both heads). New class tokens
+    enter through ``norm_pre``, as the original tokens do, and leave through ``norm`` and ``fc_norm``."""
+
+    def width(self, model: nn.Module) -> int:
+        return model.embed_dim
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.blocks)
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return model.num_prefix_tokens
+
+    def embed_new(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """New class tokens ``[K, D]`` -> through ``norm_pre``, where the original tokens enter it."""
+        return model.norm_pre(tokens)
+
+    def base_logits(self, model: nn.Module, x: torch.Tensor, extras: PassExtras) -> torch.Tensor:
+        """Original tokens after the blocks ``[B, N, D]`` -> the base model's own output."""
+        return model.forward_head(model.norm(x))
+
+    def task_features(self, model: nn.Module, c: torch.Tensor) -> torch.Tensor:
+        """New class tokens after the blocks ``[B, K, D]`` -> ``fc_norm(norm(c))``, what the model applies
+        to its class token (attention pooling and averaging are over the original tokens)."""
+        return model.fc_norm(model.norm(c))
 
     def check_input(self, model: nn.Module, images: torch.Tensor) -> None:
         """Raise ``ValueError`` for images the model can not take, saying how to fix them."""

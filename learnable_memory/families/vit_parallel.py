@@ -7,22 +7,25 @@ run side by side and meet in the output projection (one fused ``out_proj``, or
 
 Original tokens and new class tokens take the whole ``in_proj``. The memory needs only its keys
 and values: it goes through ``in_norm`` and the k/v rows of ``in_proj`` (a slice of the frozen
-weight, computed once per pass), and nothing else.
+weight, computed once per pass), and nothing else. The dense references project the memory with
+the whole ``in_proj`` instead, so they check that slice.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
 from torch import nn
 
+from ..attention import attend_split, dense_attention, score_biases
 from ..context import PassContext
-from ..heads import attend_heads, diff_attend_heads
+from ..differential import attend_split_differential, dense_differential
 from ..kinds import BlockKind
 from ..registry import register_block
-
-Pair = tuple[torch.Tensor, torch.Tensor]
+from ..typing import Pair
 
 
 def memory_rows_kv(blk: nn.Module, mem: torch.Tensor) -> Pair:
@@ -41,6 +44,18 @@ def mlp_and_qkv(blk: nn.Module, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if blk.mlp_bias is not None:
         x_mlp = x_mlp + blk.mlp_bias
     return x_mlp, q, k, v
+
+
+def reference_heads(blk: nn.Module, heads: Callable[..., tuple[torch.Tensor, ...]], x: torch.Tensor,
+                    c: torch.Tensor, mem: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For a dense reference: one new class token ``c`` ``[B, 1, D]`` -> its MLP hidden, its query and
+    the keys and values it sees, ``[original ; itself ; memory]``, every part through the whole
+    ``in_proj`` and ``heads`` (the kind's own head split)."""
+    mlp_c, *qkv_c = mlp_and_qkv(blk, c)
+    q_c, k_c, v_c = heads(blk, *qkv_c)
+    _, k_x, v_x = heads(blk, *mlp_and_qkv(blk, x)[1:])
+    _, k_m, v_m = heads(blk, *mlp_and_qkv(blk, mem.expand(x.shape[0], -1, -1))[1:])
+    return mlp_c, q_c, torch.cat([k_x, k_c, k_m], dim=2), torch.cat([v_x, v_c, v_m], dim=2)
 
 
 @register_block(ParallelScalingBlock)
@@ -85,11 +100,16 @@ class ParallelScaling(BlockKind):
             q_x, k_x, v_x = self._heads(blk, *qkv_x)
         mlp_c, *qkv_c = mlp_and_qkv(blk, c)
         q_c, k_c, v_c = self._heads(blk, *qkv_c)
-        k_m, v_m = kv[0]
-        o_x, o_c = attend_heads(q_x, k_x, v_x, q_c, k_c, v_c, k_m, v_m, ctx, blk.scale, blk.fused_attn)
+        o_x, o_c = attend_split(q_x, k_x, v_x, q_c, k_c, v_c, kv[0], ctx, blk.scale, blk.fused_attn, score_biases(ctx))
         with torch.set_grad_enabled(ctx.orig_grad):
             x = self._out(blk, x, o_x, mlp_x)
         return x, self._out(blk, c, o_c, mlp_c)
+
+    def reference(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor,
+                  ctx: PassContext) -> torch.Tensor:
+        """One new class token: one softmax over ``[original ; itself ; memory]``."""
+        mlp_c, q, keys, values = reference_heads(blk, self._heads, x, c, mem)
+        return self._out(blk, c, dense_attention(q, keys, values, blk.scale, ctx.extras.score_bias[1]), mlp_c)
 
 
 @register_block(DiffParallelScalingBlock)
@@ -133,8 +153,16 @@ class DiffParallelScaling(BlockKind):
             lam = blk._compute_lambda().type_as(q_x)
         mlp_c, *qkv_c = mlp_and_qkv(blk, c)
         q_c, k_c, v_c = self._heads(blk, *qkv_c)
-        k_m, v_m = kv[0]
-        o_x, o_c = diff_attend_heads(q_x, k_x, v_x, q_c, k_c, v_c, k_m, v_m, lam, ctx, blk.scale, blk.fused_attn)
+        o_x, o_c = attend_split_differential(q_x, k_x, v_x, q_c, k_c, v_c, kv[0], lam, ctx, blk.scale,
+                                             blk.fused_attn, score_biases(ctx))
         with torch.set_grad_enabled(ctx.orig_grad):
             x = self._out(blk, x, o_x, mlp_x)
         return x, self._out(blk, c, o_c, mlp_c)
+
+    def reference(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, mem: torch.Tensor,
+                  ctx: PassContext) -> torch.Tensor:
+        """One new class token: both softmaxes over ``[original ; itself ; memory]``, unfused."""
+        mlp_c, q, keys, values = reference_heads(blk, self._heads, x, c, mem)
+        lam = blk._compute_lambda().type_as(q)
+        o = dense_differential(q, keys, values, lam, blk.scale, ctx.extras.score_bias[1])
+        return self._out(blk, c, o, mlp_c)
