@@ -119,3 +119,66 @@ def test_unregistered_type_fails_loudly_naming_the_kinds():
             r"supported block types: ")):
         registry.block_kind(Odd())
     assert issubclass(registry.UnsupportedModelError, TypeError)
+
+
+def test_a_second_kind_for_a_type_is_refused_unless_overriding():
+    from timm.models.vision_transformer import Block
+
+    from learnable_memory.blocks import PostNormBlock, PreNormBlock
+
+    registry.load_families()
+    with pytest.raises(ValueError, match=r"timm.models.vision_transformer.Block already run\(s\) with PreNormBlock: "
+                                         "registering PostNormBlock too would replace it; pass override=True"):
+        registry.register_block(Block)(PostNormBlock)
+    assert type(registry.BLOCK_KINDS[Block]) is PreNormBlock
+
+    class Made(nn.Module):
+        pass
+
+    try:
+        registry.register_block(Made)(PreNormBlock)
+        registry.register_block(Made, override=True)(PostNormBlock)
+        assert type(registry.BLOCK_KINDS[Made]) is PostNormBlock
+    finally:
+        registry.BLOCK_KINDS.pop(Made, None)
+
+
+def test_supported_types_lists_every_registered_type():
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    types = registry.supported_types()
+    assert list(types) == ["backbone", "block", "attention"]
+    assert VisionTransformer in types["backbone"] and Block in types["block"] and Attention in types["attention"]
+    assert set(types["block"]) == set(registry.BLOCK_KINDS)
+
+
+def test_an_unsupported_timm_model_is_told_its_module_and_why():
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        cait = timm.create_model("cait_xxs24_224", pretrained=False, depth=1)
+    want = r"unsupported model type Cait \(module timm.models.cait\): learnable_memory has no model kind for it"
+    with pytest.raises(registry.UnsupportedModelError, match=want) as e:
+        registry.backbone_kind(cait)
+    assert "timm.create_model('vit_" not in str(e.value)
+
+
+def test_attention_kinds_are_resolved_when_wrapping(monkeypatch):
+    """A pass reads the kinds resolved at wrap time from its context, not the registry."""
+    from timm.layers import Attention
+
+    from learnable_memory.blocks import kind_of
+    from learnable_memory.context import PassContext
+    from learnable_memory.layout import new_token_index
+    from tests.helpers import make_vit
+
+    model = learnable_memory.MemoryViT(make_vit())
+    attn = model.base.blocks[0].attn
+    resolved = model._attention_kinds[attn]
+    assert resolved is registry.ATTENTION_KINDS[Attention]
+    monkeypatch.setitem(registry.ATTENTION_KINDS, Attention, object())  # a later registration
+    ctx = PassContext(layout=new_token_index([]), full=False, orig_grad=False, attention_kinds=model._attention_kinds)
+    assert kind_of(attn, ctx) is resolved
+    assert kind_of(attn, PassContext(layout=ctx.layout, full=False, orig_grad=False)) is not resolved

@@ -1,19 +1,22 @@
 """``learnable_memory.testing``: every guarantee check passes on a sound model and raises on a model
 broken in the way it guards against. The broken models are made with the package's own extension
-points: block kinds registered for made-up block types, and wrappers around public methods."""
+points: block and attention kinds registered for made-up module types, and wrappers around public
+methods."""
 
 from __future__ import annotations
 
 import pytest
 import timm
 import torch
+from timm.models.beit import Attention as BeitAttention
 from timm.models.vision_transformer import Block
 
 import learnable_memory as lm
 from learnable_memory import registry
 from learnable_memory import testing as lmt
 from learnable_memory.blocks import PreNormBlock
-from tests.helpers import make_vit
+from learnable_memory.families.beit import RelPosBiasAttention
+from tests.helpers import make_vit, noisy_backbone
 
 
 class MemoryInResidual(Block):
@@ -52,6 +55,19 @@ class DetachedMemoryKind(PreNormBlock):
         return tuple((k.detach(), v.detach()) for k, v in super().memory_kv(blk, mem))
 
 
+class WrongBiasRow(BeitAttention):
+    """A BEiT attention type whose kind gives the new class tokens a patch's bias row."""
+
+
+class WrongBiasRowKind(RelPosBiasAttention):
+    """BEiT's relative position bias, but new class tokens take the first patch's row, not the class
+    token's: every task is wrong the same way, so only the dense reference can tell."""
+
+    def position_bias(self, attn, ctx, n_tokens):
+        bias_x, _ = super().position_bias(attn, ctx, n_tokens)
+        return bias_x, bias_x[..., 1:2, :]
+
+
 BROKEN = {MemoryInResidual: MemoryInResidualKind, SeesEveryTask: SeesEveryTaskKind, DetachedMemory: DetachedMemoryKind}
 
 
@@ -60,9 +76,20 @@ def broken_kinds():
     """Register the broken kinds for this module's tests only."""
     for block, kind in BROKEN.items():
         registry.register_block(block)(kind)
+    registry.register_attention(WrongBiasRow)(WrongBiasRowKind)
     yield
     for block in BROKEN:
         registry.BLOCK_KINDS.pop(block, None)
+    registry.ATTENTION_KINDS.pop(WrongBiasRow, None)
+
+
+def beit(attention: type[BeitAttention] = BeitAttention) -> torch.nn.Module:
+    """A depth-2 BEiT (relative position bias per block, noisy weights) whose attention modules are of
+    type ``attention``."""
+    model = noisy_backbone("beit_base_patch16_224", {"img_size": 32, "embed_dim": 64, "num_heads": 4})
+    for blk in model.blocks:
+        blk.attn.__class__ = attention
+    return model
 
 
 def vit(block: type[Block] = Block, last_only: bool = False) -> torch.nn.Module:
@@ -76,6 +103,33 @@ def vit(block: type[Block] = Block, last_only: bool = False) -> torch.nn.Module:
 def test_sound_model_passes_every_check(tmp_path, images):
     lmt.check_all(vit(), images, tmp_path)
     lmt.check_dense_reference(vit(), images, lmt.dense_forward_all)
+    lmt.check_new_tokens(beit(), images)
+
+
+def test_new_tokens_given_the_wrong_bias_row_fail_the_new_token_check_only(tmp_path, images):
+    """The output checks can not see a formula that is wrong alike for every task; the kind's dense
+    reference does."""
+    lmt.check_base_unchanged(beit(WrongBiasRow), images)
+    lmt.check_concatenation(beit(WrongBiasRow), images)
+    lmt.check_training(beit(WrongBiasRow), images)
+    lmt.check_save_load(beit(WrongBiasRow), beit(WrongBiasRow), images, tmp_path / "saved")
+    with pytest.raises(AssertionError, match=r"block 0 \(Block, LayerScalePreNormBlock\): new class token vs the "
+                                             "kind's dense reference, 'a' differs"):
+        lmt.check_new_tokens(beit(WrongBiasRow), images)
+    with pytest.raises(AssertionError, match="new class token vs the kind's dense reference"):
+        lmt.check_all(beit(WrongBiasRow), images, tmp_path / "all")
+
+
+def test_packed_pass_unlike_the_split_one_fails_the_new_token_check(monkeypatch, images):
+    real = RelPosBiasAttention.attend_packed
+
+    def packed_with_a_nudge(self, attn, h, kv, ctx):
+        out = real(self, attn, h, kv, ctx)
+        return torch.cat([out[:, : -ctx.packed], out[:, -ctx.packed :] * 1.01], dim=1)
+
+    monkeypatch.setattr(RelPosBiasAttention, "attend_packed", packed_with_a_nudge)
+    with pytest.raises(AssertionError, match=r"packed \(inference\) vs split \(training\) pass: 'a' differs"):
+        lmt.check_new_tokens(beit(), images)
 
 
 def test_original_tokens_seeing_memory_fail_the_base_check(images):

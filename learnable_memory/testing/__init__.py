@@ -10,8 +10,9 @@
     testing.check_all(vit, images, "/tmp/adapters", tol=testing.Tolerance(scaled=True))
 
 Each check raises ``AssertionError`` saying what broke (see :mod:`.guarantees`):
-:func:`check_base_unchanged`, :func:`check_concatenation`, :func:`check_training`,
-:func:`check_save_load`, all four with :func:`check_all`, and :func:`check_dense_reference` against
+:func:`check_base_unchanged`, :func:`check_new_tokens` (every block's new class tokens against its
+kind's dense reference), :func:`check_concatenation`, :func:`check_training`,
+:func:`check_save_load`, all five with :func:`check_all`, and :func:`check_dense_reference` against
 :func:`dense_forward_all` (timm ``VisionTransformer``) or a reference built on :func:`dense_sequence`
 (see :mod:`.dense`). Random weights hide wrong paths where LayerScale starts near zero: use trained
 weights, or set the LayerScale gammas near 1 first.
@@ -29,9 +30,11 @@ from .guarantees import (
     check_base_unchanged,
     check_concatenation,
     check_dense_reference,
+    check_new_tokens,
     check_save_load,
     check_training,
     randomize,
+    recorded_blocks,
 )
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "check_base_unchanged",
     "check_concatenation",
     "check_dense_reference",
+    "check_new_tokens",
     "check_save_load",
     "check_training",
     "dense_forward_all",
@@ -52,5 +56,6 @@ __all__ = [
     "dense_sequence",
     "new_class_tokens",
     "randomize",
+    "recorded_blocks",
     "unrotated_rows",
 ]

@@ -11,6 +11,14 @@ with a message that says what broke.
 4. :func:`check_save_load`: ``save_pretrained`` then ``load_adapters`` onto a fresh copy of the
    backbone gives the same outputs, bit for bit.
 
+5. :func:`check_new_tokens`: what the new class tokens compute, block by block. The checks above
+   look at outputs, and none of them sees a new class token computed with a formula that is wrong
+   the same way for every task (e.g. a relative position bias row of the wrong token). This one runs
+   a split pass (autograd on, as in training) and holds every block's output for each new class
+   token to its block kind's :meth:`~learnable_memory.kinds.BlockKind.reference`: the kind's unfused
+   formula for one new class token against the original tokens and its own memory, on the same
+   inputs. It then holds the packed pass (inference) to the split one.
+
 :func:`check_dense_reference` holds ``forward_all`` to a dense reference in every layout. Random
 task parameters (:func:`randomize`) stand in for training: large enough that a wrong mask or a wrong
 path shows in the outputs. The checks use the package's public API only.
@@ -19,7 +27,8 @@ path shows in the outputs. The checks use the package's public API only.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MODES
+from ..context import PassContext
+from ..kinds import BlockKind
 from ..model import MemoryViT, load_adapters, wrap_model
+from ..registry import block_kind
+from ..typing import Tensor
 
-Tensor = torch.Tensor
 #: ``(task name, n_mem, mode)`` in model order.
 Layout = Sequence[tuple[str, int, str]]
 
@@ -225,13 +237,72 @@ def check_dense_reference(base: nn.Module, images: object,
             assert_equal(got["base"], want_base, f"layout {layout}: base output")
 
 
+#: ``(block, x, c, ctx, c after the block)`` of one block call in a split pass.
+Call = tuple[nn.Module, Tensor, Tensor, PassContext, Tensor]
+
+
+@contextmanager
+def recorded_blocks(model: MemoryViT) -> Iterator[list[Call]]:
+    """Record every block call of the passes run inside: the block, its inputs ``x`` ``[B, N, D]`` and
+    ``c`` ``[B, K, D]``, the pass's context and the block's new ``c``."""
+    calls: list[Call] = []
+    kinds: dict[int, BlockKind] = {id(k): k for k in map(block_kind, model.backbone.blocks(model.base))}
+
+    def recorder(kind: BlockKind):
+        run = type(kind).forward
+
+        def forward(blk, x, c, kv, ctx):
+            x_out, c_out = run(kind, blk, x, c, kv, ctx)
+            calls.append((blk, x.detach(), c.detach(), ctx, c_out.detach()))
+            return x_out, c_out
+
+        return forward
+
+    for kind in kinds.values():
+        kind.forward = recorder(kind)
+    try:
+        yield calls
+    finally:
+        for kind in kinds.values():
+            del kind.forward
+
+
+def check_new_tokens(base: nn.Module, images: object, tol: Tolerance = Tolerance()) -> None:
+    """Three non-destructive tasks (memory 3, 2 and 0, random parameters) on ``base``: in a split pass,
+    each block's new class token of each task equals its block kind's dense reference
+    (:meth:`~learnable_memory.kinds.BlockKind.reference`) on that block's inputs; and the packed pass's
+    outputs equal the split pass's."""
+    model = build(base, "concat", seed=1)
+    blocks = model.backbone.blocks(model.base)
+    layer = {blk: i for i, blk in enumerate(blocks)}
+    tasks = [model.tasks[n] for n in model.task_names]
+    with recorded_blocks(model) as calls, torch.enable_grad():
+        split = {k: v.detach() for k, v in model.forward_all(images).items()}
+    assert len(calls) == len(blocks), f"the split pass ran {len(calls)} block calls for {len(blocks)} blocks"
+    for blk, x, c, ctx, c_out in calls:
+        i = layer[blk]
+        kind = block_kind(blk)
+        assert not ctx.packed, "check_new_tokens needs a split pass (autograd on)"
+        with torch.no_grad():
+            for j, task in enumerate(tasks):
+                want = kind.reference(blk, x, c[:, j : j + 1], task.memory[i], ctx)
+                assert_outputs_close({task.name: c_out[:, j : j + 1]}, {task.name: want}, tol,
+                                     f"block {i} ({type(blk).__name__}, {type(kind).__name__}): new class token vs "
+                                     "the kind's dense reference,")
+    with torch.no_grad():
+        assert_outputs_close(model.forward_all(images), split, tol, "packed (inference) vs split (training) pass:")
+
+
 def check_all(base: nn.Module, images: object, folder: str | Path, fresh_base: nn.Module | None = None,
               modes: Iterable[str] = MODES, tol: Tolerance = Tolerance()) -> None:
-    """Every guarantee of this module on ``base``: base unchanged, concatenation, a training step
-    in each of ``modes``, and a save/load round trip into ``folder`` (onto ``fresh_base``, default
-    a deep copy of ``base``). Wide models with large logits may need ``Tolerance(scaled=True)``."""
+    """Every guarantee of this module on ``base``: base unchanged, the new class tokens against their
+    kinds' dense references (:func:`check_new_tokens`), concatenation, a
+    training step in each of ``modes``, and a save/load round trip into ``folder`` (onto
+    ``fresh_base``, default a deep copy of ``base``). Wide models with large logits may need
+    ``Tolerance(scaled=True)``."""
     fresh = copy.deepcopy(base) if fresh_base is None else fresh_base
     check_base_unchanged(base, images)
+    check_new_tokens(base, images, tol)
     check_concatenation(base, images, tol=tol)
     for mode in modes:
         check_training(base, images, mode, tol)
