@@ -63,12 +63,21 @@ def noisy_backbone(arch: str, kwargs: dict, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def patch_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The patch embedding of a timm ViT: ``patch_embed``, NaFlexVit's ``embeds``, or an encoder's."""
+    for owner in (model, getattr(model, "encoder", None)):
+        embed = getattr(owner, "patch_embed", None) or getattr(owner, "embeds", None)
+        if embed is not None:
+            return embed
+    return None
+
+
 def grid_backbone(arch: str, grid: int = 3, seed: int = 0, **kwargs) -> tuple[torch.nn.Module, int]:
     """``arch`` with random weights (eval), built for ``grid`` x ``grid`` patches, and its image size."""
     kwargs = {"pretrained": False, **kwargs}
     with torch.device("meta"):  # find the patch size cheaply
         probe = timm.create_model(arch, **kwargs)
-    embed = getattr(probe, "patch_embed", None) or probe.embeds
+    embed = patch_embedding(probe)
     size = grid * (embed.feat_ratio() if hasattr(embed, "feat_ratio") else max(embed.patch_size))
     torch.manual_seed(seed)
     return timm.create_model(arch, img_size=size, **kwargs).eval(), size

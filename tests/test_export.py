@@ -28,6 +28,8 @@ FAMILIES = {
     "vit": lambda: (make_vit(depth=1), 32),
     "deit_distilled": lambda: grid_backbone("deit_tiny_distilled_patch16_224", grid=3, depth=1),
     "eva_rotary": lambda: grid_backbone("eva02_tiny_patch14_224", grid=3, depth=1),
+    # 48x48 patches: the 768 px of its preprocessing
+    "qwen3_no_class_token": lambda: grid_backbone("qwen3_vit_88m", grid=48, depth=1, embed_dim=64, num_heads=4),
 }
 OUTPUTS = ["base", "cifar", "v1.0", "pets"]
 

@@ -31,12 +31,16 @@ import torch
 
 import learnable_memory as lm
 from learnable_memory import testing as lmt
-from learnable_memory.registry import BLOCK_KINDS, UNSUPPORTED, load_families
-from tests.helpers import grid_backbone, images_for
+from learnable_memory.registry import BACKBONE_KINDS, BLOCK_KINDS, UNSUPPORTED, load_families
+from tests.helpers import grid_backbone, images_for, patch_embedding
 
-MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "eva", "beit", "naflexvit", "vitamin")
+MODULES = (
+    "vision_transformer", "deit", "vision_transformer_hybrid", "eva", "beit", "naflexvit", "vitamin", "qwen3_vit",
+)
 MODULE_OF = {arch: module for module in MODULES for arch in timm.list_models(module=module)}
 GRID = 3  # patches per side
+#: Modules that need another grid: Qwen3's projector merges 2x2 patches.
+GRID_OF_MODULE = {"qwen3_vit": 4}
 BATCH = 2
 
 # timm can not build these at depth=2 as registered (their num_kv_heads has one entry per block of
@@ -79,6 +83,9 @@ SAMPLE = {
     "naflexvit_base_patch16_gap": "NaFlexVit + NaFlexEmbeds",
     # vitamin
     "vitamin_small_224": "ViTamin: MbConv stages as HybridEmbed, GeGluMlp, no class token, avg pooling",
+    # qwen3_vit
+    "qwen3_vit_88m": "Qwen3VitClassifier: no class token, rotary EvaBlocks, mean pooling and final norm",
+    "qwen3_vit_88m_enc": "Qwen3VitEncoder: the VLM projector (2x2 patch merge) as base output",
 }
 # Sample architectures the default run builds narrower than registered (same kinds; the slow sweep builds
 # them as registered): a 1792-wide EVA would take most of the default run's time.
@@ -87,7 +94,8 @@ SAMPLE_KWARGS = {"eva02_enormous_patch14_clip_224": {"embed_dim": 64, "num_heads
 
 def build(arch: str, seed: int = 0, **kwargs) -> tuple[torch.nn.Module, torch.Tensor]:
     """``arch`` at depth 2 with random weights and a small input, and images for it."""
-    model, size = grid_backbone(arch, GRID, seed, depth=2, **DEPTH2_KWARGS.get(arch, {}), **kwargs)
+    grid = GRID_OF_MODULE.get(MODULE_OF.get(arch), GRID)
+    model, size = grid_backbone(arch, grid, seed, depth=2, **DEPTH2_KWARGS.get(arch, {}), **kwargs)
     with torch.no_grad():
         for p in model.parameters():  # LayerScale gammas and post-norm weights made with init_values
             v = p.reshape(-1)[0]
@@ -105,12 +113,13 @@ def kind_name(obj: object) -> str:
 def kinds(model: torch.nn.Module) -> set[str]:
     """Backbone, embedding, block and attention types of ``model``, as ``"<group>:<kind_name>"``."""
     out = {f"backbone:{kind_name(model)}"}
-    embed = getattr(model, "patch_embed", None) or getattr(model, "embeds", None)
+    embed = patch_embedding(model)
     if embed is not None:
         out.add(f"embed:{kind_name(embed)}")
-    for blk in model.blocks:
+    load_families()
+    backbone = BACKBONE_KINDS.get(type(model))
+    for blk in model.blocks if backbone is None else backbone.blocks(model):
         out.add(f"block:{kind_name(blk)}")
-        load_families()
         kind = BLOCK_KINDS.get(type(blk))
         if kind is not None:
             out.update(f"attention:{kind_name(a)}" for a in kind.attentions(blk))

@@ -23,6 +23,7 @@ FAMILIES = {
     "AttentionRope": ("vit_pe_core_tiny_patch16_384", NARROW),
     "Beit Attention (rel. pos. bias)": ("beit_base_patch16_224", NARROW),
     "NaFlexVit": ("naflexvit_base_patch16_gap", {**NARROW, "patch_size": 8}),
+    "Qwen3VitClassifier (no class token, RoPE)": ("qwen3_vit_88m", NARROW),
 }
 FAULTS = {"nan": float("nan"), "inf": float("inf"), "huge": 1e30}
 
