@@ -6,8 +6,9 @@ Token order (queries and keys alike), the order timm uses for its own tokens::
 
 ``build_attention_mask`` is the single source of truth for the attention pattern. It draws the
 cells of :func:`table1_cells`; the forward pass reads what each new class token sees off the same
-cells (:mod:`learnable_memory.layout`), the tests check that layout against this mask
+cells (:class:`~learnable_memory.layout.NewTokenIndex`), the tests check that index against this mask
 (:func:`new_token_mask`), and the model against a dense reference that uses the mask as ``attn_mask``.
+:func:`check_task_order` says whether tasks can share a model in a given order.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def _as_configs(tasks: Sequence[TaskLike]) -> list[TaskConfig]:
     return configs
 
 
-def check_layout(tasks: Sequence[TaskConfig]) -> None:
-    """Raise ``ValueError`` if these tasks can not share one model, in this order."""
+def check_task_order(tasks: Sequence[TaskConfig]) -> None:
+    """Raise ``ValueError`` if these tasks can not share one model, in this order: unique names, a
+    full-mode task alone, every extension task after the tasks it extends, in their order."""
     names = [t.name for t in tasks]
     seen: set[str] = set()
     for t in tasks:
@@ -99,7 +101,7 @@ def table1_cells(configs: Sequence[TaskConfig], n_orig: int) -> tuple[list[Cell]
     Plain Python on the configs (no tensors), so that :mod:`learnable_memory.layout` reads the same
     cells inside ``torch.compile``. ``n_orig``: original tokens (prefix + patches).
     """
-    check_layout(configs)
+    check_task_order(configs)
     k = len(configs)
     mem_start = [n_orig + k]
     for c in configs:
@@ -117,6 +119,10 @@ def table1_cells(configs: Sequence[TaskConfig], n_orig: int) -> tuple[list[Cell]
             j = index[dep]
             cells += [(row, slice(n_orig + j, n_orig + j + 1)), (row, slice(mem_start[j], mem_start[j + 1]))]
     return cells, mem_start[-1]
+
+
+#: The earlier name of :func:`check_task_order`, which ``model.py`` and ``adapters`` call.
+check_layout = check_task_order
 
 
 def new_token_mask(tasks: Sequence[TaskConfig]) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 import learnable_memory.attention as attention
 from learnable_memory import TaskConfig
-from learnable_memory.layout import new_token_layout
+from learnable_memory.layout import new_token_index
 
 
 def tensors(b=2, h=3, k=5, n=7, hd=8, seed=0):
@@ -50,7 +50,7 @@ def test_merged_softmax_equals_one_softmax_over_everything():
     kc, vc = torch.randn(2, 3, 3, 8, generator=g), torch.randn(2, 3, 3, 8, generator=g)
     tasks = [TaskConfig("a", 2, 2), TaskConfig("b", 1, 2, mode="extension", depends_on=["a"]), TaskConfig("c", 0, 2)]
     km, vm = torch.randn(3, 3, 8, generator=g), torch.randn(3, 3, 8, generator=g)
-    got = attention.attend_new(q, kx, vx, kc, vc, km, vm, new_token_layout(tasks), 0.3)
+    got = attention.attend_new(q, kx, vx, kc, vc, km, vm, new_token_index(tasks), 0.3)
     from learnable_memory.mask import new_token_mask
 
     mask = torch.cat([torch.ones(3, 7, dtype=torch.bool), new_token_mask(tasks)], dim=1)  # [K, N + K + M]

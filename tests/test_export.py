@@ -1,5 +1,6 @@
 """``learnable_memory.export_model``: ONNX (onnxruntime) and ``torch.export`` programs equal the eager
-model on several tasks, for ViT, DeiT distilled and EVA (rotary), at any batch size; outputs named
+model on several tasks, for one architecture of the families' SAMPLE per backbone kind (ViT, DeiT
+distilled, EVA with rotary tables, BEiT, NaFlexVit), at any batch size; outputs named
 after the tasks; the inference layout traced whatever the caller's autograd mode; clear refusals.
 
 Each (family, format) is exported once per session (depth-1 tiny models). ONNX exports take about
@@ -22,15 +23,11 @@ from learnable_memory.kinds import AttentionKind
 from learnable_memory.kv_cache import MemoryKVCache
 from learnable_memory.testing import randomize
 from tests.helpers import grid_backbone, images_for, make_vit
+from tests.test_families import representatives
 
-#: family -> a depth-1 backbone with random weights, and its image size
-FAMILIES = {
-    "vit": lambda: (make_vit(depth=1), 32),
-    "deit_distilled": lambda: grid_backbone("deit_tiny_distilled_patch16_224", grid=3, depth=1),
-    "eva_rotary": lambda: grid_backbone("eva02_tiny_patch14_224", grid=3, depth=1),
-    # 48x48 patches: the 768 px of its preprocessing
-    "qwen3_no_class_token": lambda: grid_backbone("qwen3_vit_88m", grid=48, depth=1, embed_dim=64, num_heads=4),
-}
+#: One SAMPLE architecture per backbone kind, exported at depth 1 and width 64 with random weights.
+FAMILIES = sorted(set(representatives(("backbone",)).values()))
+VIT = representatives(("backbone",))["backbone:vision_transformer.VisionTransformer"]
 OUTPUTS = ["base", "cifar", "v1.0", "pets"]
 
 
@@ -46,12 +43,13 @@ class Export:
 
 
 def build(family: str) -> tuple[lm.MemoryViT, int]:
-    base, size = FAMILIES[family]()
+    """The family's model with three tasks, and the image size it is exported at (its preprocessing's)."""
+    base, _ = grid_backbone(family, grid=3, depth=1, embed_dim=64, num_heads=4)
     model = lm.wrap_model(base, n_mem=2, num_classes=5, task="cifar", class_names=list("abcde"))
     model = lm.wrap_model(model, n_mem=1, num_classes=3, task="v1.0", mode="extension")
     model = lm.wrap_model(model, n_mem=3, num_classes=4, task="pets")
     randomize(model, seed=7)
-    return model, size
+    return model, model.data_config()["input_size"][-1]
 
 
 @pytest.fixture(scope="session")
@@ -128,11 +126,11 @@ def assert_sidecar(e: Export) -> None:
 
 def assert_traced_inference_pass(e: Export, family: str) -> None:
     """The trace packs exactly as eager inference does (training passes never pack), and reads no cache."""
-    assert e.packed_in_trace == e.packed_in_eager and (e.packed_in_eager > 0 or family != "vit")
+    assert e.packed_in_trace == e.packed_in_eager and (e.packed_in_eager > 0 or family != VIT)
     assert e.cache_reads_in_trace == 0
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_pt2_program_equals_eager(exports, family):
     e = exports(family, "pt2")
     assert_matches_eager(e)
@@ -141,7 +139,7 @@ def test_pt2_program_equals_eager(exports, family):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_onnxruntime_equals_eager(exports, family):
     import onnx
 
@@ -155,7 +153,7 @@ def test_onnxruntime_equals_eager(exports, family):
 
 
 def test_the_check_catches_a_model_that_differs(exports):
-    e = exports("vit", "pt2")
+    e = exports(VIT, "pt2")
     changed = copy.deepcopy(e.model)
     randomize(changed, seed=8, tasks=["pets"])
     with pytest.raises(ExportCheckError, match="output 'pets' differs from the eager model"):
@@ -164,7 +162,7 @@ def test_the_check_catches_a_model_that_differs(exports):
 
 
 def test_static_batch_and_chosen_outputs(tmp_path):
-    model, size = build("vit")
+    model, size = build(VIT)
     path = lm.export_model(model, tmp_path / "one.pt2", tasks=["pets", "base"], format="pt2", dynamic_batch=False)
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar["input"]["shape"] == [1, 3, size, size] and sidecar["check"]["batch_sizes"] == [1]

@@ -5,7 +5,8 @@ with its LayerScale-like constants (``init_values`` ~1e-5, which would hide ever
 between blocks) set to 1, and then held to the guarantees:
 
 1. wrapping leaves the base output bit-identical (``forward_all(x)["base"]`` vs ``base(x)``, at
-   inference and in a training pass);
+   inference and in a training pass), and every block's new class tokens equal its kind's dense
+   reference (``testing.check_new_tokens``);
 2. two tasks made separately on the backbone (random parameters stand in for training), then
    concatenated, each give the output they give alone;
 3. a training step, in each mode, gives gradients to the new task's memory (every block), class
@@ -21,9 +22,15 @@ The default run checks :data:`SAMPLE`, one architecture per family and per block
 embedding and backbone kind (and the features listed there). ``-m slow`` checks every
 architecture and that the sample has each of its kinds. ``benchmarks/family_sweep.py`` runs the
 slow sweep and writes the README's table from the properties recorded here.
+
+:data:`SAMPLE` is the one list of families: ``tests/test_isolation.py`` and ``tests/test_export.py``
+take theirs from it (:func:`representatives`), so a new family needs one entry here.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache
 
 import pytest
 import timm
@@ -31,7 +38,8 @@ import torch
 
 import learnable_memory as lm
 from learnable_memory import testing as lmt
-from learnable_memory.registry import BACKBONE_KINDS, BLOCK_KINDS, UNSUPPORTED, load_families
+from learnable_memory.kinds import AttentionKind
+from learnable_memory.registry import ATTENTION_KINDS, BACKBONE_KINDS, BLOCK_KINDS, UNSUPPORTED, load_families
 from tests.helpers import grid_backbone, images_for, patch_embedding
 
 MODULES = (
@@ -92,10 +100,14 @@ SAMPLE = {
 SAMPLE_KWARGS = {"eva02_enormous_patch14_clip_224": {"embed_dim": 64, "num_heads": 4}}
 
 
+def grid_of(arch: str) -> int:
+    """Patches per side for ``arch``: :data:`GRID`, or its module's (:data:`GRID_OF_MODULE`)."""
+    return GRID_OF_MODULE.get(MODULE_OF.get(arch), GRID)
+
+
 def build(arch: str, seed: int = 0, **kwargs) -> tuple[torch.nn.Module, torch.Tensor]:
     """``arch`` at depth 2 with random weights and a small input, and images for it."""
-    grid = GRID_OF_MODULE.get(MODULE_OF.get(arch), GRID)
-    model, size = grid_backbone(arch, grid, seed, depth=2, **DEPTH2_KWARGS.get(arch, {}), **kwargs)
+    model, size = grid_backbone(arch, grid_of(arch), seed, depth=2, **DEPTH2_KWARGS.get(arch, {}), **kwargs)
     with torch.no_grad():
         for p in model.parameters():  # LayerScale gammas and post-norm weights made with init_values
             v = p.reshape(-1)[0]
@@ -123,6 +135,24 @@ def kinds(model: torch.nn.Module) -> set[str]:
         kind = BLOCK_KINDS.get(type(blk))
         if kind is not None:
             out.update(f"attention:{kind_name(a)}" for a in kind.attentions(blk))
+    return out
+
+
+@cache
+def sample_kinds_of(arch: str) -> frozenset[str]:
+    """:func:`kinds` of a SAMPLE architecture (types only: built on the meta device)."""
+    with torch.device("meta"):
+        return frozenset(kinds(timm.create_model(arch, pretrained=False, depth=2, **DEPTH2_KWARGS.get(arch, {}))))
+
+
+def representatives(groups: Sequence[str]) -> dict[str, str]:
+    """``{kind: architecture}`` for every kind of ``groups`` (``"backbone"``, ``"block"``, ``"attention"``,
+    ``"embed"``) in the SAMPLE: the first SAMPLE architecture, in its order, that has the kind."""
+    out: dict[str, str] = {}
+    for arch in SAMPLE:
+        for kind in sorted(sample_kinds_of(arch)):
+            if kind.split(":", 1)[0] in groups:
+                out.setdefault(kind, arch)
     return out
 
 
@@ -165,12 +195,26 @@ def test_sample_spans_every_family():
 
 @pytest.fixture(scope="module")
 def sample_kinds() -> set[str]:
-    """The kinds the default sample checks (types only, so the models are built on the meta device)."""
-    found: set[str] = set()
-    for arch in SAMPLE:
-        with torch.device("meta"):
-            found |= kinds(timm.create_model(arch, pretrained=False, depth=2, **DEPTH2_KWARGS.get(arch, {})))
-    return found
+    """The kinds the default sample checks."""
+    return set().union(*map(sample_kinds_of, SAMPLE))
+
+
+def test_representatives_cover_the_sample_kinds():
+    groups = ("backbone", "block", "attention")
+    reps = representatives(groups)
+    assert set(reps) == {k for a in SAMPLE for k in sample_kinds_of(a) if k.split(":")[0] in groups}
+    assert reps["backbone:vision_transformer.VisionTransformer"] == "test_vit"
+    assert reps["attention:beit.Attention"] == "beit_base_patch16_224"
+
+
+def test_kinds_with_a_position_bias_state_the_new_tokens_bias_for_their_reference():
+    """The dense reference states the new class tokens' bias on its own (``reference_bias``), so that a
+    wrong row in ``position_bias`` shows (``tests/test_testing.py`` has such a kind)."""
+    load_families()
+    for t, kind in ATTENTION_KINDS.items():
+        if type(kind).position_bias is not AttentionKind.position_bias:
+            assert type(kind).reference_bias is not AttentionKind.reference_bias, (
+                f"{type(kind).__name__} (for {t.__name__}) overrides position_bias but not reference_bias")
 
 
 @pytest.mark.slow

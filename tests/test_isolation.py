@@ -10,28 +10,18 @@ import torch
 import learnable_memory as lm
 from learnable_memory.testing import randomize
 from tests.helpers import grid_backbone, images_for, make_vit
+from tests.test_families import grid_of, representatives
 
 NARROW = {"depth": 2, "embed_dim": 64, "num_heads": 4}
-#: One architecture per attention kind and per block kind with attention of its own.
-FAMILIES = {
-    "Attention": ("vit_tiny_patch16_224", {}),
-    "DiffAttention": ("vit_dwee_patch16_reg1_gap_256", NARROW),
-    "ParallelScalingBlock": ("vit_base_patch16_xp_224", NARROW),
-    "DiffParallelScalingBlock": ("vit_dpwee_patch16_reg1_gap_256", NARROW),
-    "ParallelThingsBlock": ("vit_small_patch16_18x2_224", NARROW),
-    "EvaAttention (RoPE)": ("eva02_tiny_patch14_224", NARROW),
-    "AttentionRope": ("vit_pe_core_tiny_patch16_384", NARROW),
-    "Beit Attention (rel. pos. bias)": ("beit_base_patch16_224", NARROW),
-    "NaFlexVit": ("naflexvit_base_patch16_gap", {**NARROW, "patch_size": 8}),
-    "Qwen3VitClassifier (no class token, RoPE)": ("qwen3_vit_88m", NARROW),
-}
+#: One architecture of the families' SAMPLE per backbone, block and attention kind, built narrow.
+FAMILIES = sorted(set(representatives(("backbone", "block", "attention")).values()))
+PLAIN = representatives(("attention",))["attention:attention.Attention"]  # timm's Attention
 FAULTS = {"nan": float("nan"), "inf": float("inf"), "huge": 1e30}
 
 
 def model_with_tasks(family: str) -> tuple[lm.MemoryViT, torch.Tensor]:
     """Tasks a, b (non-destructive), e (extends a and b) and c, with random parameters."""
-    arch, kwargs = FAMILIES[family]
-    base, size = grid_backbone(arch, 3, **({"depth": 2} | kwargs))
+    base, size = grid_backbone(family, grid_of(family), **NARROW)
     model = base
     for name, mode in (("a", "non_destructive"), ("b", "non_destructive"), ("e", "extension"),
                        ("c", "non_destructive")):
@@ -67,7 +57,7 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_spoiled_task_touches_no_other(family, grad):
     model, x = model_with_tasks(family)
     clean = outputs(model, x, grad)
@@ -80,7 +70,7 @@ def test_a_spoiled_task_touches_no_other(family, grad):
 
 
 def test_an_extension_task_is_reached_by_what_it_extends_only():
-    model, x = model_with_tasks("Attention")
+    model, x = model_with_tasks(PLAIN)
     clean = outputs(model, x, grad=False)
     spoil(model, "a", float("nan"))
     got = outputs(model, x, grad=False)
@@ -90,7 +80,7 @@ def test_an_extension_task_is_reached_by_what_it_extends_only():
 
 
 def test_training_gradients_of_a_task_stay_finite_next_to_a_spoiled_one():
-    model, x = model_with_tasks("Attention")
+    model, x = model_with_tasks(PLAIN)
     spoil(model, "b", float("inf"))
     model.tasks["c"].requires_grad_(True)
     model.forward_all(x, tasks=["b", "c"])["c"].sum().backward()

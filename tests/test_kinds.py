@@ -1,5 +1,6 @@
 """The kinds' contract (``learnable_memory.kinds``): neutral backbone defaults, the wrap-time check of a
-backbone kind, the packing rule on the token path, and the dense references every kind gives."""
+backbone kind, and the packing rule on the token path. The registered kinds' dense references are held
+to their fast paths by ``tests/test_families.py``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from learnable_memory import registry
 from learnable_memory import testing as lmt
 from learnable_memory.blocks import PreNormBlock
 from learnable_memory.context import PassExtras
-from learnable_memory.kinds import AttentionKind, BackboneKind
+from learnable_memory.kinds import BackboneKind
 from tests.helpers import make_vit
 
 
@@ -138,11 +139,3 @@ def test_packing_checks_only_the_linears_on_the_token_path(caplog):
     assert model.unpacked_reason == want
     assert f"inference passes run unpacked: {want}" in caplog.text
     assert lm.MemoryViT(make_vit()).unpacked_reason is None
-
-
-def test_kinds_with_a_position_bias_state_the_new_tokens_bias_for_their_reference():
-    registry.load_families()
-    for t, kind in registry.ATTENTION_KINDS.items():
-        if type(kind).position_bias is not AttentionKind.position_bias:
-            assert type(kind).reference_bias is not AttentionKind.reference_bias, (
-                f"{type(kind).__name__} (for {t.__name__}) overrides position_bias but not reference_bias")

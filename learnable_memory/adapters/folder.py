@@ -85,7 +85,7 @@ class AdapterError(ValueError):
 
 @runtime_checkable
 class TaskModel(Protocol):
-    """What saving needs of a model (a :class:`~learnable_memory.TaskModel`): the frozen timm
+    """What saving needs of a model (such as a :class:`~learnable_memory.MemoryViT`): the frozen timm
     backbone, the tasks by name in model order, and the task ``forward`` serves."""
 
     base: nn.Module

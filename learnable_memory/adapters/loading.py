@@ -2,7 +2,7 @@
 
 :func:`learnable_memory.load_adapters` and ``MemoryViT.from_pretrained`` call :func:`prepare_tasks`.
 Everything is read and checked before any model is touched, so a refused load changes nothing.
-Checks, each a ``ValueError`` (:class:`~learnable_memory.adapter_io.AdapterError`) naming the file:
+Checks, each a ``ValueError`` (:class:`~learnable_memory.adapters.folder.AdapterError`) naming the file:
 
 - the backbone: same width, depth and prefix tokens, and (unless ``check_fingerprint=False``)
   the same weights, by fingerprint;
