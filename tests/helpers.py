@@ -204,3 +204,18 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def assert_compiles_as_eager(model: lm.MemoryViT, images: torch.Tensor) -> None:
+    """``torch.compile(forward_all, fullgraph=True)`` (dynamo's tracing on the ``eager`` backend: no
+    graph break) gives the eager outputs."""
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            got = torch.compile(model.forward_all, fullgraph=True, backend="eager")(images)
+            want = model.forward_all(images)
+    finally:
+        torch._dynamo.reset()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)

@@ -9,7 +9,7 @@ import torch
 
 import learnable_memory as lm
 from learnable_memory.testing import randomize
-from tests.helpers import grid_backbone, images_for
+from tests.helpers import assert_compiles_as_eager, grid_backbone, images_for
 
 NARROW = {"depth": 2, "embed_dim": 64, "num_heads": 4}
 
@@ -42,19 +42,9 @@ def test_a_grid_the_projector_can_not_merge_is_refused_before_the_pass():
 
 
 def test_forward_all_compiles_without_a_graph_break():
-    torch._dynamo.reset()
     base, size = grid_backbone("qwen3_vit_88m", 4, **NARROW)
     model = base
     for name, mode in (("a", "non_destructive"), ("b", "extension")):
         model = lm.wrap_model(model, n_mem=2, num_classes=3, task=name, mode=mode)
     randomize(model)
-    x = images_for(size, 2)
-    try:
-        with torch.no_grad():
-            got = torch.compile(model.forward_all, fullgraph=True, backend="eager")(x)
-            want = model.forward_all(x)
-    finally:
-        torch._dynamo.reset()
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
+    assert_compiles_as_eager(model, images_for(size, 2))
