@@ -44,7 +44,7 @@ from tests.helpers import grid_backbone, images_for, patch_embedding
 
 MODULES = (
     "vision_transformer", "deit", "vision_transformer_hybrid", "eva", "beit", "naflexvit", "vitamin", "qwen3_vit",
-    "vision_transformer_relpos",
+    "vision_transformer_relpos", "deepseek_vit",
 )
 MODULE_OF = {arch: module for module in MODULES for arch in timm.list_models(module=module)}
 GRID = 3  # patches per side
@@ -99,6 +99,9 @@ SAMPLE = {
     "vit_relpos_medium_patch16_cls_224": "RelPosBlock + RelPosAttention (MLP bias), class token, token pooling",
     "vit_srelpos_small_patch16_224": "shared relative position bias, no class token, avg pooling",
     "vit_relpos_small_patch16_rpn_224": "ResPostRelPosBlock (post-norm)",
+    # deepseek_vit
+    "deepseek_vit_412m": "DeepseekVitClassifier: DeepseekVitBlock (no LayerScale), RMSNorm, no class token",
+    "deepseek_vit_412m_enc": "DeepseekVitEncoder: the 3x3 aligner as base output",
 }
 # Sample architectures the default run builds narrower than registered (same kinds; the slow sweep builds
 # them as registered): a 1792-wide EVA would take most of the default run's time.
