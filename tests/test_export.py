@@ -23,7 +23,7 @@ from learnable_memory.kinds import AttentionKind
 from learnable_memory.kv_cache import MemoryKVCache
 from learnable_memory.testing import randomize
 from tests.helpers import grid_backbone, images_for, make_vit
-from tests.test_families import representatives
+from tests.test_families import depth_kwargs, representatives
 
 #: One SAMPLE architecture per backbone kind, exported at depth 1 and width 64 with random weights.
 FAMILIES = sorted(set(representatives(("backbone",)).values()))
@@ -44,7 +44,7 @@ class Export:
 
 def build(family: str) -> tuple[lm.MemoryViT, int]:
     """The family's model with three tasks, and the image size it is exported at (its preprocessing's)."""
-    base, _ = grid_backbone(family, grid=3, depth=1, embed_dim=64, num_heads=4)
+    base, _ = grid_backbone(family, grid=3, depth=1, embed_dim=64, num_heads=4, **depth_kwargs(family, 1))
     model = lm.wrap_model(base, n_mem=2, num_classes=5, task="cifar", class_names=list("abcde"))
     model = lm.wrap_model(model, n_mem=1, num_classes=3, task="v1.0", mode="extension")
     model = lm.wrap_model(model, n_mem=3, num_classes=4, task="pets")

@@ -44,7 +44,7 @@ from tests.helpers import grid_backbone, images_for, patch_embedding
 
 MODULES = (
     "vision_transformer", "deit", "vision_transformer_hybrid", "eva", "beit", "naflexvit", "vitamin", "qwen3_vit",
-    "vision_transformer_relpos", "deepseek_vit",
+    "vision_transformer_relpos", "deepseek_vit", "convit",
 )
 MODULE_OF = {arch: module for module in MODULES for arch in timm.list_models(module=module)}
 GRID = 3  # patches per side
@@ -102,10 +102,20 @@ SAMPLE = {
     # deepseek_vit
     "deepseek_vit_412m": "DeepseekVitClassifier: DeepseekVitBlock (no LayerScale), RMSNorm, no class token",
     "deepseek_vit_412m_enc": "DeepseekVitEncoder: the 3x3 aligner as base output",
+    # convit
+    "convit_tiny": "ConVit: GPSA blocks as embedding, the class token and memory from the MHSA blocks",
 }
 # Sample architectures the default run builds narrower than registered (same kinds; the slow sweep builds
 # them as registered): a 1792-wide EVA would take most of the default run's time.
 SAMPLE_KWARGS = {"eva02_enormous_patch14_clip_224": {"embed_dim": 64, "num_heads": 4}}
+
+
+def depth_kwargs(arch: str, depth: int = 2) -> dict:
+    """What timm needs besides ``depth`` to build ``arch`` with ``depth`` blocks: :data:`DEPTH2_KWARGS`;
+    ConViT: its GPSA blocks, then one MHSA block (where the class token joins)."""
+    if MODULE_OF.get(arch) == "convit":
+        return {"local_up_to_layer": depth - 1}
+    return DEPTH2_KWARGS.get(arch, {}) if depth == 2 else {}
 
 
 def grid_of(arch: str) -> int:
@@ -115,7 +125,7 @@ def grid_of(arch: str) -> int:
 
 def build(arch: str, seed: int = 0, **kwargs) -> tuple[torch.nn.Module, torch.Tensor]:
     """``arch`` at depth 2 with random weights and a small input, and images for it."""
-    model, size = grid_backbone(arch, grid_of(arch), seed, depth=2, **DEPTH2_KWARGS.get(arch, {}), **kwargs)
+    model, size = grid_backbone(arch, grid_of(arch), seed, depth=2, **depth_kwargs(arch), **kwargs)
     with torch.no_grad():
         for p in model.parameters():  # LayerScale gammas and post-norm weights made with init_values
             v = p.reshape(-1)[0]
@@ -150,7 +160,7 @@ def kinds(model: torch.nn.Module) -> set[str]:
 def sample_kinds_of(arch: str) -> frozenset[str]:
     """:func:`kinds` of a SAMPLE architecture (types only: built on the meta device)."""
     with torch.device("meta"):
-        return frozenset(kinds(timm.create_model(arch, pretrained=False, depth=2, **DEPTH2_KWARGS.get(arch, {}))))
+        return frozenset(kinds(timm.create_model(arch, pretrained=False, depth=2, **depth_kwargs(arch))))
 
 
 def representatives(groups: Sequence[str]) -> dict[str, str]:
