@@ -44,7 +44,7 @@ from tests.helpers import grid_backbone, images_for, patch_embedding
 
 MODULES = (
     "vision_transformer", "deit", "vision_transformer_hybrid", "eva", "beit", "naflexvit", "vitamin", "qwen3_vit",
-    "vision_transformer_relpos", "deepseek_vit", "convit",
+    "vision_transformer_relpos", "deepseek_vit", "convit", "gemma4_vit",
 )
 MODULE_OF = {arch: module for module in MODULES for arch in timm.list_models(module=module)}
 GRID = 3  # patches per side
@@ -104,10 +104,18 @@ SAMPLE = {
     "deepseek_vit_412m_enc": "DeepseekVitEncoder: the 3x3 aligner as base output",
     # convit
     "convit_tiny": "ConVit: GPSA blocks as embedding, the class token and memory from the MHSA blocks",
+    # gemma4_vit
+    "gemma4_vit_167m": "Gemma4VitClassifier: sandwich-norm Gemma4Block, Gemma4Attention (scale 1, 2D RoPE)",
+    "gemma4_vit_167m_enc": "Gemma4VitEncoder: soft-token pooling (3x3 cells) as base output",
 }
 # Sample architectures the default run builds narrower than registered (same kinds; the slow sweep builds
-# them as registered): a 1792-wide EVA would take most of the default run's time.
-SAMPLE_KWARGS = {"eva02_enormous_patch14_clip_224": {"embed_dim": 64, "num_heads": 4}}
+# them as registered): a 1792-wide EVA would take most of the default run's time, VLM towers seconds each.
+_NARROW = {"embed_dim": 64, "num_heads": 4}
+SAMPLE_KWARGS = {
+    "eva02_enormous_patch14_clip_224": _NARROW,
+    **dict.fromkeys(["qwen3_vit_88m", "qwen3_vit_88m_enc", "deepseek_vit_412m", "deepseek_vit_412m_enc"], _NARROW),
+    **dict.fromkeys(["gemma4_vit_167m", "gemma4_vit_167m_enc"], {**_NARROW, "head_dim": 16, "intermediate_size": 128}),
+}
 
 
 def depth_kwargs(arch: str, depth: int = 2) -> dict:
