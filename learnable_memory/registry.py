@@ -34,6 +34,7 @@ BACKBONE_KINDS: dict[type, BackboneKind] = {}
 #: the error of an entry that matches one of its classes.
 UNSUPPORTED: dict[str, str] = {}
 _REFUSED: dict[type, str] = {}
+_REFUSED_MODULES: dict[str, str] = {}
 _FAMILIES_LOADED = False
 
 
@@ -109,11 +110,27 @@ def refuse(cls: type, reason: str) -> None:
     _REFUSED[cls] = reason
 
 
+def refuse_module(prefix: str, reason: str) -> None:
+    """Refuse every type whose ``__module__`` is ``prefix`` or under it (``"transformers"``), without
+    importing it. ``reason`` as for :func:`refuse`; listed in :data:`UNSUPPORTED` as ``"prefix.*"``."""
+    UNSUPPORTED[f"{prefix}.*"] = reason
+    _REFUSED_MODULES[prefix] = reason
+
+
+def _refusal(t: type) -> str | None:
+    """Why ``t`` is refused on purpose, or None."""
+    if t in _REFUSED:
+        return _REFUSED[t]
+    module = t.__module__ or ""
+    return next((r for p, r in _REFUSED_MODULES.items() if module == p or module.startswith(f"{p}.")), None)
+
+
 def _lookup(table: dict[type, K], obj: object, what: str) -> K:
     load_families()
     t = type(obj)
-    if t in _REFUSED:
-        raise UnsupportedModelError(f"{t.__name__} is not supported by learnable_memory: {_REFUSED[t]}")
+    reason = _refusal(t)
+    if reason is not None:
+        raise UnsupportedModelError(f"{t.__name__} is not supported by learnable_memory: {reason}")
     kind = table.get(t)
     if kind is None:
         names = ", ".join(sorted({k.__name__ for k in table}))

@@ -63,12 +63,21 @@ def noisy_backbone(arch: str, kwargs: dict, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def patch_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The patch embedding of a timm ViT: ``patch_embed``, NaFlexVit's ``embeds``, or an encoder's."""
+    for owner in (model, getattr(model, "encoder", None)):
+        embed = getattr(owner, "patch_embed", None) or getattr(owner, "embeds", None)
+        if embed is not None:
+            return embed
+    return None
+
+
 def grid_backbone(arch: str, grid: int = 3, seed: int = 0, **kwargs) -> tuple[torch.nn.Module, int]:
     """``arch`` with random weights (eval), built for ``grid`` x ``grid`` patches, and its image size."""
     kwargs = {"pretrained": False, **kwargs}
     with torch.device("meta"):  # find the patch size cheaply
         probe = timm.create_model(arch, **kwargs)
-    embed = getattr(probe, "patch_embed", None) or probe.embeds
+    embed = patch_embedding(probe)
     size = grid * (embed.feat_ratio() if hasattr(embed, "feat_ratio") else max(embed.patch_size))
     torch.manual_seed(seed)
     return timm.create_model(arch, img_size=size, **kwargs).eval(), size
@@ -197,6 +206,21 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def assert_compiles_as_eager(model: lm.MemoryViT, images: torch.Tensor) -> None:
+    """``torch.compile(forward_all, fullgraph=True)`` (dynamo's tracing on the ``eager`` backend: no
+    graph break) gives the eager outputs."""
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            got = torch.compile(model.forward_all, fullgraph=True, backend="eager")(images)
+            want = model.forward_all(images)
+    finally:
+        torch._dynamo.reset()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
 
 
 # ----- batch prediction (learnable_memory.batch) -----

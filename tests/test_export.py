@@ -23,7 +23,7 @@ from learnable_memory.kinds import AttentionKind
 from learnable_memory.kv_cache import MemoryKVCache
 from learnable_memory.testing import randomize
 from tests.helpers import grid_backbone, images_for, make_vit
-from tests.test_families import representatives
+from tests.test_families import MODULE_OF, depth_kwargs, grid_of, representatives
 
 #: One SAMPLE architecture per backbone kind, exported at depth 1 and width 64 with random weights.
 FAMILIES = sorted(set(representatives(("backbone",)).values()))
@@ -43,8 +43,13 @@ class Export:
 
 
 def build(family: str) -> tuple[lm.MemoryViT, int]:
-    """The family's model with three tasks, and the image size it is exported at (its preprocessing's)."""
-    base, _ = grid_backbone(family, grid=3, depth=1, embed_dim=64, num_heads=4)
+    """The family's model with three tasks, and the image size it is exported at (its preprocessing's).
+    VLM towers take any size and keep their pretrained one (768 px) in their preprocessing: theirs is
+    set to the size they are built for here, so that they export in seconds."""
+    base, size = grid_backbone(family, grid=grid_of(family), depth=1, embed_dim=64, num_heads=4,
+                               **depth_kwargs(family, 1))
+    if MODULE_OF[family] in ("qwen3_vit", "deepseek_vit", "gemma4_vit"):
+        base.pretrained_cfg = {**base.pretrained_cfg, "input_size": (3, size, size)}
     model = lm.wrap_model(base, n_mem=2, num_classes=5, task="cifar", class_names=list("abcde"))
     model = lm.wrap_model(model, n_mem=1, num_classes=3, task="v1.0", mode="extension")
     model = lm.wrap_model(model, n_mem=3, num_classes=4, task="pets")

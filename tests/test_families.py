@@ -39,12 +39,17 @@ import torch
 import learnable_memory as lm
 from learnable_memory import testing as lmt
 from learnable_memory.kinds import AttentionKind
-from learnable_memory.registry import ATTENTION_KINDS, BLOCK_KINDS, UNSUPPORTED, load_families
-from tests.helpers import grid_backbone, images_for
+from learnable_memory.registry import ATTENTION_KINDS, BACKBONE_KINDS, BLOCK_KINDS, UNSUPPORTED, load_families
+from tests.helpers import grid_backbone, images_for, patch_embedding
 
-MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "eva", "beit", "naflexvit")
+MODULES = (
+    "vision_transformer", "deit", "vision_transformer_hybrid", "eva", "beit", "naflexvit", "vitamin", "qwen3_vit",
+    "vision_transformer_relpos", "deepseek_vit", "convit", "gemma4_vit",
+)
 MODULE_OF = {arch: module for module in MODULES for arch in timm.list_models(module=module)}
 GRID = 3  # patches per side
+#: Modules that need another grid: Qwen3's projector merges 2x2 patches.
+GRID_OF_MODULE = {"qwen3_vit": 4}
 BATCH = 2
 
 # timm can not build these at depth=2 as registered (their num_kv_heads has one entry per block of
@@ -85,15 +90,50 @@ SAMPLE = {
     "beit_base_patch16_224": "Beit: relative position bias",
     # naflexvit
     "naflexvit_base_patch16_gap": "NaFlexVit + NaFlexEmbeds",
+    # vitamin
+    "vitamin_small_224": "ViTamin: MbConv stages as HybridEmbed, GeGluMlp, no class token, avg pooling",
+    # qwen3_vit
+    "qwen3_vit_88m": "Qwen3VitClassifier: no class token, rotary EvaBlocks, mean pooling and final norm",
+    "qwen3_vit_88m_enc": "Qwen3VitEncoder: the VLM projector (2x2 patch merge) as base output",
+    # vision_transformer_relpos
+    "vit_relpos_medium_patch16_cls_224": "RelPosBlock + RelPosAttention (MLP bias), class token, token pooling",
+    "vit_srelpos_small_patch16_224": "shared relative position bias, no class token, avg pooling",
+    "vit_relpos_small_patch16_rpn_224": "ResPostRelPosBlock (post-norm)",
+    # deepseek_vit
+    "deepseek_vit_412m": "DeepseekVitClassifier: DeepseekVitBlock (no LayerScale), RMSNorm, no class token",
+    "deepseek_vit_412m_enc": "DeepseekVitEncoder: the 3x3 aligner as base output",
+    # convit
+    "convit_tiny": "ConVit: GPSA blocks as embedding, the class token and memory from the MHSA blocks",
+    # gemma4_vit
+    "gemma4_vit_167m": "Gemma4VitClassifier: sandwich-norm Gemma4Block, Gemma4Attention (scale 1, 2D RoPE)",
+    "gemma4_vit_167m_enc": "Gemma4VitEncoder: soft-token pooling (3x3 cells) as base output",
 }
 # Sample architectures the default run builds narrower than registered (same kinds; the slow sweep builds
-# them as registered): a 1792-wide EVA would take most of the default run's time.
-SAMPLE_KWARGS = {"eva02_enormous_patch14_clip_224": {"embed_dim": 64, "num_heads": 4}}
+# them as registered): a 1792-wide EVA would take most of the default run's time, VLM towers seconds each.
+_NARROW = {"embed_dim": 64, "num_heads": 4}
+SAMPLE_KWARGS = {
+    "eva02_enormous_patch14_clip_224": _NARROW,
+    **dict.fromkeys(["qwen3_vit_88m", "qwen3_vit_88m_enc", "deepseek_vit_412m", "deepseek_vit_412m_enc"], _NARROW),
+    **dict.fromkeys(["gemma4_vit_167m", "gemma4_vit_167m_enc"], {**_NARROW, "head_dim": 16, "intermediate_size": 128}),
+}
+
+
+def depth_kwargs(arch: str, depth: int = 2) -> dict:
+    """What timm needs besides ``depth`` to build ``arch`` with ``depth`` blocks: :data:`DEPTH2_KWARGS`;
+    ConViT: its GPSA blocks, then one MHSA block (where the class token joins)."""
+    if MODULE_OF.get(arch) == "convit":
+        return {"local_up_to_layer": depth - 1}
+    return DEPTH2_KWARGS.get(arch, {}) if depth == 2 else {}
+
+
+def grid_of(arch: str) -> int:
+    """Patches per side for ``arch``: :data:`GRID`, or its module's (:data:`GRID_OF_MODULE`)."""
+    return GRID_OF_MODULE.get(MODULE_OF.get(arch), GRID)
 
 
 def build(arch: str, seed: int = 0, **kwargs) -> tuple[torch.nn.Module, torch.Tensor]:
     """``arch`` at depth 2 with random weights and a small input, and images for it."""
-    model, size = grid_backbone(arch, GRID, seed, depth=2, **DEPTH2_KWARGS.get(arch, {}), **kwargs)
+    model, size = grid_backbone(arch, grid_of(arch), seed, depth=2, **depth_kwargs(arch), **kwargs)
     with torch.no_grad():
         for p in model.parameters():  # LayerScale gammas and post-norm weights made with init_values
             v = p.reshape(-1)[0]
@@ -111,12 +151,13 @@ def kind_name(obj: object) -> str:
 def kinds(model: torch.nn.Module) -> set[str]:
     """Backbone, embedding, block and attention types of ``model``, as ``"<group>:<kind_name>"``."""
     out = {f"backbone:{kind_name(model)}"}
-    embed = getattr(model, "patch_embed", None) or getattr(model, "embeds", None)
+    embed = patch_embedding(model)
     if embed is not None:
         out.add(f"embed:{kind_name(embed)}")
-    for blk in model.blocks:
+    load_families()
+    backbone = BACKBONE_KINDS.get(type(model))
+    for blk in model.blocks if backbone is None else backbone.blocks(model):
         out.add(f"block:{kind_name(blk)}")
-        load_families()
         kind = BLOCK_KINDS.get(type(blk))
         if kind is not None:
             out.update(f"attention:{kind_name(a)}" for a in kind.attentions(blk))
@@ -127,7 +168,7 @@ def kinds(model: torch.nn.Module) -> set[str]:
 def sample_kinds_of(arch: str) -> frozenset[str]:
     """:func:`kinds` of a SAMPLE architecture (types only: built on the meta device)."""
     with torch.device("meta"):
-        return frozenset(kinds(timm.create_model(arch, pretrained=False, depth=2, **DEPTH2_KWARGS.get(arch, {}))))
+        return frozenset(kinds(timm.create_model(arch, pretrained=False, depth=2, **depth_kwargs(arch))))
 
 
 def representatives(groups: Sequence[str]) -> dict[str, str]:

@@ -10,7 +10,7 @@ import torch
 import learnable_memory as lm
 from learnable_memory.testing import randomize
 from tests.helpers import grid_backbone, images_for, make_vit
-from tests.test_families import representatives
+from tests.test_families import depth_kwargs, grid_of, representatives
 
 NARROW = {"depth": 2, "embed_dim": 64, "num_heads": 4}
 #: One architecture of the families' SAMPLE per backbone, block and attention kind, built narrow.
@@ -21,7 +21,7 @@ FAULTS = {"nan": float("nan"), "inf": float("inf"), "huge": 1e30}
 
 def model_with_tasks(family: str) -> tuple[lm.MemoryViT, torch.Tensor]:
     """Tasks a, b (non-destructive), e (extends a and b) and c, with random parameters."""
-    base, size = grid_backbone(family, 3, **NARROW)
+    base, size = grid_backbone(family, grid_of(family), **NARROW, **depth_kwargs(family))
     model = base
     for name, mode in (("a", "non_destructive"), ("b", "non_destructive"), ("e", "extension"),
                        ("c", "non_destructive")):

@@ -158,10 +158,10 @@ def test_an_unsupported_timm_model_is_told_its_module_and_why():
     import torch
 
     with torch.device("meta"):
-        cait = timm.create_model("cait_xxs24_224", pretrained=False, depth=1)
-    want = r"unsupported model type Cait \(module timm.models.cait\): learnable_memory has no model kind for it"
+        resnet = timm.create_model("resnet18", pretrained=False)  # neither supported nor refused on purpose
+    want = r"unsupported model type ResNet \(module timm.models.resnet\): learnable_memory has no model kind for it"
     with pytest.raises(registry.UnsupportedModelError, match=want) as e:
-        registry.backbone_kind(cait)
+        registry.backbone_kind(resnet)
     assert "timm.create_model('vit_" not in str(e.value)
 
 
