@@ -110,7 +110,7 @@ def test_the_command_line_reads_each_adapter_once(tmp_path, monkeypatch):
         load_named_adapters(make_vit(depth=1), [*folders, tmp_path / "again"])
 
 
-def test_the_loader_refuses_by_check_layout_and_names_the_file(tmp_path):
+def test_the_loader_refuses_by_check_task_order_and_names_the_file(tmp_path):
     from learnable_memory.mask import TaskOrderError
 
     small(["a"]).save_adapter(tmp_path / "a")

@@ -81,7 +81,7 @@ def test_layout_errors():
              TaskConfig("c", 1, 2, mode="extension", depends_on=["b", "a"])], 4)
 
 
-def test_check_layout_names_the_rule_and_the_task():
+def test_check_task_order_names_the_rule_and_the_task():
     from learnable_memory.mask import TaskOrderError, check_task_order, has_full_task
 
     a, full = TaskConfig("a", 1, 2), TaskConfig("f", 1, 2, mode="full")

@@ -34,7 +34,7 @@ def test_a_new_class_token_gets_the_class_tokens_bias_row(rel_pos_type):
     model = lm.wrap_model(base, n_mem=2, num_classes=3)
     attn = base.blocks[0].attn
     _, extras = model.backbone.embed(base, x)
-    ctx = PassContext(layout=None, full=False, orig_grad=False, extras=extras)
+    ctx = PassContext(index=None, full=False, orig_grad=False, extras=extras)
     bias_x, bias_c = RelPosAttentionKind().position_bias(attn, ctx, x.shape[1])
     want = attn.rel_pos.get_bias()
     assert torch.equal(bias_x, want) and torch.equal(bias_c, want[..., :1, :])
@@ -46,7 +46,7 @@ def test_without_a_class_token_a_new_class_token_gets_no_bias():
     base, x = noisy("vit_srelpos_small_patch16_224")
     model = lm.wrap_model(base, n_mem=2, num_classes=3)
     _, extras = model.backbone.embed(base, x)
-    ctx = PassContext(layout=None, full=False, orig_grad=False, extras=extras)
+    ctx = PassContext(index=None, full=False, orig_grad=False, extras=extras)
     bias_x, bias_c = RelPosAttentionKind().position_bias(base.blocks[0].attn, ctx, x.shape[1])
     assert torch.equal(bias_x, base.shared_rel_pos.get_bias()) and bias_c is None
     assert torch.equal(model.tasks["default"].class_token, torch.zeros(64))

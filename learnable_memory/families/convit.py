@@ -59,7 +59,7 @@ class MHSAKind(AttentionKind):
                 o_x = (scores if bias_x is None else scores + bias_x).softmax(dim=-1) @ v_x
             a_x = self.out(attn, o_x, h_x)
         q_c, k_c, v_c = self.qkv(attn, h_c)
-        o_c = attend_new(q_c, k_x, v_x, k_c, v_c, *kv, ctx.layout, attn.scale, bias_c)
+        o_c = attend_new(q_c, k_x, v_x, k_c, v_c, *kv, ctx.index, attn.scale, bias_c)
         return a_x, self.out(attn, o_c, h_c)
 
 

@@ -82,7 +82,7 @@ class Gemma4AttentionKind(AttentionKind):
                 o_x = (scores if bias_x is None else scores + bias_x).softmax(dim=-1) @ v_x
             a_x = self.out(attn, o_x, h_x)
         q_c, k_c, v_c = self.qkv(attn, h_c)
-        o_c = attend_new(q_c, k_x, v_x, k_c, v_c, *kv, ctx.layout, 1.0, bias_c)
+        o_c = attend_new(q_c, k_x, v_x, k_c, v_c, *kv, ctx.index, 1.0, bias_c)
         return a_x, self.out(attn, o_c, h_c)
 
     def reference(self, attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, h_m: torch.Tensor,
