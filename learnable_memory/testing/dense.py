@@ -18,8 +18,7 @@ import torch
 
 from ..mask import build_attention_mask
 from ..model import MemoryViT
-
-Tensor = torch.Tensor
+from ..typing import Tensor
 
 
 def unrotated_rows(rope: Tensor | None, extra: int) -> Tensor | None:
