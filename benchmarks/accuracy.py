@@ -28,7 +28,13 @@ memory methods, 2 learning rates x 2 scales of the memory tokens' own rate, ``fi
 and up to ``MAX_EXTRA`` more beyond an edge of the grid that came out best. Tuning uses seed 0, trains on
 90% of the training set (a quarter at most, to keep at least ``VAL_MIN`` images for scoring on small
 tasks) and scores on the rest; the best setting is then used for every seed, which trains on the same
-images and is scored on the test set. ``--fixed-lr`` skips tuning and uses ``DEFAULT_LR``: SGD 0.6 for
+images and is scored on the test set. The settings of a non-destructive method (``head_cls``, ``nd_m*``)
+train in one pass: the grid's settings are tasks of one ``MemoryViT``, trained by one multi-task ``fit``
+(one ``forward_all`` per batch, each task with its own learning rates), each built and seeded as its own
+run would be, so each ends where that run would; the extra settings beyond an edge run alone. The run
+reports the time this saved: the one-pass training time against as many separate runs, each as long as the
+method's own seed-0 run (``tuning_time`` in the JSON). ``--sequential-tuning`` runs every setting alone.
+``--fixed-lr`` skips tuning and uses ``DEFAULT_LR``: SGD 0.6 for
 the memory, class-token and head methods (``learnable_memory.train.DEFAULTS``), 0.01 for full
 fine-tuning and 0.1 for LoRA.
 
@@ -80,7 +86,7 @@ from learnable_memory import MemoryViT, load_adapters, wrap_model
 from learnable_memory.baselines import HeadOnly, full_finetune, lora
 from learnable_memory.cli.base import add_model_options, base_spec, create_base
 from learnable_memory.data import DEMO_BASE_DIR, DEMO_BASES, data_config, load_dataset, subsample
-from learnable_memory.train import count_trainable, evaluate, fit
+from learnable_memory.train import count_trainable, evaluate, evaluate_tasks, fit
 
 TASKS = {"fmnist_5_9": ("fashion-mnist", "5-9"), "digits": ("digits", None), "fmnist_10": ("fashion-mnist", None),
          "glyphs_near": ("glyphs-near", None), "glyphs_far": ("glyphs-far", None)}
@@ -106,6 +112,8 @@ LR_GRID_MEMORY = [(0.2, 1.0), (0.6, 1.0), (0.2, 10.0), (0.6, 10.0)]
 #: While the best learning rate is the largest or smallest tried (at its memory scale), tuning also tries
 #: the next one beyond it (x3 or /3), at most this many times, so the optimum is not an edge of the grid.
 MAX_EXTRA = 2
+#: What every run's ``fit`` shares besides its learning rates.
+FIT = dict(optimizer="sgd", momentum=0.9, warmup=0.05, clip=1.0, progress=False)
 DEFAULT_LR = {"full_ft": (0.01, 1.0), "lora_r4": (0.1, 1.0)}
 DEFAULT_LR_OTHER = (0.6, 1.0)
 #: The default setting: what a run without --full runs.
@@ -210,17 +218,19 @@ def build(method: str, base: nn.Module, num_classes: int, name: str) -> nn.Modul
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
+def train_loader(data: dict, batch: int, seed: int, workers: int = 0) -> DataLoader:
+    """The training batches of a run of ``seed``: shuffled by ``seed``, full batches only."""
+    return DataLoader(data["train"], batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                      drop_last=True, num_workers=workers)
+
+
 def train_one(method: str, base: nn.Module, data: dict, lr: tuple[float, float], seed: int, steps: int,
               batch: int, eval_on: str, name: str, workers: int = 0) -> tuple[nn.Module, dict]:
     """Train ``method`` with ``lr = (learning rate, memory learning-rate scale)``; score it on ``data[eval_on]``."""
     torch.manual_seed(seed)
     model = build(method, base, data["num_classes"], name)
-    g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(data["train"], batch_size=batch, shuffle=True, generator=g, drop_last=True,
-                        num_workers=workers)
     start = time.perf_counter()
-    fit(model, loader, steps=steps, lr=lr[0], memory_lr_scale=lr[1], optimizer="sgd", momentum=0.9, warmup=0.05,
-        clip=1.0, seed=seed, progress=False)
+    fit(model, train_loader(data, batch, seed, workers), steps=steps, lr=lr[0], memory_lr_scale=lr[1], **FIT, seed=seed)
     seconds = time.perf_counter() - start
     res = evaluate(model, DataLoader(data[eval_on], batch_size=EVAL_BATCH, num_workers=workers))
     return model, {"accuracy": res["accuracy"], "seconds": seconds, "trainable_params": count_trainable(model)}
@@ -244,11 +254,15 @@ def cells_folder(root: Path, spec: dict, steps: int, batch: int, limit: int | No
     return root / f"{name}_s{steps}_b{batch}{f'_n{limit}' if limit else ''}_{key}"
 
 
+def cell_path(cells: Path, task: str, method: str, lr: tuple[float, float], seed: int, eval_on: str) -> Path:
+    return cells / task / method / f"{eval_on}_seed{seed}_lr{lr[0]:g}_x{lr[1]:g}.json"
+
+
 def run_cell(cells: Path, task: str, method: str, lr: tuple[float, float], seed: int, eval_on: str, *,
              base: nn.Module, data: dict, steps: int, batch: int, workers: int = 0, fresh: bool = False) -> dict:
     """Train ``method`` on ``task`` once and score it on ``eval_on`` ("val" or "test"), or read the cell's file
     when an earlier run wrote it. Non-destructive adapters scored on test are saved beside the file."""
-    path = cells / task / method / f"{eval_on}_seed{seed}_lr{lr[0]:g}_x{lr[1]:g}.json"
+    path = cell_path(cells, task, method, lr, seed, eval_on)
     if path.is_file() and not fresh:
         return json.loads(path.read_text()) | {"cached": True}
     model, r = train_one(method, base, data, lr, seed, steps, batch, eval_on, f"{task}_{method}", workers)
@@ -257,6 +271,59 @@ def run_cell(cells: Path, task: str, method: str, lr: tuple[float, float], seed:
         r["adapter"] = str(model.save_adapter(path.with_suffix("")).relative_to(cells))
     common.write_json(path, r)
     return r
+
+
+# ----- one-pass tuning: the settings of a method trained as tasks of one model -----
+def one_pass_method(method: str) -> bool:
+    """Whether the settings of ``method`` can train in one pass: non-destructive tasks (memory, class token)."""
+    return method == "head_cls" or method.startswith("nd_m")
+
+
+def tune_in_one_pass(cells: Path, task: str, method: str, grid: list[tuple[float, float]], seed: int, *,
+                     base: nn.Module, data: dict, steps: int, batch: int, workers: int = 0,
+                     fresh: bool = False) -> list[tuple[float, float]]:
+    """Train the settings of ``grid`` whose validation cell is missing as tasks of ONE ``MemoryViT``: one
+    ``forward_all`` per batch, each task with its own learning rates (``fit(settings=)``), each built and
+    seeded as :func:`train_one` builds it alone, so each ends where its own run would. Writes their cells
+    (with the one pass's training time); returns the settings trained."""
+    todo = [lr for lr in grid if fresh or not cell_path(cells, task, method, lr, seed, "val").is_file()]
+    if len(todo) < 2:
+        return []
+    names = [f"{task}_{method}_{i}" for i in range(len(todo))]
+    model = MemoryViT(base)
+    for name in names:
+        torch.manual_seed(seed)
+        model.add_task(build(method, base, data["num_classes"], name).tasks[name])
+    for t in model.tasks.values():
+        t.requires_grad_(True)
+    start = time.perf_counter()
+    fit(model, train_loader(data, batch, seed, workers), steps=steps, **FIT, seed=seed,
+        settings={n: {"lr": lr[0], "memory_lr_scale": lr[1]} for n, lr in zip(names, todo, strict=True)})
+    seconds = time.perf_counter() - start
+    val = evaluate_tasks(model, DataLoader(data["val"], batch_size=EVAL_BATCH, num_workers=workers), names)
+    for name, lr in zip(names, todo, strict=True):
+        r = {"accuracy": val[name]["accuracy"], "seconds": seconds, "one_pass": len(todo),
+             "trainable_params": sum(p.numel() for p in model.tasks[name].parameters()), "task": task,
+             "method": method, "seed": seed, "lr": lr[0], "memory_lr_scale": lr[1], "eval_on": "val"}
+        common.write_json(cell_path(cells, task, method, lr, seed, "val"), r)
+    return todo
+
+
+def tuning_time(cells: Path, task: str, method: str, tried: list[tuple[float, float]], seed: int,
+                alone_seconds: float) -> dict | None:
+    """What tuning ``method`` in one pass saved: the one-pass training time of its settings (read from their
+    cells) against that many separate runs, each as long as the method's own run of ``seed`` on the test
+    split (the same steps on the same images); None when no setting was trained in one pass."""
+    passes = {}
+    for lr in tried:
+        c = json.loads(cell_path(cells, task, method, lr, seed, "val").read_text())
+        if c.get("one_pass"):
+            passes[(c["seconds"], c["one_pass"])] = c["one_pass"]
+    if not passes:
+        return None
+    one_pass_s, settings = sum(s for s, _ in passes), sum(passes.values())
+    return {"settings": settings, "passes": len(passes), "one_pass_s": one_pass_s,
+            "separate_s": settings * alone_seconds, "saved_s": settings * alone_seconds - one_pass_s}
 
 
 # ----- concatenation -----
@@ -338,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS))
     p.add_argument("--methods", nargs="+", choices=METHODS)
+    p.add_argument("--sequential-tuning", action="store_true", help="tune with one run per setting, not the "
+                   "settings of a non-destructive method as tasks of one model in one pass")
     p.add_argument("--fixed-lr", action="store_true", help="skip tuning: use each method's default learning rate")
     p.add_argument("--limit", type=int, help="use at most this many training and test images per task")
     p.add_argument("--base", choices=list(DEMO_BASES), help="a shipped base by name (default: fmnist; --model for "
@@ -386,15 +455,23 @@ def main(argv: list[str] | None = None) -> int:
 
     lrs: dict[str, dict[str, tuple[float, float]]] = {t: {} for t in tasks}
     tuning: dict[str, dict[str, dict[str, float]]] = {t: {} for t in tasks}
+    tried: dict[str, dict[str, list[tuple[float, float]]]] = {t: {} for t in tasks}
     for task in tasks:
         for method in methods:
             if not tune:
                 lrs[task][method] = default_lr(method)
                 continue
-            def score(lr, task=task, method=method):
-                return run_cell(cells, task, method, lr, seeds[0], "val", data=datas[task], **cell)["accuracy"]
+            done = []
+            if not args.sequential_tuning and one_pass_method(method):
+                done = tune_in_one_pass(cells, task, method, lr_grid(method), seeds[0], data=datas[task], **cell)
+
+            def score(lr, task=task, method=method, done=done):
+                again = cell["fresh"] and lr not in done  # a setting just trained in one pass is read
+                return run_cell(cells, task, method, lr, seeds[0], "val", data=datas[task],
+                                **{**cell, "fresh": again})["accuracy"]
 
             best, scores = tune_lr(score, lr_grid(method))
+            tried[task][method] = list(scores)
             lrs[task][method] = best
             tuning[task][method] = {lr_name(lr): acc for lr, acc in scores.items()}
             print(f"  tune {task} {method}: " + ", ".join(f"{lr_name(lr)}: {acc:.4f}" for lr, acc in scores.items())
@@ -436,13 +513,18 @@ def main(argv: list[str] | None = None) -> int:
                 if method not in ("head_only", "full_ft"):
                     entry["gap_closed"] = (entry["mean"] - r["head_only"]["mean"]) / gap if gap > 0 else None
 
+    saved = {t: {m: v for m, lrs_tried in tried[t].items()
+                 if (v := tuning_time(cells, t, m, lrs_tried, seeds[0], results[t][m]["seconds"][0])) is not None}
+             for t in tasks}
     machine["load_average_end"] = common.load_average()
     result = {"benchmark": "accuracy", "command": common.command_line(), "machine": machine,
               "settings": {"steps": steps, "batch": args.batch, "seeds": seeds, "tasks": tasks, "methods": methods,
-                           "tuned": tune, "limit": args.limit, "cells": str(cells),
+                           "tuned": tune, "one_pass_tuning": tune and not args.sequential_tuning,
+                           "limit": args.limit, "cells": str(cells),
                            "optimizer": "SGD momentum 0.9, clip 1, 5% warm-up, cosine",
                            "base": {k: v for k, v in spec.items() if v} or "learnable_memory.data.load_demo_base()"},
-              "learning_rates": lrs, "tuning": tuning, "results": results, "concatenation": concat,
+              "learning_rates": lrs, "tuning": tuning, "tuning_time": saved, "results": results,
+              "concatenation": concat,
               "seconds": time.perf_counter() - start}
     args.out.mkdir(parents=True, exist_ok=True)
     common.write_json(args.out / "accuracy.json", result)
@@ -468,6 +550,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"concatenation (seed {seed}): {c['tasks_in_model']} adapters in one model, accuracy unchanged "
               f"for all: {'PASS' if c['all_unchanged'] else 'MISS'} (max logit diff {worst:.2e}, "
               f"base {c['base_max_logit_diff']:.2e})")
+    times = [v for by in saved.values() for v in by.values()]
+    if times:
+        one, sep = sum(v["one_pass_s"] for v in times), sum(v["separate_s"] for v in times)
+        print(f"one-pass tuning: {sum(v['settings'] for v in times)} settings of {len(times)} method-task pairs "
+              f"trained in {sum(v['passes'] for v in times)} passes, {one:.0f} s, against {sep:.0f} s for as many "
+              f"separate runs (each as long as the method's own seed-{seeds[0]} run): {sep - one:.0f} s saved, "
+              f"{sep / one:.1f}x")
     print("\n" + markdown(results, lrs, tasks, methods))
     print(f"\nwrote {args.out / 'accuracy.json'} and {args.out / 'accuracy.png'} in {result['seconds']:.0f} s")
     return 0

@@ -271,6 +271,14 @@ def machine_info() -> dict:
     return info
 
 
+def announce_machine() -> dict:
+    """:func:`machine_info`, after printing its one-line summary (CPU, cores, torch threads, load)."""
+    machine = machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+          f"({machine['torch_threads']} threads), load {machine['load_average']}", flush=True)
+    return machine
+
+
 def command_line() -> str:
     """The command that ran this script, relative to the repository root when possible."""
     script = Path(sys.argv[0]).resolve()

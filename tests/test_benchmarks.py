@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.data import TensorDataset
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -22,8 +24,9 @@ BENCH = ROOT / "benchmarks"
 SCRIPTS = {
     "inference": ["command", "machine", "settings", "grid", "targets", "memory"],
     "train_step": ["command", "machine", "settings", "methods", "targets"],
-    "accuracy": ["command", "machine", "settings", "learning_rates", "results", "concatenation"],
+    "accuracy": ["command", "machine", "settings", "learning_rates", "tuning_time", "results", "concatenation"],
     "batch_predict": ["command", "machine", "settings", "jobs", "workers", "ray", "targets"],
+    "sweep": ["command", "machine", "settings", "step", "e2e", "targets"],
 }
 #: Defined once, in ``benchmarks/common.py``, for every script.
 HARNESS = ("build_vit", "images_for", "QUICK_MODEL", "NUM_CLASSES", "measure_in_subprocess", "report_memory",
@@ -84,6 +87,51 @@ def test_accuracy_tuning_moves_past_an_edge_of_the_grid(bench) -> None:
     assert tune_lr(lambda lr: -abs(lr[0] - 0.3), [(0.1, 1.0), (0.3, 1.0), (1.0, 1.0)])[1].keys() == {
         (0.1, 1.0), (0.3, 1.0), (1.0, 1.0)}
     assert tune_lr(lambda lr: -lr[0], [(0.3, 1.0), (1.0, 1.0)], max_extra=1)[0] == (0.1, 1.0)
+
+
+def test_accuracy_tuning_in_one_pass_scores_each_setting_as_its_own_run(bench, tmp_path) -> None:
+    """The settings of a non-destructive method trained as tasks of one model give each setting the
+    validation accuracy of its own run; their cells are then read, and the time saved is counted from them."""
+    acc = bench("accuracy")
+    from learnable_memory.data import load_demo_base
+
+    g = torch.Generator().manual_seed(0)
+    images = lambda n: TensorDataset(torch.randn(n, 1, 28, 28, generator=g),  # noqa: E731
+                                     torch.randint(0, 3, (n,), generator=g))
+    data = {"train": images(48), "val": images(32), "num_classes": 3}
+    base, grid = load_demo_base(), [(0.2, 1.0), (0.6, 1.0), (0.6, 10.0)]
+    cell = dict(base=base, data=data, steps=4, batch=8)
+    assert acc.tune_in_one_pass(tmp_path / "one", "t", "nd_m1", grid, 0, **cell) == grid
+    assert acc.tune_in_one_pass(tmp_path / "one", "t", "nd_m1", grid, 0, **cell) == []  # the cells are there
+    for lr in grid:
+        together = json.loads(acc.cell_path(tmp_path / "one", "t", "nd_m1", lr, 0, "val").read_text())
+        alone = acc.run_cell(tmp_path / "alone", "t", "nd_m1", lr, 0, "val", **cell)
+        assert together["one_pass"] == 3 and together["accuracy"] == alone["accuracy"], lr
+        assert together["trainable_params"] == alone["trainable_params"]
+    saved = acc.tuning_time(tmp_path / "one", "t", "nd_m1", grid, 0, alone_seconds=2.0)
+    assert (saved["settings"], saved["passes"], saved["separate_s"]) == (3, 1, 6.0)
+    assert saved["saved_s"] == pytest.approx(6.0 - together["seconds"])
+    assert acc.tuning_time(tmp_path / "alone", "t", "nd_m1", grid, 0, alone_seconds=2.0) is None
+
+
+def test_sweep_e2e_reads_a_finished_run_instead_of_running_it_again(bench, tmp_path, monkeypatch) -> None:
+    sweep = bench("sweep")
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    folder = tmp_path / "sequential" / "lr-0.1"
+    first = sweep.timed_run(["train", "--lr", "0.1"], folder, fresh=False)
+    again = sweep.timed_run(["train", "--lr", "0.1"], folder, fresh=False)
+    assert calls[0][-3:] == ["--out", str(folder), "--overwrite"]
+    assert len(calls) == 1 and again == first | {"cached": True} and "cached" not in first
+    sweep.timed_run(["train", "--lr", "0.1"], folder, fresh=True)
+    assert len(calls) == 2
+    configs = sweep.e2e_grid(quick=False)
+    assert len(configs) == 27 and configs[0]["options"] == ["--lr", "0.03", "--n-mem", "1", "--seed", "0"]
 
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
@@ -183,6 +231,17 @@ def test_quick_run_writes_results(name: str, tmp_path: Path) -> None:
         # the frozen-backbone methods train a small fraction of the full model's parameters
         assert by["memory_nd"]["trainable_params"] < by["full_ft"]["trainable_params"] / 10
         assert by["head_only"]["trainable_params"] < by["head_cls"]["trainable_params"]
+    elif name == "sweep":
+        by = {r["k"]: r for r in data["step"]["rows"]}
+        assert list(by) == [1, 8, 32, 100] and [by[k]["separate_timed"] for k in by] == [True, True, False, False]
+        assert all(r["speedup"]["median"] > 0 for r in by.values())
+        assert set(data["step"]["memory"]) == {"1", "32"}
+        e2e = data["e2e"]
+        assert [c["name"] for c in e2e["configs"]] == ["lr-0.1_n-mem-1_seed-0", "lr-0.3_n-mem-1_seed-0"]
+        assert e2e["ratio"] == pytest.approx(e2e["sequential_seconds"] / e2e["sweep_seconds"])
+        # a configuration of seed 0 is its own train run's computation: the same validation accuracy
+        assert e2e["max_diff_same_order"] == 0.0
+        assert len(data["targets"]) == 6
     elif name == "batch_predict":
         (rep,) = data["jobs"]
         assert rep["one_job"]["images"] == 48 and len(rep["per_task"]) == 8
@@ -190,6 +249,9 @@ def test_quick_run_writes_results(name: str, tmp_path: Path) -> None:
         assert [w["workers"] for w in data["workers"]] == [0, 1, 2] and data["ray"] == []
         assert all(0 < w["decode_share"] < 1 for w in data["workers"])
     else:
+        saved = data["tuning_time"]["fmnist_5_9"]["nd_m1"]  # its grid trained in one pass, the others alone
+        assert data["settings"]["one_pass_tuning"] and saved["settings"] == 4 and saved["separate_s"] > 0
+        assert all(set(by) == {"nd_m1"} for by in data["tuning_time"].values())
         concat = data["concatenation"]["0"]
         assert concat["all_unchanged"], concat
         assert concat["base_max_logit_diff"] < 1e-4
