@@ -152,7 +152,8 @@ def step_targets(step: dict) -> list[dict]:
 # ----- phase e2e -----
 def e2e_grid(quick: bool) -> list[dict]:
     """The configurations of the e2e grid: ``{"name", "options"}`` (the ``train`` options of its own run)."""
-    from learnable_memory.cli.sweep import grid, sweep_axis
+    from learnable_memory.cli.sweep import grid
+    from learnable_memory.cli.sweep_axes import sweep_axis
 
     axes = [sweep_axis(a) for a in (E2E_QUICK_GRID if quick else E2E_GRID)]
     return [{"name": c.name, "values": c.values,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 #: The attention regimes of the paper.
@@ -34,9 +33,14 @@ class UnknownTaskError(ValueError):
         names: The outputs asked for that the model does not have.
     """
 
-    def __init__(self, message: str, names: Sequence[str] = ()):
-        super().__init__(message)
-        self.names = list(names)
+    # Raised as UnknownTaskError(message, names) with no __init__ of its own: torch.compile's dynamo can not
+    # trace one, and would report a graph break about it instead of this message (see tests/test_compile.py).
+    @property
+    def names(self) -> list[str]:
+        return list(self.args[1]) if len(self.args) > 1 else []
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass

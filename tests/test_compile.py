@@ -79,7 +79,7 @@ def test_the_cache_is_not_a_guard(model):
 def test_a_raw_compile_reports_the_models_error_inside_dynamos(model):
     """Documented: under a raw torch.compile(fullgraph=True) the error arrives as dynamo's Unsupported."""
     compiled = torch.compile(model.forward_all, fullgraph=True, backend="eager")
-    with torch.no_grad(), pytest.raises(torch._dynamo.exc.Unsupported, match=r"ValueError\(\"unknown task"):
+    with torch.no_grad(), pytest.raises(torch._dynamo.exc.Unsupported, match=r"UnknownTaskError\(\"unknown task"):
         compiled(images_for(32), tasks=["zz"])
 
 

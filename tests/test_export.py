@@ -27,6 +27,8 @@ from tests.test_families import MODULE_OF, depth_kwargs, grid_of, representative
 
 #: One SAMPLE architecture per backbone kind, exported at depth 1 and width 64 with random weights.
 FAMILIES = sorted(set(representatives(("backbone",)).values()))
+#: Families whose ONNX graph, as torch.onnx writes it, onnxruntime can not load (README: Limitations).
+ONNX_REFUSED = {f for f in FAMILIES if f.startswith("gemma4_vit")}
 VIT = representatives(("backbone",))["backbone:vision_transformer.VisionTransformer"]
 OUTPUTS = ["base", "cifar", "v1.0", "pets"]
 
@@ -145,9 +147,13 @@ def test_pt2_program_equals_eager(exports, family):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("family", FAMILIES)
-def test_onnxruntime_equals_eager(exports, family):
+def test_onnxruntime_equals_eager(exports, family, tmp_path):
     import onnx
 
+    if family in ONNX_REFUSED:  # the check refuses what torch.onnx writes, with onnxruntime's reason
+        with pytest.raises(ExportCheckError, match="onnxruntime can not load the exported model"):
+            lm.export_model(build(family)[0], tmp_path / "model.onnx", format="onnx")
+        return
     e = exports(family, "onnx")
     graph = onnx.load(str(e.path)).graph
     assert [o.name for o in graph.output] == OUTPUTS and [i.name for i in graph.input] == ["images"]
