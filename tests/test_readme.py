@@ -16,7 +16,7 @@ def test_readme_starts_with_the_demo_and_test_commands():
     commands = [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.strip()]
     assert commands == [
         "bash .ci/setup && .venv/bin/learnable-memory demo",
-        "bash .ci/setup && .venv/bin/python -m pytest",
+        "bash .ci/setup && .venv/bin/python -m pytest -n 2 --dist loadfile",
     ]
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert commands[1] in ci
