@@ -65,12 +65,15 @@ def _normalised(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({k: config[k] for k in PREPROCESSING_KEYS if k in config}))
 
 
-def output_preprocessing(model: MemoryViT, name: str) -> dict[str, Any]:
-    """The preprocessing output ``name`` (a task or ``"base"``) expects its images prepared with."""
+def output_preprocessing(model: MemoryViT, name: str, backbone: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The preprocessing output ``name`` (a task or ``"base"``) expects its images prepared with.
+    ``backbone``: the backbone's own, if the caller has it already (it is resolved otherwise)."""
     if name != BASE_KEY and name not in model.tasks:
         raise ValueError(f"unknown task {name!r}; this model has {model.task_names} and {BASE_KEY!r}")
     own = None if name == BASE_KEY else model.tasks[name].config.data_config
-    return _normalised(own if own is not None else preprocessing(model.base))
+    if own is None:
+        return backbone if backbone is not None else _normalised(preprocessing(model.base))
+    return _normalised(own)
 
 
 def pass_groups(model: MemoryViT, outputs: Sequence[str]) -> list[PassGroup]:
@@ -84,8 +87,9 @@ def pass_groups(model: MemoryViT, outputs: Sequence[str]) -> list[PassGroup]:
         One :class:`PassGroup` per distinct preprocessing; a single group when all agree (the common case).
     """
     groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    backbone = _normalised(preprocessing(model.base))  # once, not per output: the server calls this per request
     for name in outputs:
-        config = output_preprocessing(model, name)
+        config = output_preprocessing(model, name, backbone)
         key = json.dumps(config, sort_keys=True)
         groups.setdefault(key, (config, []))[1].append(name)
     return [PassGroup(config, tuple(names)) for config, names in groups.values()]
