@@ -65,6 +65,11 @@ def _normalised(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({k: config[k] for k in PREPROCESSING_KEYS if k in config}))
 
 
+def preprocessing_key(data_config: dict[str, Any]) -> str:
+    """A key naming one preprocessing: equal for (normalised) data configs that prepare images the same way."""
+    return json.dumps(data_config, sort_keys=True)
+
+
 def output_preprocessing(model: MemoryViT, name: str, backbone: dict[str, Any] | None = None) -> dict[str, Any]:
     """The preprocessing output ``name`` (a task or ``"base"``) expects its images prepared with.
     ``backbone``: the backbone's own, if the caller has it already (it is resolved otherwise)."""
@@ -90,7 +95,7 @@ def pass_groups(model: MemoryViT, outputs: Sequence[str]) -> list[PassGroup]:
     backbone = _normalised(preprocessing(model.base))  # once, not per output: the server calls this per request
     for name in outputs:
         config = output_preprocessing(model, name, backbone)
-        key = json.dumps(config, sort_keys=True)
+        key = preprocessing_key(config)
         groups.setdefault(key, (config, []))[1].append(name)
     return [PassGroup(config, tuple(names)) for config, names in groups.values()]
 

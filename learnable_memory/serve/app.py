@@ -35,11 +35,11 @@ from torch import nn
 
 from ..data import label_names
 from ..model import MemoryViT
-from ..pass_groups import PassGroup, pass_groups
+from ..pass_groups import PassGroup, pass_groups, preprocessing_key
 from ..version import __version__
 from .adapter_set import AdapterSet
 from .batcher import MicroBatcher
-from .images import Preprocessor, check_channels, preprocessing_key
+from .images import Preprocessor, check_channels
 from .inference import Chunk, forward, has_full_task, resolve_tasks, run_batch
 from .metrics import Metrics, MetricsMiddleware
 from .payloads import LoadJSON, PredictRequest, parse_model, parse_predict, read_body

@@ -11,13 +11,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from .. import data as D
+from ..pass_groups import preprocessing_key
 from .settings import ServeError
 
 
@@ -39,11 +39,6 @@ def check_channels(data_config: dict) -> None:
     channels = data_config["input_size"][0]
     if channels not in (1, 3):
         raise ValueError(f"the server feeds images as grayscale or RGB, but this model takes {channels} channels")
-
-
-def preprocessing_key(data_config: dict) -> str:
-    """A key naming one preprocessing: equal for data configs that prepare images the same way."""
-    return json.dumps(data_config, sort_keys=True)
 
 
 class Preprocessor:
