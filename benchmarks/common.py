@@ -69,10 +69,12 @@ def build_vit(name: str, quick: bool = False) -> torch.nn.Module:
 
 
 def images_for(vit: torch.nn.Module, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random images ``[batch, C, H, W]`` of the ViT's input size (seed 0 unless ``generator``)."""
+    """Random images ``[batch, C, H, W]`` of the model's input size (its current one, as timm's data config
+    resolves it; seed 0 unless ``generator``)."""
+    from learnable_memory.preprocessing import data_config
+
     g = generator if generator is not None else torch.Generator().manual_seed(0)
-    h, w = vit.patch_embed.img_size
-    return torch.randn(batch, vit.patch_embed.proj.in_channels, h, w, generator=g)
+    return torch.randn(batch, *data_config(vit)["input_size"], generator=g)
 
 
 # ----- timing -----

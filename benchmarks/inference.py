@@ -23,7 +23,8 @@ Phases, each rewriting the JSON when done (a run cut short keeps what it finishe
    repetition every method runs once, in a fixed order; ratios are per repetition against the
    ``plain`` of the same repetition.
 2. families: K=8 against each family's own plain forward (rotary, relative position bias,
-   distillation token, parallel blocks).
+   distillation token, parallel blocks; and the largest common architecture of the modules added
+   since: ViTamin, relpos, ConViT, Qwen3-VL, DeepSeek, Gemma 4, the last three at batch 1).
 3. compile: ``torch.compile`` (default backend) of ``forward_all`` against eager, one task and K=8,
    on the first model; the compile time of the first call is reported beside.
 4. memory: peak working memory of each method in a fresh process, after one warm-up call (so the
@@ -60,7 +61,11 @@ TARGET_MODEL = "vit_base_patch16_224"
 #: (K, target on one pass / plain minus the lower bound / plain of the same repetition)
 LOWER_BOUND_TARGETS = {8: 0.03, 100: 0.10, 256: 0.15}
 FAMILIES = ["eva02_base_patch14_224", "beit_base_patch16_224", "deit_base_distilled_patch16_224",
-            "vit_base_patch16_xp_224"]
+            "vit_base_patch16_xp_224", "vitamin_large_224", "vit_relpos_base_patch16_224", "convit_base",
+            "qwen3_vit_416m", "deepseek_vit_412m", "gemma4_vit_570m"]
+#: Families timed at another batch than ``--batch``: the largest of their modules, at their native resolution
+#: (768 px: 2,304 patches; DeepSeek 546 px: 1,521), take seconds per image on a CPU.
+FAMILY_BATCH = {"qwen3_vit_416m": 1, "deepseek_vit_412m": 1, "gemma4_vit_570m": 1}
 SLOW = ("dense", "separate", "lora")
 PHASES = ("scale", "families", "compile", "memory")
 
@@ -219,10 +224,10 @@ def families_phase(names: list[str], k: int, m: int, batch: int, reps: int, quic
     rows = []
     for name in names:
         vit = common.build_vit(name, quick)
-        x = common.images_for(vit, batch)
+        x = common.images_for(vit, FAMILY_BATCH.get(name, batch))
         methods = {"plain|1|0": method_fn("plain", vit, 1, 0, x),
                    f"one_pass|{k}|{m}": method_fn("one_pass", vit, k, m, x)}
-        rows += timed_rows(name, methods, reps, batch, phase=f"K={k}")[0]
+        rows += timed_rows(name, methods, reps, FAMILY_BATCH.get(name, batch), phase=f"K={k}")[0]
         del vit
     return rows
 

@@ -25,6 +25,8 @@ nearly as much as on N); only :func:`packed_attention` tells them apart.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -44,6 +46,16 @@ class Projections(Protocol):
     def out(self, attn: nn.Module, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor: ...
 
     def position_bias(self, attn: nn.Module, ctx: PassContext, n_tokens: int) -> Biases: ...
+
+    def scale(self, attn: nn.Module) -> float: ...
+
+    def attend_original(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Bias
+                        ) -> torch.Tensor: ...
+
+
+#: The base model's own attention of its original tokens: ``(q, k, v, bias)`` ``[B, H, N, hd]`` (and a bias
+#: broadcastable to ``[B, H, N, N]``, or None) -> ``[B, H, N, hd]``.
+OriginalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Bias], torch.Tensor]
 
 
 def attend_original(
@@ -210,17 +222,15 @@ def score_biases(ctx: PassContext, own: Biases = (None, None)) -> Biases:
     return add_bias(bias_x, own[0]), add_bias(bias_c, own[1])
 
 
-def attend_original_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KV, full: bool, scale: float,
-                           fused: bool, bias: Bias) -> torch.Tensor:
-    """The original tokens' attention ``[B, H, N, hd]``: the base model's own (``fused`` as the module
-    is), or in ``full`` mode against ``[tokens ; memory]``; ``kv`` is the memory's keys and values."""
-    if full:
-        return attend_original_with_memory(q, k, v, *kv, scale, bias)
-    return attend_original(q, k, v, fused, scale, bias)
+def timm_attention(fused: bool, scale: float) -> OriginalAttention:
+    """The original tokens' attention of timm's ``Attention`` (:func:`attend_original`), ``fused`` as the
+    module is."""
+    return lambda q, k, v, bias: attend_original(q, k, v, fused, scale, bias)
 
 
 def attend_split(q_x: torch.Tensor, k_x: torch.Tensor, v_x: torch.Tensor, q_c: torch.Tensor, k_c: torch.Tensor,
-                 v_c: torch.Tensor, kv: KV, ctx: PassContext, scale: float, fused: bool, biases: Biases) -> Pair:
+                 v_c: torch.Tensor, kv: KV, ctx: PassContext, scale: float, original: OriginalAttention,
+                 biases: Biases) -> Pair:
     """Softmax attention of the original tokens and of the new class tokens, as Table 1 says.
 
     Args:
@@ -229,7 +239,8 @@ def attend_split(q_x: torch.Tensor, k_x: torch.Tensor, v_x: torch.Tensor, q_c: t
         kv: The memory's keys and values ``[H, M, hd]``.
         ctx: The pass's context (what each new class token sees, mode, gradient policy).
         scale: Softmax temperature of the module.
-        fused: The module's ``fused_attn`` (the original tokens use the same path).
+        original: The module's own attention of the original tokens (e.g. :func:`timm_attention`); in full
+            mode they attend to ``[tokens ; memory]`` instead, at ``scale``.
         biases: Score biases against the original tokens (:func:`score_biases`).
 
     Returns:
@@ -237,7 +248,10 @@ def attend_split(q_x: torch.Tensor, k_x: torch.Tensor, v_x: torch.Tensor, q_c: t
     """
     bias_x, bias_c = biases
     with torch.set_grad_enabled(ctx.orig_grad):
-        o_x = attend_original_tokens(q_x, k_x, v_x, kv, ctx.full, scale, fused, bias_x)
+        if ctx.full:
+            o_x = attend_original_with_memory(q_x, k_x, v_x, *kv, scale, bias_x)
+        else:
+            o_x = original(q_x, k_x, v_x, bias_x)
     return o_x, attend_new(q_c, k_x, v_x, k_c, v_c, *kv, ctx.index, scale, bias_c)
 
 
@@ -266,7 +280,8 @@ def memory_attention(
     with torch.set_grad_enabled(ctx.orig_grad):
         q_x, k_x, v_x = kind.qkv(attn, h_x, ctx.extras.rope)
     q_c, k_c, v_c = kind.qkv(attn, h_c)
-    o_x, o_c = attend_split(q_x, k_x, v_x, q_c, k_c, v_c, kv, ctx, attn.scale, attn.fused_attn, biases)
+    o_x, o_c = attend_split(q_x, k_x, v_x, q_c, k_c, v_c, kv, ctx, kind.scale(attn),
+                            partial(kind.attend_original, attn), biases)
     with torch.set_grad_enabled(ctx.orig_grad):
         a_x = kind.out(attn, o_x, h_x)
     return a_x, kind.out(attn, o_c, h_c)
@@ -291,7 +306,7 @@ def packed_attention(attn: nn.Module, h: torch.Tensor, kv: KV, ctx: PassContext,
     biases = score_biases(ctx, kind.position_bias(attn, ctx, n))
     q, k, v = kind.qkv(attn, h, ctx.extras.rope)  # [B, H, N + K, hd]
     o_x, o_c = attend_split(q[:, :, :n], k[:, :, :n], v[:, :, :n], q[:, :, n:], k[:, :, n:], v[:, :, n:], kv, ctx,
-                            attn.scale, attn.fused_attn, biases)
+                            kind.scale(attn), partial(kind.attend_original, attn), biases)
     # laid out [B, N + K, H, hd], so that the output projection's head merge is a view (one copy, as in timm)
     o = torch.cat([o_x.transpose(1, 2), o_c.transpose(1, 2)], dim=1).transpose(1, 2)  # [B, H, N + K, hd]
     return kind.out(attn, o, h)  # [B, N + K, D]

@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .attention import add_bias, dense_attention, memory_attention, packed_attention
+from .attention import add_bias, attend_original, dense_attention, memory_attention, packed_attention
 from .context import PassContext, PassExtras
 from .typing import KV, Bias, Biases, Pair, Tensor
 
@@ -52,8 +52,9 @@ class AttentionKind(ABC):
 
     The core calls :meth:`qkv` on the original tokens (with the rotary table, if any), on the new
     class tokens and on the memory (never rotated), then attends as Table 1 says, then calls
-    :meth:`out` on the heads. Attributes read off the module by the core: ``attn.scale`` and
-    ``attn.fused_attn``.
+    :meth:`out` on the heads. The original tokens' own attention is :meth:`attend_original` (default:
+    timm's ``Attention``, reading ``attn.fused_attn``) and the softmax temperature :meth:`scale`
+    (default ``attn.scale``): a module whose arithmetic differs overrides these two, never the split.
     """
 
     @abstractmethod
@@ -68,6 +69,16 @@ class AttentionKind(ABC):
     def out(self, attn: nn.Module, o: Tensor, h: Tensor) -> Tensor:
         """Heads ``o`` ``[B, H, T, hd]`` (and the attention input ``h`` ``[B, T, D]``, for output
         gates) -> the module's output ``[B, T, D]``."""
+
+    def scale(self, attn: nn.Module) -> float:
+        """The module's softmax temperature (default ``attn.scale``)."""
+        return attn.scale
+
+    def attend_original(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, bias: Bias) -> Tensor:
+        """The original tokens' attention as the module computes it, so that the base output stays
+        bit-identical: q, k, v ``[B, H, N, hd]`` and a score bias (or None) -> ``[B, H, N, hd]``.
+        Default: timm's ``Attention`` (SDPA when ``attn.fused_attn``, else ``softmax((q * scale) k^T) v``)."""
+        return attend_original(q, k, v, attn.fused_attn, self.scale(attn), bias)
 
     def position_bias(self, attn: nn.Module, ctx: PassContext, n_tokens: int) -> Biases:
         """Additive biases on the scores against the original tokens: ``[.., N, N]`` for the
@@ -106,7 +117,7 @@ class AttentionKind(ABC):
         attention output ``[B, 1, D]``. Override for arithmetic of the module's own (two softmaxes)."""
         q, keys, values = self.reference_heads(attn, h_x, h_c, h_m, ctx)
         bias = add_bias(ctx.extras.score_bias[1], self.reference_bias(attn, ctx, h_x.shape[1]))
-        return self.out(attn, dense_attention(q, keys, values, attn.scale, bias), h_c)
+        return self.out(attn, dense_attention(q, keys, values, self.scale(attn), bias), h_c)
 
     def attend(self, attn: nn.Module, h_x: Tensor, h_c: Tensor, kv: KV, ctx: PassContext) -> Pair:
         """Split pass: original tokens ``h_x`` ``[B, N, D]``, new class tokens ``h_c`` ``[B, K, D]``

@@ -9,6 +9,7 @@ import timm
 import torch
 
 import learnable_memory as lm
+import learnable_memory.testing as lmt
 from learnable_memory.testing import randomize
 from tests.helpers import assert_compiles_as_eager, images_for
 
@@ -51,3 +52,18 @@ def test_forward_all_compiles_without_a_graph_break():
                           task="b", mode="extension")
     randomize(model)
     assert_compiles_as_eager(model, images_for(48, 2))
+
+
+def test_the_mhsa_kind_packs_and_the_packed_pass_equals_the_split_pass():
+    """The kind gives only the original tokens' attention (timm's order): the split stays the core's."""
+    base, x = convit(), images_for(48, 2)
+    model = lm.wrap_model(base, n_mem=2, num_classes=3)
+    assert model.unpacked_reason is None
+    randomize(model)
+    with torch.no_grad():
+        packed = model.forward_all(x)
+        want = base(x)
+    with torch.enable_grad():
+        split = {k: v.detach() for k, v in model.forward_all(x).items()}
+    assert torch.equal(packed["base"], want) and torch.equal(split["base"], want)
+    lmt.assert_outputs_close(packed, split)

@@ -26,7 +26,7 @@ def test_a_new_class_token_starts_as_zeros_and_is_read_through_the_final_norm():
     assert torch.equal(model.tasks["default"].class_token.detach(), torch.zeros(64))
     c = torch.randn(2, 1, 64)
     assert torch.equal(model.backbone.task_features(base, c), base.norm(c))
-    assert model.unpacked_reason is not None  # its kind runs the original tokens' attention itself
+    assert model.unpacked_reason is None  # its kind gives the scale and the original tokens' attention: it packs
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -51,3 +51,19 @@ def test_forward_all_compiles_without_a_graph_break():
                           mode="extension")
     randomize(model)
     assert_compiles_as_eager(model, x)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_packed_pass_equals_the_split_pass(fused):
+    """The kind gives only the scale and the original tokens' attention: the split stays the core's."""
+    base, x = gemma4()
+    set_fused_attn(base, fused)
+    model = lm.wrap_model(base, n_mem=2, num_classes=3)
+    randomize(model)
+    with torch.no_grad():
+        packed = model.forward_all(x)
+        want = base(x)
+    with torch.enable_grad():
+        split = {k: v.detach() for k, v in model.forward_all(x).items()}
+    assert torch.equal(packed["base"], want) and torch.equal(split["base"], want)
+    lmt.assert_outputs_close(packed, split)

@@ -11,8 +11,8 @@ How memory and new class tokens meet it:
   read out through the final ``norm``, as the class token is by the token-pooling head.
 - ``MHSA`` scales the scores after the product (``(q k^T) * scale``, timm's order of operations,
   which the original tokens keep so the base output stays bit-identical) and has no fused path:
-  its kind does the original tokens' attention itself, so these models are served unpacked; new
-  class tokens attend as Table 1 says through the core's arithmetic.
+  its kind gives the original tokens' attention (``attend_original``); new class tokens and memory
+  attend as Table 1 says through the core's arithmetic.
 - The sweep builds the models at ``depth=2`` with ``local_up_to_layer=1`` (one GPSA block and one
   MHSA block, as the full model has both).
 """
@@ -23,12 +23,11 @@ import torch
 from timm.models.convit import MHSA, Block, ConVit
 from torch import nn
 
-from ..attention import attend_new, attend_original_with_memory
 from ..blocks import PreNormBlock
-from ..context import PassContext, PassExtras
+from ..context import PassExtras
 from ..kinds import AttentionKind
 from ..registry import register_attention, register_backbone, register_block
-from ..typing import KV, Pair
+from ..typing import Bias
 from .vit import VitBackbone
 
 
@@ -46,21 +45,11 @@ class MHSAKind(AttentionKind):
         b, heads, t, hd = o.shape
         return attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(b, t, heads * hd)))
 
-    def attend(self, attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, kv: KV, ctx: PassContext) -> Pair:
-        """The original tokens as timm computes them (``softmax((q k^T) * scale) v``; in full mode against
-        ``[tokens ; memory]``), the new class tokens as Table 1 says."""
-        bias_x, bias_c = ctx.extras.score_bias
-        with torch.set_grad_enabled(ctx.orig_grad):
-            q_x, k_x, v_x = self.qkv(attn, h_x)
-            if ctx.full:
-                o_x = attend_original_with_memory(q_x, k_x, v_x, *kv, attn.scale, bias_x)
-            else:
-                scores = (q_x @ k_x.transpose(-2, -1)) * attn.scale
-                o_x = (scores if bias_x is None else scores + bias_x).softmax(dim=-1) @ v_x
-            a_x = self.out(attn, o_x, h_x)
-        q_c, k_c, v_c = self.qkv(attn, h_c)
-        o_c = attend_new(q_c, k_x, v_x, k_c, v_c, *kv, ctx.index, attn.scale, bias_c)
-        return a_x, self.out(attn, o_c, h_c)
+    def attend_original(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        bias: Bias) -> torch.Tensor:
+        """The original tokens as timm computes them: ``softmax((q k^T) * scale) v``."""
+        scores = (q @ k.transpose(-2, -1)) * attn.scale
+        return (scores if bias is None else scores + bias).softmax(dim=-1) @ v
 
 
 @register_block(Block)

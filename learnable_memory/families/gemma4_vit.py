@@ -9,8 +9,8 @@ What these models are, and how memory and new class tokens meet them:
 - ``Gemma4Attention``: separate q/k/v projections (optionally clamped), RMSNorm on q, k and v, 2D
   rotary embeddings per patch from its (x, y) position, grouped-query heads, and a score scale of 1
   (q and k are normalised). New class tokens and memory are not rotated. The module has no
-  ``scale`` attribute and its fused path passes ``scale=1.0`` to SDPA, so its kind does the original
-  tokens' attention itself, as timm does: these models are served unpacked. The rotary tables reach
+  ``scale`` attribute and its fused path passes ``scale=1.0`` to SDPA, so its kind gives the scale
+  and the original tokens' attention (``scale``, ``attend_original``). The rotary tables reach
   the kind in ``PassExtras.rope`` as ``(sin ; cos)`` per patch, ``[B, N, 2 hd]``.
 - No class token: a new task's class token starts as zeros (the position embedding is a per-axis
   lookup table of 10,240 positions, most of which no image uses, so its mean is no "average patch").
@@ -34,12 +34,11 @@ from timm.models.gemma4_vit import (
 )
 from torch import nn
 
-from ..attention import attend_new, attend_original_with_memory, dense_attention
 from ..blocks import PreNormBlock
-from ..context import PassContext, PassExtras
+from ..context import PassExtras
 from ..kinds import AttentionKind, BackboneKind
 from ..registry import register_attention, register_backbone, register_block
-from ..typing import KV, Pair
+from ..typing import Bias
 
 
 @register_attention(Gemma4Attention)
@@ -67,29 +66,17 @@ class Gemma4AttentionKind(AttentionKind):
         b, _, t, _ = o.shape
         return attn.proj_drop(attn.o_proj(o.transpose(1, 2).reshape(b, t, -1)))
 
-    def attend(self, attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, kv: KV, ctx: PassContext) -> Pair:
-        """The original tokens as timm computes them (SDPA with ``scale=1.0``, or the explicit softmax;
-        in full mode against ``[tokens ; memory]``), the new class tokens as Table 1 says, at scale 1."""
-        bias_x, bias_c = ctx.extras.score_bias
-        with torch.set_grad_enabled(ctx.orig_grad):
-            q_x, k_x, v_x = self.qkv(attn, h_x, ctx.extras.rope)
-            if ctx.full:
-                o_x = attend_original_with_memory(q_x, k_x, v_x, *kv, 1.0, bias_x)
-            elif attn.fused_attn:
-                o_x = F.scaled_dot_product_attention(q_x, k_x, v_x, attn_mask=bias_x, scale=1.0)
-            else:
-                scores = q_x @ k_x.transpose(-2, -1)
-                o_x = (scores if bias_x is None else scores + bias_x).softmax(dim=-1) @ v_x
-            a_x = self.out(attn, o_x, h_x)
-        q_c, k_c, v_c = self.qkv(attn, h_c)
-        o_c = attend_new(q_c, k_x, v_x, k_c, v_c, *kv, ctx.index, 1.0, bias_c)
-        return a_x, self.out(attn, o_c, h_c)
+    def scale(self, attn: nn.Module) -> float:
+        """1: q and k are normalised, and timm's module scores at scale 1."""
+        return 1.0
 
-    def reference(self, attn: nn.Module, h_x: torch.Tensor, h_c: torch.Tensor, h_m: torch.Tensor,
-                  ctx: PassContext) -> torch.Tensor:
-        """One new class token: one softmax over ``[original ; itself ; memory]`` at scale 1."""
-        q, keys, values = self.reference_heads(attn, h_x, h_c, h_m, ctx)
-        return self.out(attn, dense_attention(q, keys, values, 1.0, ctx.extras.score_bias[1]), h_c)
+    def attend_original(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        bias: Bias) -> torch.Tensor:
+        """The original tokens as timm computes them: SDPA with ``scale=1.0``, or the explicit softmax."""
+        if attn.fused_attn:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        scores = q @ k.transpose(-2, -1)
+        return (scores if bias is None else scores + bias).softmax(dim=-1) @ v
 
 
 @register_block(Gemma4Block)

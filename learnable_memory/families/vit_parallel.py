@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
 from torch import nn
 
-from ..attention import attend_split, dense_attention, score_biases
+from ..attention import attend_split, dense_attention, score_biases, timm_attention
 from ..context import PassContext
 from ..differential import attend_split_differential, dense_differential
 from ..kinds import BlockKind
@@ -100,7 +100,8 @@ class ParallelScaling(BlockKind):
             q_x, k_x, v_x = self._heads(blk, *qkv_x)
         mlp_c, *qkv_c = mlp_and_qkv(blk, c)
         q_c, k_c, v_c = self._heads(blk, *qkv_c)
-        o_x, o_c = attend_split(q_x, k_x, v_x, q_c, k_c, v_c, kv[0], ctx, blk.scale, blk.fused_attn, score_biases(ctx))
+        o_x, o_c = attend_split(q_x, k_x, v_x, q_c, k_c, v_c, kv[0], ctx, blk.scale,
+                                timm_attention(blk.fused_attn, blk.scale), score_biases(ctx))
         with torch.set_grad_enabled(ctx.orig_grad):
             x = self._out(blk, x, o_x, mlp_x)
         return x, self._out(blk, c, o_c, mlp_c)
