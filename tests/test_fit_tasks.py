@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from learnable_memory import TaskConfig, wrap_model
 from learnable_memory.train import NonFiniteError, NonFiniteInputError, fit, make_optimizer
+from learnable_memory.training import FitState
 from tests.helpers import IMG, make_vit
 
 STEPS = 50
@@ -316,6 +317,77 @@ def test_resume_continues_the_optimizer_and_the_schedule():
     fit(copy.deepcopy(init), loader, steps=1, progress=False, tasks=["a"], settings={"a": dict(optimizer="adamw")},
         resume=state, log=lines.append)
     assert lines[0] == "a: the saved state is for sgd, not adamw: the optimizer starts afresh"
+
+
+def _checkpoints(model: nn.Module, steps: int, **kwargs) -> dict:
+    """Fit ``model`` for ``steps`` on a shuffled loader (batch 8 of 40: 5 per epoch), keeping every step's
+    state, saved and loaded as ``train`` does (``torch.load(weights_only=True)``), with a copy of the model."""
+    import io
+
+    states = {}
+
+    def keep(state, _result):
+        buf = io.BytesIO()
+        torch.save(state.as_dict(), buf)
+        buf.seek(0)
+        states[state.step] = (FitState.from_dict(torch.load(buf, weights_only=True)), copy.deepcopy(model))
+
+    fit(model, _loader(_data(40)), steps=steps, seed=0, progress=False, checkpoint_every=1, on_checkpoint=keep,
+        **kwargs)
+    return states
+
+
+def _dropout_model() -> nn.Module:
+    """A plain model that draws random numbers in every forward (what the saved random states are for)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(3 * IMG * IMG, 3))
+
+
+@pytest.mark.parametrize("what", ["two tasks", "one task", "plain model"])
+def test_a_resumed_fit_continues_the_data_order_and_random_state_exactly(what):
+    """N steps in one fit against k steps, then a fresh loader built the same way and fit(resume=state):
+    k inside the first epoch, at its end, and inside the second (every resumed run crosses an epoch)."""
+    kwargs = {"two tasks": dict(tasks=["a", "b"], settings={"a": dict(lr=0.3), "b": dict(optimizer="adamw",
+                                                                                        lr=3e-3)}),
+              "one task": dict(tasks=["a"], lr=0.3), "plain model": dict(lr=0.3)}[what]
+    init = _dropout_model() if what == "plain model" else _many_tasks()
+    straight = copy.deepcopy(init)
+    states = _checkpoints(straight, 13, **kwargs)
+    for k in (3, 5, 7):
+        state, resumed = states[k]
+        assert (state.epoch, state.batches, state.epoch_batches) == (1 + (k - 1) // 5, (k - 1) % 5 + 1, 5)
+        result = fit(resumed, _loader(_data(40)), steps=13 - k, seed=0, progress=False, resume=state, **kwargs)
+        assert result.state.step == 13
+        for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+            assert torch.equal(p, q), (what, k, name)
+        if k == 3:  # a fit of k steps ends at the position of the longer fit's step k
+            alone = copy.deepcopy(init)
+            end = fit(alone, _loader(_data(40)), steps=3, seed=0, progress=False, **kwargs).state
+            assert (end.epoch, end.batches) == (1, 3)
+            assert all(torch.equal(a, b) for a, b in zip(end.epoch_rng["generators"], state.epoch_rng["generators"],
+                                                         strict=True))
+            assert torch.equal(end.epoch_rng["torch"], state.epoch_rng["torch"])
+            assert torch.equal(end.rng["torch"], state.rng["torch"])
+            assert torch.equal(end.rng["python"]["state"], state.rng["python"]["state"])
+
+
+def test_a_state_saved_without_a_data_position_begins_a_fresh_epoch():
+    settings = {"a": dict(lr=0.3)}
+    states = _checkpoints(_many_tasks(), 13, tasks=["a"], settings=settings)
+    state, model = states[3]
+    old = FitState.from_dict({k: v for k, v in state.as_dict().items()  # as saved before the position was kept
+                              if k in ("step", "total", "optimizers", "optimizer_names")})
+    assert (old.epoch, old.batches, old.rng) == (0, 0, {})
+    exact, fresh = copy.deepcopy(model), copy.deepcopy(model)
+    fit(exact, _loader(_data(40)), steps=4, progress=False, tasks=["a"], settings=settings, resume=state)
+    result = fit(fresh, _loader(_data(40)), steps=4, progress=False, tasks=["a"], settings=settings, resume=old)
+    assert result.state.step == 7 and result.state.epoch == 1 and result.state.batches == 4
+    assert _max_diff(exact.tasks["a"], fresh.tasks["a"]) > 1e-4  # other batches
+    lines = []
+    fit(copy.deepcopy(model), _loader(_data(48)), steps=1, progress=False, tasks=["a"], settings=settings,
+        resume=state, log=lines.append)
+    assert lines[0] == ("the saved data position is for 5 batches per epoch and 1 generator(s), this loader has 6 "
+                        "and 1: a fresh epoch begins")
 
 
 LAUNCHED = '''

@@ -140,8 +140,8 @@ def start_schedules(trainees: list[Trainee], total: int, start: int) -> None:
         t.schedule = warmup_cosine(t.optimizer, total, t.settings.warmup_steps(total), start)
 
 
-def fit_state(trainees: list[Trainee], step: int, total: int) -> FitState:
+def fit_state(trainees: list[Trainee], step: int, total: int, **position) -> FitState:
     """The :class:`FitState` of ``trainees`` after ``step`` of ``total`` steps (a copy: later steps leave it
-    alone)."""
+    alone); ``position``: its data position and random states (``epoch``, ``batches``, ...)."""
     return FitState(step, total, {t.name: copy.deepcopy(t.optimizer.state_dict()) for t in trainees},
-                    {t.name: t.settings.optimizer for t in trainees})
+                    {t.name: t.settings.optimizer for t in trainees}, **position)
