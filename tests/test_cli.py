@@ -22,6 +22,7 @@ import learnable_memory.cli as cli
 from learnable_memory import data as D
 from learnable_memory import load_adapters
 from learnable_memory.cli import build_parser, create_base, main
+from tests.helpers import signal_when_written
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--steps", "3", "--batch-size", "16", "--max-train", "48", "--no-progress"]
@@ -695,22 +696,13 @@ def test_eval_rebuilds_the_validation_split_of_a_val_fraction_adapter(trained, t
 @pytest.mark.integration
 def test_sigterm_keeps_the_last_checkpoint_and_exits_in_one_line(tmp_path):
     import signal
-    import time
 
     out = tmp_path / "long"
     cmd = [sys.executable, "-m", "learnable_memory", "train", "--data", "digits", "--n-mem", "1", "--steps", "100000",
            "--save-every", "1", "--batch-size", "8", "--max-train", "32", "--no-val", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
-    try:
-        for _ in range(1200):  # the first checkpoint (a loaded machine: up to 10 minutes)
-            if (out / "training.json").is_file() or proc.poll() is not None:
-                break
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    err = signal_when_written(proc, out / "training.json", signal.SIGTERM)  # after the first checkpoint
     assert proc.returncode == 143, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and last.startswith("learnable-memory: interrupted (SIGTERM): the checkpoint of step")
@@ -802,6 +794,7 @@ def test_an_interrupted_sweep_resumes_from_its_last_checkpoint(tmp_path, monkeyp
     assert code == 130 and "the checkpoint of step 2 is in" in err, err
     names = ["n-mem-1", "n-mem-2"]
     assert [json.loads((out / n / "training.json").read_text())["total_steps"] for n in names] == [2, 2]
+    monkeypatch.setattr(sweep_cli, "save_configs", save)
     code, text, err = _run(["train", "--resume", out, "--no-progress"], capsys)
     assert code == 0, err
     assert "from step 2" in text
@@ -810,5 +803,44 @@ def test_an_interrupted_sweep_resumes_from_its_last_checkpoint(tmp_path, monkeyp
         info = json.loads((done / n / "training.json").read_text())
         assert (info["total_steps"], info["complete"], info["settings"]["optimizer"]) == (6, True, "adamw")
     assert load_adapters(D.load_demo_base(), [done / n for n in names]).task_names == names
+    code, _, err = _run([*argv, "--sweep", "n-mem=1,2", "--out", tmp_path / "straight"], capsys)  # uninterrupted
+    assert code == 0, err
+    assert_same_adapters(tmp_path / "straight", done, names)
     code, _, err = _run(["train", "--resume", out, "--sweep", "lr=0.1"], capsys)
     assert_one_line_error(code, err, "drop --sweep")
+
+
+def assert_same_adapters(a: Path, b: Path, names: list[str]) -> None:
+    """The adapters ``a/NAME`` and ``b/NAME`` hold equal tensors, for every name."""
+    for n in names:
+        x = load_adapters(D.load_demo_base(), [a / n]).tasks[n].state_dict()
+        y = load_adapters(D.load_demo_base(), [b / n]).tasks[n].state_dict()
+        assert x.keys() == y.keys()
+        for key, value in x.items():
+            assert torch.equal(y[key], value), (n, key)
+
+
+@pytest.mark.integration
+def test_a_sweep_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapters(tmp_path):
+    """kill -9 after the first checkpoint, then --resume OUT: every configuration ends where the sweep that
+    was never stopped ends (the data position and the random states are in the checkpoint)."""
+    import signal
+
+    argv = [sys.executable, "-m", "learnable_memory", "train", "--data", "digits", "--steps", "40", "--batch-size",
+            "16", "--max-train", "48", "--no-val", "--no-progress", "--sweep", "lr=0.1,0.3", "--n-mem", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    straight, out = tmp_path / "straight", tmp_path / "sw"
+    r = subprocess.run([*argv, "--out", str(straight)], capture_output=True, text=True, cwd=tmp_path, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen([*argv, "--save-every", "2", "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    err = signal_when_written(proc, out / "sweep_state.json", signal.SIGKILL)  # after the first checkpoint
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    step = json.loads((out / "sweep_state.json").read_text())["step"]
+    assert 2 <= step < 40
+    r = subprocess.run([*argv[:4], "--resume", str(out), "--no-progress"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"from step {step}" in r.stdout
+    assert_same_adapters(straight, tmp_path / "sw-resumed", ["lr-0.1", "lr-0.3"])

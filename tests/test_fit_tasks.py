@@ -5,6 +5,7 @@ best state per task, resuming; and the single-task path gives the parameters of 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -378,6 +379,11 @@ def test_a_state_saved_without_a_data_position_begins_a_fresh_epoch():
     old = FitState.from_dict({k: v for k, v in state.as_dict().items()  # as saved before the position was kept
                               if k in ("step", "total", "optimizers", "optimizer_names")})
     assert (old.epoch, old.batches, old.rng) == (0, 0, {})
+    merged = FitState.merged([state.of_task("a"), dataclasses.replace(state.of_task("a"), optimizers={"b": {}},
+                                                                      optimizer_names={"b": "sgd"})])
+    assert sorted(merged.optimizers) == ["a", "b"] and merged.epoch_rng is state.epoch_rng
+    with pytest.raises(ValueError, match=r"at different steps \[3, 4\]"):
+        FitState.merged([state, dataclasses.replace(state, step=4)])
     exact, fresh = copy.deepcopy(model), copy.deepcopy(model)
     fit(exact, _loader(_data(40)), steps=4, progress=False, tasks=["a"], settings=settings, resume=state)
     result = fit(fresh, _loader(_data(40)), steps=4, progress=False, tasks=["a"], settings=settings, resume=old)

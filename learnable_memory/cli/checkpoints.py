@@ -60,15 +60,21 @@ def training_record(args: argparse.Namespace, plan, class_names: list[str], resu
         val_accuracy=result.val.get("accuracy"))
 
 
-def save_adapter_run(model, out: Path, task: str, record: dict, state: FitState) -> Path:
-    """The adapter, its ``training.json`` and its ``training_state.pt``, put in place of ``out`` whole."""
+def adapter_writer(model, task: str, record: dict, state: FitState) -> Callable[[Path], None]:
+    """``write(folder)``: the adapter of ``task``, its ``training.json`` and its ``training_state.pt`` (the
+    optimizer state, schedule and data position, random states) in ``folder``."""
 
     def write(folder: Path) -> None:
         model.save_adapter(folder, task=task)
         (folder / TRAINING_FILE).write_text(json.dumps(record, indent=2))
         torch.save(state.as_dict(), folder / STATE_FILE)
 
-    return save_run(out, write)
+    return write
+
+
+def save_adapter_run(model, out: Path, task: str, record: dict, state: FitState) -> Path:
+    """The adapter, its ``training.json`` and its ``training_state.pt``, put in place of ``out`` whole."""
+    return save_run(out, adapter_writer(model, task, record, state))
 
 
 
@@ -113,21 +119,32 @@ def _signals_held() -> Iterator[None]:
 def save_run(out: Path, write: Callable[[Path], None]) -> Path:
     """Write a folder with ``write(folder)`` beside ``out``, then put it in the place of ``out``: a reader
     (or an interrupted run) sees the old folder or the new one, never half of one."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.writing-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    return save_runs([(out, write)])[0]
+
+
+def save_runs(runs: list[tuple[Path, Callable[[Path], None]]]) -> list[Path]:
+    """:func:`save_run` for several folders: every one written first, then all put in place (renames only),
+    so a run stopped while writing (even by kill -9) leaves the previous folders as they were."""
+    pid, places = os.getpid(), []
+    for out, _ in runs:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        places.append((out, out.with_name(f".{out.name}.writing-{pid}"), out.with_name(f".{out.name}.old-{pid}")))
     try:
-        write(tmp)
+        for (_, tmp, _), (_, write) in zip(places, runs, strict=True):
+            shutil.rmtree(tmp, ignore_errors=True)
+            write(tmp)
         with _signals_held():
-            if out.exists():
-                out.rename(old)
-            tmp.rename(out)
+            for out, tmp, old in places:
+                if out.exists():
+                    out.rename(old)
+                tmp.rename(out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+        for _, tmp, _ in places:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for _, _, old in places:
+        shutil.rmtree(old, ignore_errors=True)
+    return [out for out, _, _ in places]
 
 
 class Terminated(KeyboardInterrupt):

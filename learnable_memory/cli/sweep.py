@@ -19,7 +19,7 @@ import torch
 from ..config import TaskConfig
 from ..model import MemoryViT
 from ..training import FitState
-from .checkpoints import read_state, save_adapter_run, save_run
+from .checkpoints import adapter_writer, read_state, save_run, save_runs
 from .sweep_axes import SWEEPABLE
 
 #: Written in a sweep's folder: its grid and step, so ``--resume OUT`` continues it.
@@ -177,14 +177,15 @@ def save_configs(model: MemoryViT, out: Path, configs: list[Config], result, arg
     """Every configuration's adapter folder under ``out`` (with its ``training.json`` and optimizer state), and
     ``sweep_state.json``, from which ``--resume OUT`` continues the sweep."""
     out.mkdir(parents=True, exist_ok=True)
+    writers = []
     for c in configs:
         r = result.tasks[c.name]
-        state = FitState(r.state.step, r.state.total, {c.name: r.state.optimizers[c.name]},
-                         {c.name: r.state.optimizer_names[c.name]})
         cargs = argparse.Namespace(**vars(args))
         for option, value in c.values.items():
             setattr(cargs, SWEEPABLE[option][0], value)
-        save_adapter_run(model, out / c.name, c.name, record(cargs, c.name, r, complete), state)
+        writers.append((out / c.name, adapter_writer(model, c.name, record(cargs, c.name, r, complete),
+                                                     r.state.of_task(c.name))))
+    save_runs(writers)  # every folder written, then all put in place: a kill -9 while writing keeps the last set
     (out / SWEEP_STATE).write_text(json.dumps({"sweep": args.sweep, "step": result.state.step,
                                                "complete": complete}))
 
@@ -197,7 +198,7 @@ def checkpoint_step(out: Path) -> int | None:
 
 def resumed_sweep(folder: Path, args: argparse.Namespace) -> tuple[list[Path], FitState]:
     """The configuration folders of the sweep in ``folder`` (its grid set on ``args.sweep``) and their
-    optimizer states merged into one ``FitState``."""
+    states (optimizers, schedule and data position) merged into one ``FitState``."""
     recorded = json.loads((folder / SWEEP_STATE).read_text())
     if args.sweep:
         raise ValueError(f"--resume {folder} continues the grid it recorded: drop --sweep")
@@ -206,11 +207,7 @@ def resumed_sweep(folder: Path, args: argparse.Namespace) -> tuple[list[Path], F
     states = [read_state(f) for f in folders]
     if any(s is None for s in states):
         raise ValueError(f"{folder}: a configuration has no training_state.pt; the sweep can not be resumed")
-    merged = FitState(states[0].step, states[0].total)
-    for s in states:
-        merged.optimizers.update(s.optimizers)
-        merged.optimizer_names.update(s.optimizer_names)
-    return folders, merged
+    return folders, FitState.merged(states)
 
 
 def run_sweep(args: argparse.Namespace, model: MemoryViT | None, base, out: Path, loaders: tuple,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -38,6 +39,24 @@ class FitState:
         return {"step": self.step, "total": self.total, "optimizers": self.optimizers,
                 "optimizer_names": self.optimizer_names, "epoch": self.epoch, "batches": self.batches,
                 "epoch_batches": self.epoch_batches, "epoch_rng": self.epoch_rng, "rng": self.rng}
+
+    def of_task(self, name: str) -> FitState:
+        """The state of task ``name`` alone (its optimizer; the schedule and data position every task shares)."""
+        return dataclasses.replace(self, optimizers={name: self.optimizers[name]},
+                                   optimizer_names={name: self.optimizer_names[name]})
+
+    @classmethod
+    def merged(cls, states: list[FitState]) -> FitState:
+        """One state of the tasks of ``states`` (saved at the same step of one fit, one folder per task)."""
+        steps = sorted({s.step for s in states})
+        if len(steps) > 1:
+            raise ValueError(f"the saved tasks are at different steps {steps}: the fit was stopped while its "
+                             "checkpoint was being put in place; resume each from its own folder or train again")
+        out = dataclasses.replace(states[0], optimizers={}, optimizer_names={})
+        for s in states:
+            out.optimizers.update(s.optimizers)
+            out.optimizer_names.update(s.optimizer_names)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> FitState:
