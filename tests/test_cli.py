@@ -729,22 +729,28 @@ def test_sweep_trains_the_grid_in_one_run_as_each_configuration_alone(tmp_path, 
     assert text.splitlines()[-10].split()[:4] == ["rank", "lr", "n-mem", "seed"]
     info = json.loads((out / names[-1] / "training.json").read_text())
     assert (info["settings"]["lr"], info["task"]) == (0.3, names[-1])
-    # one configuration, trained alone by train with the same settings (the data order of --seed 0)
-    alone = tmp_path / "alone"
-    torch.manual_seed(0)
-    code, _, err = _run(["train", *common, "--lr", "0.3", "--n-mem", "2", "--out", alone], capsys)
-    assert code == 0, err
-    a = load_adapters(D.load_demo_base(), [alone]).tasks["digits"]
-    b = load_adapters(D.load_demo_base(), [out / "lr-0.3_n-mem-2_seed-0"]).tasks["lr-0.3_n-mem-2_seed-0"]
-    for key, value in a.state_dict().items():
-        torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=1e-5)
+    assert (info["settings"]["seed"], info["settings"]["init_seed"]) == (0, 4)  # the data order keeps --seed
+    # configurations trained alone by train with the same settings: the data order of --seed 0, the init seed
+    for seed, extra in ((0, []), (4, ["--init-seed", "4"])):
+        alone = tmp_path / f"alone-{seed}"
+        torch.manual_seed(0)
+        code, _, err = _run(["train", *common, "--lr", "0.3", "--n-mem", "2", *extra, "--out", alone], capsys)
+        assert code == 0, err
+        assert json.loads((alone / "training.json").read_text())["settings"]["init_seed"] == seed
+        a = load_adapters(D.load_demo_base(), [alone]).tasks["digits"]
+        name = f"lr-0.3_n-mem-2_seed-{seed}"
+        b = load_adapters(D.load_demo_base(), [out / name]).tasks[name]
+        for key, value in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("sweep, needle", [("lr=abc", "lr='abc'"), ("foo=1", "can not sweep 'foo'"),
                                            ("lr", "KEY=V1,V2"), ("lr=0.1,0.1", "twice"),
-                                           ("optimizer=lion", "not sgd or adamw")])
+                                           ("optimizer=lion", "not sgd or adamw"),
+                                           ("seed=1,2 --sweep init-seed=3", "init-seed and seed are one option")])
 def test_bad_sweeps_are_one_line_errors(sweep, needle, tmp_path, capsys):
-    code, _, err = _run(["train", "--data", "digits", "--sweep", sweep, *TINY, "--out", tmp_path / "x"], capsys)
+    code, _, err = _run(["train", "--data", "digits", "--sweep", *sweep.split(), *TINY, "--out", tmp_path / "x"],
+                        capsys)
     assert_one_line_error(code, err, "--sweep", needle)
     assert not (tmp_path / "x").exists()
 

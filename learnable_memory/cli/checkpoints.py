@@ -51,7 +51,8 @@ def training_record(args: argparse.Namespace, plan, class_names: list[str], resu
         task=plan.task, data=plan.source if D.is_builtin(plan.source) else str(Path(plan.source).resolve()),
         class_subset=plan.subset if isinstance(plan.subset, str) else previous.get("class_subset"),
         class_names=class_names, base=plan.spec, extends=[recorded(e) for e in plan.extend],
-        settings=dict(steps=result.steps, processes=processes, **{k: getattr(args, k) for k in RECORDED}),
+        settings=dict(steps=result.steps, processes=processes, **{k: getattr(args, k) for k in RECORDED}) | {
+            "init_seed": args.seed if args.init_seed is None else args.init_seed},  # --init-seed's default: --seed
         validation=validation,
         total_steps=previous.get("total_steps", 0) - start + result.state.step,
         planned_steps=result.state.total, complete=complete,

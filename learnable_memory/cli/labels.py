@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import data as D
 from ..config import TaskConfig
 from ..model import MemoryViT
-from .sweep import torch_rng_after
+from .sweep import init_seed, torch_rng_after
 
 
 def check_labels_args(args: argparse.Namespace) -> None:
@@ -40,7 +40,7 @@ def labels_model(args: argparse.Namespace, base, table: D.LabelTable, make_base:
     seed_rng = torch_rng_after(make_base)
     model = MemoryViT(base)
     for task in table.tasks:
-        seed_rng(args.seed)
+        seed_rng(init_seed(args))
         model.add_task(TaskConfig(task, args.n_mem, len(table.classes[task]), mode=args.mode or "non_destructive",
                                   init_std=args.init_std, class_names=table.classes[task]))
     for t in model.tasks.values():

@@ -48,17 +48,21 @@ def grid(axes: list[tuple[str, list]]) -> list[Config]:
     keys = [k for k, _ in axes]
     if len(set(keys)) != len(keys):
         raise ValueError(f"--sweep names {sorted({k for k in keys if keys.count(k) > 1})} twice: give each key once")
+    options = [SWEEPABLE[k][0] for k in keys]
+    if len(set(options)) != len(options):
+        same = sorted(k for k in keys if options.count(SWEEPABLE[k][0]) > 1)
+        raise ValueError(f"--sweep {' and '.join(same)} are one option: give one of them")
     return [Config("_".join(f"{k}-{v}" for k, v in zip(keys, combo, strict=True)), dict(zip(keys, combo, strict=True)))
             for combo in itertools.product(*(values for _, values in axes))]
 
 
 def sweep_model(args: argparse.Namespace, base, configs: list[Config], class_names: list[str],
                 seed_rng: Callable[[int], None]) -> MemoryViT:
-    """A model with one trainable task per configuration, each initialised as ``train --seed S`` would
-    (``seed_rng(S)`` puts the random state where a run of seed S has it when it makes its task)."""
+    """A model with one trainable task per configuration, each initialised as ``train --init-seed S`` would
+    (``seed_rng(S)`` puts the random state where a run of init seed S has it when it makes its task)."""
     model = MemoryViT(base)
     for c in configs:
-        seed_rng(c.setting(args, "seed"))
+        seed_rng(init_seed(args, c))
         model.add_task(TaskConfig(c.name, c.setting(args, "n_mem"), len(class_names), mode=args.mode
                                   or "non_destructive", init_std=c.setting(args, "init_std"),
                                   class_names=list(class_names)))
@@ -145,9 +149,16 @@ def format_leaderboard(rows: list[dict], keys: list[str]) -> str:
                      for line in [head, *body])
 
 
+def init_seed(args: argparse.Namespace, config: Config | None = None) -> int:
+    """The seed of a new task's initialisation: ``config``'s (its ``seed`` axis), else ``--init-seed``, else
+    ``--seed``."""
+    value = config.setting(args, "init_seed") if config is not None else args.init_seed
+    return args.seed if value is None else value
+
+
 def torch_rng_after(make_base: Callable[[], object]) -> Callable[[int], None]:
-    """``seed_rng(S)``: torch's random state as a ``train --seed S`` run has it when it makes its task
-    (after seeding and building the base), recorded once per seed."""
+    """``seed_rng(S)``: torch's random state as a ``train --init-seed S`` run has it when it makes its task
+    (after seeding S and building the base, as ``train --seed S`` has it), recorded once per seed."""
     from accelerate.utils import set_seed
 
     states: dict[int, torch.Tensor] = {}

@@ -57,6 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--batch-size", type=positive_int, help=f"per process (default {RECORDED['batch_size']})")
     p.add_argument("--seed", type=non_negative_int, help="default 0; also the seed of --max-train and the "
                    "validation split")
+    p.add_argument("--init-seed", type=non_negative_int, help="the seed of the new task's initialisation (default: "
+                   "--seed): the task starts as a --sweep configuration of seed=S does, the data order keeps --seed")
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
     p.add_argument("--max-train", type=positive_int, help="use at most this many training images")
     p.add_argument("--val-fraction", type=fraction, help="validate on this fraction of the training images "
@@ -73,7 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--sweep", action="append", type=sweep_axis, metavar="KEY=V1,V2",
                    help="train the grid of every --sweep in one pass per batch, one adapter per configuration under "
                    f"--out, with sweep.json/.csv/.png and the best copied to OUT/best; KEY: {', '.join(SWEEPABLE)} "
-                   "(seed: of the initialisation)")
+                   "(seed, or init-seed: --init-seed, the seed of the initialisation; the data order keeps --seed)")
     p.add_argument("--labels", metavar="FILE.csv", help="train an adapter per label column of FILE.csv (a 'path' "
                    "column, relative to the file, then a column per task; an empty cell is no label) in one pass "
                    "per batch, each under --out/COLUMN")
