@@ -829,11 +829,13 @@ def assert_same_adapters(a: Path, b: Path, names: list[str]) -> None:
 @pytest.mark.integration
 def test_a_sweep_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapters(tmp_path):
     """kill -9 after the first checkpoint, then --resume OUT: every configuration ends where the sweep that
-    was never stopped ends (the data position and the random states are in the checkpoint)."""
+    was never stopped ends (the data position, the random states and the best validation so far are in the
+    checkpoint)."""
     import signal
 
     argv = [sys.executable, "-m", "learnable_memory", "train", "--data", "digits", "--steps", "40", "--batch-size",
-            "16", "--max-train", "48", "--no-val", "--no-progress", "--sweep", "lr=0.1,0.3", "--n-mem", "1"]
+            "16", "--max-train", "48", "--val-fraction", "0.25", "--no-progress", "--sweep", "lr=0.1,0.3", "--n-mem",
+            "1"]  # each configuration saved at its best validation, which may come before the kill
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     straight, out = tmp_path / "straight", tmp_path / "sw"
     r = subprocess.run([*argv, "--out", str(straight)], capture_output=True, text=True, cwd=tmp_path, env=env,

@@ -344,13 +344,21 @@ def _dropout_model() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(3 * IMG * IMG, 3))
 
 
-@pytest.mark.parametrize("what", ["two tasks", "one task", "plain model"])
+RESUMED = {
+    "two tasks": dict(tasks=["a", "b"], settings={"a": dict(lr=0.3), "b": dict(optimizer="adamw", lr=3e-3)}),
+    "one task": dict(tasks=["a"], lr=0.3), "plain model": dict(lr=0.3),
+    # the best validation before the checkpoint is restored at the end; a task stopped before it stays stopped
+    "validated": dict(tasks=["a", "b", "c"], settings={"a": dict(lr=0.3), "b": dict(lr=3.0),
+                                                       "c": dict(lr=1e30, clip=None)},
+                      val_loader=DataLoader(_data(16, seed=1), batch_size=8), val_every=2, restore_best=True),
+}
+
+
+@pytest.mark.parametrize("what", list(RESUMED))
 def test_a_resumed_fit_continues_the_data_order_and_random_state_exactly(what):
     """N steps in one fit against k steps, then a fresh loader built the same way and fit(resume=state):
     k inside the first epoch, at its end, and inside the second (every resumed run crosses an epoch)."""
-    kwargs = {"two tasks": dict(tasks=["a", "b"], settings={"a": dict(lr=0.3), "b": dict(optimizer="adamw",
-                                                                                        lr=3e-3)}),
-              "one task": dict(tasks=["a"], lr=0.3), "plain model": dict(lr=0.3)}[what]
+    kwargs = RESUMED[what]
     init = _dropout_model() if what == "plain model" else _many_tasks()
     straight = copy.deepcopy(init)
     states = _checkpoints(straight, 13, **kwargs)
@@ -361,7 +369,11 @@ def test_a_resumed_fit_continues_the_data_order_and_random_state_exactly(what):
         assert result.state.step == 13
         for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
             assert torch.equal(p, q), (what, k, name)
-        if k == 3:  # a fit of k steps ends at the position of the longer fit's step k
+        if what == "validated":
+            assert [(t.best_step, t.stopped is not None) for t in result.tasks.values()] == [(2, False), (4, False),
+                                                                                           (None, True)]
+        if k == 3 and "val_loader" not in kwargs:  # a fit of k steps ends at the longer fit's step k (which
+            # validates at its end: an iteration of the validation loader draws its seed from torch's state)
             alone = copy.deepcopy(init)
             end = fit(alone, _loader(_data(40)), steps=3, seed=0, progress=False, **kwargs).state
             assert (end.epoch, end.batches) == (1, 3)

@@ -19,7 +19,15 @@ from .optim import DEFAULTS, TaskSettings, settings_per_task
 from .position import epoch_start, loader_generators, rest_of_epoch, rng_states
 from .results import FitResult, FitState
 from .step import Run, backward, optimizer_step
-from .trainees import check_shared_pass, fit_state, make_trainees, select_tasks, start_optimizers, start_schedules
+from .trainees import (
+    check_shared_pass,
+    fit_state,
+    make_trainees,
+    resume_progress,
+    select_tasks,
+    start_optimizers,
+    start_schedules,
+)
 
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None = None, *,
@@ -62,11 +70,11 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
         val_every: Validate every this many steps (and at the end) instead of every epoch.
         restore_best: Give each task back its parameters of its best validation accuracy at the end.
         resume: A :class:`FitState` (``FitResult.state``): continue its optimizers, schedule position, data
-            position and random states; the schedule then runs to ``resume.step`` + this call's steps. With
-            ``train_loader`` built as before (the same data, batch size and generator seed), the resumed fit
-            ends exactly where one uninterrupted fit ends, for data whose items draw no random numbers
-            (:mod:`.position`). A state without a data position (or for a loader of another length) begins
-            a fresh epoch.
+            position, random states and each task's best validation so far (a stopped task stays stopped);
+            the schedule then runs to ``resume.step`` + this call's steps. With ``train_loader`` built as
+            before (the same data, batch size and generator seed), the resumed fit ends exactly where one
+            uninterrupted fit ends, for data whose items draw no random numbers (:mod:`.position`). A state
+            without a data position (or for a loader of another length) begins a fresh epoch.
         checkpoint_every, on_checkpoint: Call ``on_checkpoint(state, result_so_far)`` every this many steps.
 
     Returns:
@@ -89,6 +97,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
         raise ValueError("fp16 mixed precision scales one loss for all tasks; train several tasks with bf16=True")
     start_optimizers(trainees, resume, log)
     model, train_loader, val_loader = _prepare(accelerator, model, names, trainees, train_loader, val_loader)
+    resume_progress(trainees, resume, restore_best)
     if len(train_loader) == 0:
         raise ValueError("the training data is empty")
     start = resume.step if resume is not None else 0
