@@ -657,8 +657,9 @@ def test_save_every_keeps_the_last_checkpoint_when_interrupted(tmp_path, monkeyp
         calls.append(save(*args, **kwargs))
 
     monkeypatch.setattr(train_cli, "save_adapter_run", interrupt_the_second)
-    code, _, err = _run(["train", "--data", "digits", "--n-mem", "2", "--steps", "6", "--save-every", "2",
-                         "--batch-size", "16", "--max-train", "48", "--no-val", "--no-progress", "--out", out], capsys)
+    argv = ["train", "--data", "digits", "--n-mem", "2", "--steps", "6", "--batch-size", "16", "--max-train", "48",
+            "--no-val", "--no-progress"]
+    code, _, err = _run([*argv, "--save-every", "2", "--out", out], capsys)
     assert code == 130 and calls == [out]
     assert err == (f"learnable-memory: interrupted (Ctrl-C): the checkpoint of step 2 is in {out}; continue with: "
                    f"learnable-memory train --resume {out}\n")
@@ -666,10 +667,15 @@ def test_save_every_keeps_the_last_checkpoint_when_interrupted(tmp_path, monkeyp
     assert (info["total_steps"], info["planned_steps"], info["complete"]) == (2, 6, False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no half-written folder is left
     monkeypatch.setattr(train_cli, "save_adapter_run", save)
-    code, _, err = _run(["train", "--resume", out, "--no-progress"], capsys)  # the rest of the schedule
+    code, text, err = _run(["train", "--resume", out, "--no-progress"], capsys)  # the rest of the schedule
     assert code == 0, err
+    assert "at step 2 of its schedule (epoch 1, after batch 2)" in text
     info = json.loads((tmp_path / "ck-resumed" / "training.json").read_text())
     assert (info["total_steps"], info["settings"]["steps"], info["complete"]) == (6, 4, True)
+    code, _, err = _run([*argv, "--out", tmp_path / "straight"], capsys)  # uninterrupted: the same adapter
+    assert code == 0, err
+    task = info["task"]
+    assert_same_adapter(tmp_path / "straight", tmp_path / "ck-resumed", task)
 
 
 def test_eval_rebuilds_the_validation_split_of_a_val_fraction_adapter(trained, tmp_path, capsys):
@@ -811,19 +817,19 @@ def test_an_interrupted_sweep_resumes_from_its_last_checkpoint(tmp_path, monkeyp
     assert load_adapters(D.load_demo_base(), [done / n for n in names]).task_names == names
     code, _, err = _run([*argv, "--sweep", "n-mem=1,2", "--out", tmp_path / "straight"], capsys)  # uninterrupted
     assert code == 0, err
-    assert_same_adapters(tmp_path / "straight", done, names)
+    for n in names:
+        assert_same_adapter(tmp_path / "straight" / n, done / n, n)
     code, _, err = _run(["train", "--resume", out, "--sweep", "lr=0.1"], capsys)
     assert_one_line_error(code, err, "drop --sweep")
 
 
-def assert_same_adapters(a: Path, b: Path, names: list[str]) -> None:
-    """The adapters ``a/NAME`` and ``b/NAME`` hold equal tensors, for every name."""
-    for n in names:
-        x = load_adapters(D.load_demo_base(), [a / n]).tasks[n].state_dict()
-        y = load_adapters(D.load_demo_base(), [b / n]).tasks[n].state_dict()
-        assert x.keys() == y.keys()
-        for key, value in x.items():
-            assert torch.equal(y[key], value), (n, key)
+def assert_same_adapter(a: Path, b: Path, task: str) -> None:
+    """The adapter folders ``a`` and ``b`` (of task ``task``) hold equal tensors."""
+    x = load_adapters(D.load_demo_base(), [a]).tasks[task].state_dict()
+    y = load_adapters(D.load_demo_base(), [b]).tasks[task].state_dict()
+    assert x.keys() == y.keys()
+    for key, value in x.items():
+        assert torch.equal(y[key], value), (a, key)
 
 
 @pytest.mark.integration
@@ -851,4 +857,5 @@ def test_a_sweep_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapters
                        cwd=tmp_path, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"from step {step}" in r.stdout
-    assert_same_adapters(straight, tmp_path / "sw-resumed", ["lr-0.1", "lr-0.3"])
+    for n in ("lr-0.1", "lr-0.3"):
+        assert_same_adapter(straight / n, tmp_path / "sw-resumed" / n, n)

@@ -150,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
                       f"{count_trainable(model):,} trainable parameters; {accelerator.num_processes} process(es)")
     if args.resume:
         at = f"at step {plan.state.step} of its schedule" if plan.state else "with a fresh optimizer (no saved state)"
+        if plan.state and plan.state.epoch:
+            at += f" (epoch {plan.state.epoch}, after batch {plan.state.batches})"
         accelerator.print(f"resuming {args.resume} {at}: " + ", ".join(f"{k} {getattr(args, k)}" for k in RECORDED)
                           + f"; writing {out}")
     saved: dict = {}
