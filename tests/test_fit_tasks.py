@@ -423,23 +423,28 @@ if result.tasks["a"].steps == 5 and int(__import__("os").environ["RANK"]) == 0:
 '''
 
 
-@pytest.mark.integration
-def test_several_tasks_under_accelerate_launch_reduce_each_task(tmp_path):
-    """Two processes of batch 4 take the steps one process of batch 8 takes: every task's gradient is averaged."""
+def _launch(tmp_path, script: str, saved) -> None:
+    """Run ``script`` (its argv[1]: ``saved``) under ``accelerate launch`` with two CPU processes."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    script, saved = tmp_path / "launched.py", tmp_path / "tasks.pt"
-    script.write_text(LAUNCHED)
+    (tmp_path / "launched.py").write_text(script)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(script),
-           str(saved)]
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(tmp_path / "launched.py"), str(saved)]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(root))
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.integration
+def test_several_tasks_under_accelerate_launch_reduce_each_task(tmp_path):
+    """Two processes of batch 4 take the steps one process of batch 8 takes: every task's gradient is averaged."""
+    saved = tmp_path / "tasks.pt"
+    _launch(tmp_path, LAUNCHED, saved)
     launched = torch.load(saved, weights_only=True)
     model = _many_tasks()
     fit(model, DataLoader(_data(), batch_size=8), steps=5, seed=0, progress=False, tasks=["a", "b"],
@@ -447,3 +452,34 @@ def test_several_tasks_under_accelerate_launch_reduce_each_task(tmp_path):
     for name in "ab":
         for key, value in model.tasks[name].state_dict().items():
             torch.testing.assert_close(launched[name][key], value, rtol=0, atol=TOL)
+
+
+RESUMED_LAUNCHED = '''
+import copy, sys, torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from learnable_memory.train import fit
+from tests.test_fit_tasks import _data, _loader, _many_tasks
+
+accelerator = Accelerator(cpu=True)
+kwargs = dict(tasks=["a", "b"], settings={"a": dict(lr=0.3), "b": dict(optimizer="adamw", lr=3e-3)}, progress=False,
+              accelerator=accelerator)
+straight, states = _many_tasks(), {}
+fit(straight, _loader(_data(40), batch=4), steps=8, checkpoint_every=3, seed=0,
+    on_checkpoint=lambda state, _: states.setdefault(state.step, (state, copy.deepcopy(straight))), **kwargs)
+state, resumed = states[3]
+state = broadcast_object_list([state])[0]  # every process reads the checkpoint of process 0
+result = fit(resumed, _loader(_data(40), batch=4), steps=5, resume=state, **kwargs)
+same = [torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters(), strict=True)]
+if accelerator.is_main_process:
+    open(sys.argv[1], "w").write(f"{state.epoch} {state.batches} {state.epoch_batches} {all(same)}")
+'''
+
+
+@pytest.mark.integration
+def test_a_fit_resumed_under_accelerate_launch_continues_exactly(tmp_path):
+    """Two processes (5 batches of 4 each per epoch): resumed from step 3 of 8 with the checkpoint of process 0,
+    every process continues its own shard of the data order."""
+    saved = tmp_path / "same.txt"
+    _launch(tmp_path, RESUMED_LAUNCHED, saved)
+    assert saved.read_text() == "1 3 5 True"
