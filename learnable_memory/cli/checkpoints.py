@@ -1,7 +1,8 @@
 """What ``train`` writes and reads to continue: the settings it records and reuses (``training.json``),
-the adapter folder written whole or not at all (also periodically, ``--save-every``), the optimizer
-state and schedule position beside it (``training_state.pt``), the folder a resumed run writes by
-default, and Ctrl-C / SIGTERM turned into one line."""
+the adapter folder written whole or not at all (also periodically, ``--save-every``; a sweep's folders all
+or none), the optimizer state, schedule and data position and random states beside it
+(``training_state.pt``), the folder a resumed run writes by default, and Ctrl-C / SIGTERM turned into one
+line."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from ..training import FitState
 from .records import TRAINING_FILE
 from .train_settings import RECORDED as RECORDED  # where its readers take it
 
-#: Written beside the adapter: the optimizer state and schedule position (a ``FitState``), for --resume.
+#: Written beside the adapter: the optimizer state, schedule and data position, random states (a ``FitState``),
+#: for --resume.
 STATE_FILE = "training_state.pt"
 
 

@@ -1,8 +1,9 @@
 """``learnable-memory train``: fine-tune one memory adapter on a frozen base and save it with its
 ``training.json`` (data, base model spec, settings, validation split, history), from which ``eval`` and
-``predict`` rebuild the base and the data, and ``training_state.pt`` (the optimizer state and the
-schedule position), from which ``--resume`` continues with the recorded settings. ``--save-every``
-writes the same folder periodically; Ctrl-C or SIGTERM then keeps the last one.
+``predict`` rebuild the base and the data, and ``training_state.pt`` (the optimizer state, the schedule
+and data position, the random states), from which ``--resume`` continues exactly, with the recorded
+settings. ``--save-every`` writes the same folder periodically; Ctrl-C or SIGTERM (or kill -9) then keeps
+the last one.
 
 This module is the parser, which imports no torch (so ``train --help`` starts fast); the run is
 :mod:`.train_run`, what it trains (plan, output folder, data) :mod:`.train_plan`."""
@@ -69,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "ADAPTER-resumed beside the adapter)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --save-base)")
     p.add_argument("--resume", metavar="ADAPTER", help="continue training a saved adapter with its recorded "
-                   "settings (options given here override them), optimizer state and schedule position")
+                   "settings (options given here override them), optimizer state, schedule and data position")
     p.add_argument("--init-std", type=positive_float, help="the new memory's initial standard deviation "
                    "(default 0.02)")
     p.add_argument("--sweep", action="append", type=sweep_axis, metavar="KEY=V1,V2",
