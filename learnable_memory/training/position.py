@@ -7,9 +7,12 @@ from its generator (from torch's global one when it has none), and the loader dr
 seed from its own. So a fit keeps those states as they were at the start of each epoch; a resumed fit
 puts them back, begins the epoch again with ``accelerate.skip_first_batches`` (the batches already
 trained on are skipped by index, never loaded) and then puts back every random state as it was at the
-checkpoint. Under ``accelerate launch`` the data order resumes exactly too (``accelerate`` hands every
-process the generator of process 0 when an epoch begins, and every process reads the same checkpoint);
-the global random states of every process are then those process 0 saved.
+checkpoint. That is exact for data whose items draw no random numbers (``train``'s transforms draw none);
+a dataset with random augmentation resumes the same order of items, with other augmentations, since the
+loader reads ahead of the step. Under ``accelerate launch`` the data order resumes exactly too
+(``accelerate`` hands every process the generator of process 0 when an epoch begins, every process skips
+its own shard's batches, and every process reads the same checkpoint); the global random states of every
+process are then those process 0 saved.
 """
 
 from __future__ import annotations
