@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -191,6 +192,19 @@ def error_of(r: httpx.Response, status: int) -> str:
     body = r.json()["error"]
     assert body["code"] == status and body["message"]
     return body["message"]
+
+
+def signal_when_written(proc: subprocess.Popen, path: Path, signum: int, timeout: float = 600.0) -> str:
+    """Send ``signum`` to ``proc`` once ``path`` exists (or it has exited), then wait for it: its stderr.
+    ``timeout`` bounds each wait (a loaded machine writes a first checkpoint in minutes)."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not path.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        return proc.communicate(timeout=timeout)[1]
+    finally:
+        proc.kill()
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:

@@ -130,8 +130,10 @@ def test_sweep_e2e_reads_a_finished_run_instead_of_running_it_again(bench, tmp_p
     assert len(calls) == 1 and again == first | {"cached": True} and "cached" not in first
     sweep.timed_run(["train", "--lr", "0.1"], folder, fresh=True)
     assert len(calls) == 2
+    sweep.timed_run(["train", "--lr", "0.1", "--init-seed", "1"], folder, fresh=False)  # another command
+    assert len(calls) == 3
     configs = sweep.e2e_grid(quick=False)
-    assert len(configs) == 27 and configs[0]["options"] == ["--lr", "0.03", "--n-mem", "1", "--seed", "0"]
+    assert len(configs) == 27 and configs[0]["options"] == ["--lr", "0.03", "--n-mem", "1", "--init-seed", "0"]
 
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
@@ -237,10 +239,10 @@ def test_quick_run_writes_results(name: str, tmp_path: Path) -> None:
         assert all(r["speedup"]["median"] > 0 for r in by.values())
         assert set(data["step"]["memory"]) == {"1", "32"}
         e2e = data["e2e"]
-        assert [c["name"] for c in e2e["configs"]] == ["lr-0.1_n-mem-1_seed-0", "lr-0.3_n-mem-1_seed-0"]
+        assert [c["name"] for c in e2e["configs"]] == ["lr-0.3_n-mem-1_seed-0", "lr-0.3_n-mem-1_seed-1"]
         assert e2e["ratio"] == pytest.approx(e2e["sequential_seconds"] / e2e["sweep_seconds"])
-        # a configuration of seed 0 is its own train run's computation: the same validation accuracy
-        assert e2e["max_diff_same_order"] == 0.0
+        # every configuration is its own train run's computation (train --init-seed S): the same accuracy
+        assert e2e["max_diff"] == 0.0
         assert len(data["targets"]) == 6
     elif name == "batch_predict":
         (rep,) = data["jobs"]

@@ -22,6 +22,7 @@ import learnable_memory.cli as cli
 from learnable_memory import data as D
 from learnable_memory import load_adapters
 from learnable_memory.cli import build_parser, create_base, main
+from tests.helpers import signal_when_written
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--steps", "3", "--batch-size", "16", "--max-train", "48", "--no-progress"]
@@ -656,8 +657,9 @@ def test_save_every_keeps_the_last_checkpoint_when_interrupted(tmp_path, monkeyp
         calls.append(save(*args, **kwargs))
 
     monkeypatch.setattr(train_cli, "save_adapter_run", interrupt_the_second)
-    code, _, err = _run(["train", "--data", "digits", "--n-mem", "2", "--steps", "6", "--save-every", "2",
-                         "--batch-size", "16", "--max-train", "48", "--no-val", "--no-progress", "--out", out], capsys)
+    argv = ["train", "--data", "digits", "--n-mem", "2", "--steps", "6", "--batch-size", "16", "--max-train", "48",
+            "--no-val", "--no-progress"]
+    code, _, err = _run([*argv, "--save-every", "2", "--out", out], capsys)
     assert code == 130 and calls == [out]
     assert err == (f"learnable-memory: interrupted (Ctrl-C): the checkpoint of step 2 is in {out}; continue with: "
                    f"learnable-memory train --resume {out}\n")
@@ -665,10 +667,15 @@ def test_save_every_keeps_the_last_checkpoint_when_interrupted(tmp_path, monkeyp
     assert (info["total_steps"], info["planned_steps"], info["complete"]) == (2, 6, False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no half-written folder is left
     monkeypatch.setattr(train_cli, "save_adapter_run", save)
-    code, _, err = _run(["train", "--resume", out, "--no-progress"], capsys)  # the rest of the schedule
+    code, text, err = _run(["train", "--resume", out, "--no-progress"], capsys)  # the rest of the schedule
     assert code == 0, err
+    assert "at step 2 of its schedule (epoch 1, after batch 2)" in text
     info = json.loads((tmp_path / "ck-resumed" / "training.json").read_text())
     assert (info["total_steps"], info["settings"]["steps"], info["complete"]) == (6, 4, True)
+    code, _, err = _run([*argv, "--out", tmp_path / "straight"], capsys)  # uninterrupted: the same adapter
+    assert code == 0, err
+    task = info["task"]
+    assert_same_adapter(tmp_path / "straight", tmp_path / "ck-resumed", task)
 
 
 def test_eval_rebuilds_the_validation_split_of_a_val_fraction_adapter(trained, tmp_path, capsys):
@@ -695,22 +702,13 @@ def test_eval_rebuilds_the_validation_split_of_a_val_fraction_adapter(trained, t
 @pytest.mark.integration
 def test_sigterm_keeps_the_last_checkpoint_and_exits_in_one_line(tmp_path):
     import signal
-    import time
 
     out = tmp_path / "long"
     cmd = [sys.executable, "-m", "learnable_memory", "train", "--data", "digits", "--n-mem", "1", "--steps", "100000",
            "--save-every", "1", "--batch-size", "8", "--max-train", "32", "--no-val", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
-    try:
-        for _ in range(1200):  # the first checkpoint (a loaded machine: up to 10 minutes)
-            if (out / "training.json").is_file() or proc.poll() is not None:
-                break
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    err = signal_when_written(proc, out / "training.json", signal.SIGTERM)  # after the first checkpoint
     assert proc.returncode == 143, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and last.startswith("learnable-memory: interrupted (SIGTERM): the checkpoint of step")
@@ -737,22 +735,28 @@ def test_sweep_trains_the_grid_in_one_run_as_each_configuration_alone(tmp_path, 
     assert text.splitlines()[-10].split()[:4] == ["rank", "lr", "n-mem", "seed"]
     info = json.loads((out / names[-1] / "training.json").read_text())
     assert (info["settings"]["lr"], info["task"]) == (0.3, names[-1])
-    # one configuration, trained alone by train with the same settings (the data order of --seed 0)
-    alone = tmp_path / "alone"
-    torch.manual_seed(0)
-    code, _, err = _run(["train", *common, "--lr", "0.3", "--n-mem", "2", "--out", alone], capsys)
-    assert code == 0, err
-    a = load_adapters(D.load_demo_base(), [alone]).tasks["digits"]
-    b = load_adapters(D.load_demo_base(), [out / "lr-0.3_n-mem-2_seed-0"]).tasks["lr-0.3_n-mem-2_seed-0"]
-    for key, value in a.state_dict().items():
-        torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=1e-5)
+    assert (info["settings"]["seed"], info["settings"]["init_seed"]) == (0, 4)  # the data order keeps --seed
+    # configurations trained alone by train with the same settings: the data order of --seed 0, the init seed
+    for seed, extra in ((0, []), (4, ["--init-seed", "4"])):
+        alone = tmp_path / f"alone-{seed}"
+        torch.manual_seed(0)
+        code, _, err = _run(["train", *common, "--lr", "0.3", "--n-mem", "2", *extra, "--out", alone], capsys)
+        assert code == 0, err
+        assert json.loads((alone / "training.json").read_text())["settings"]["init_seed"] == seed
+        a = load_adapters(D.load_demo_base(), [alone]).tasks["digits"]
+        name = f"lr-0.3_n-mem-2_seed-{seed}"
+        b = load_adapters(D.load_demo_base(), [out / name]).tasks[name]
+        for key, value in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("sweep, needle", [("lr=abc", "lr='abc'"), ("foo=1", "can not sweep 'foo'"),
                                            ("lr", "KEY=V1,V2"), ("lr=0.1,0.1", "twice"),
-                                           ("optimizer=lion", "not sgd or adamw")])
+                                           ("optimizer=lion", "not sgd or adamw"),
+                                           ("seed=1,2 --sweep init-seed=3", "init-seed and seed are one option")])
 def test_bad_sweeps_are_one_line_errors(sweep, needle, tmp_path, capsys):
-    code, _, err = _run(["train", "--data", "digits", "--sweep", sweep, *TINY, "--out", tmp_path / "x"], capsys)
+    code, _, err = _run(["train", "--data", "digits", "--sweep", *sweep.split(), *TINY, "--out", tmp_path / "x"],
+                        capsys)
     assert_one_line_error(code, err, "--sweep", needle)
     assert not (tmp_path / "x").exists()
 
@@ -802,6 +806,7 @@ def test_an_interrupted_sweep_resumes_from_its_last_checkpoint(tmp_path, monkeyp
     assert code == 130 and "the checkpoint of step 2 is in" in err, err
     names = ["n-mem-1", "n-mem-2"]
     assert [json.loads((out / n / "training.json").read_text())["total_steps"] for n in names] == [2, 2]
+    monkeypatch.setattr(sweep_cli, "save_configs", save)
     code, text, err = _run(["train", "--resume", out, "--no-progress"], capsys)
     assert code == 0, err
     assert "from step 2" in text
@@ -810,5 +815,47 @@ def test_an_interrupted_sweep_resumes_from_its_last_checkpoint(tmp_path, monkeyp
         info = json.loads((done / n / "training.json").read_text())
         assert (info["total_steps"], info["complete"], info["settings"]["optimizer"]) == (6, True, "adamw")
     assert load_adapters(D.load_demo_base(), [done / n for n in names]).task_names == names
+    code, _, err = _run([*argv, "--sweep", "n-mem=1,2", "--out", tmp_path / "straight"], capsys)  # uninterrupted
+    assert code == 0, err
+    for n in names:
+        assert_same_adapter(tmp_path / "straight" / n, done / n, n)
     code, _, err = _run(["train", "--resume", out, "--sweep", "lr=0.1"], capsys)
     assert_one_line_error(code, err, "drop --sweep")
+
+
+def assert_same_adapter(a: Path, b: Path, task: str) -> None:
+    """The adapter folders ``a`` and ``b`` (of task ``task``) hold equal tensors."""
+    x = load_adapters(D.load_demo_base(), [a]).tasks[task].state_dict()
+    y = load_adapters(D.load_demo_base(), [b]).tasks[task].state_dict()
+    assert x.keys() == y.keys()
+    for key, value in x.items():
+        assert torch.equal(y[key], value), (a, key)
+
+
+@pytest.mark.integration
+def test_a_sweep_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapters(tmp_path):
+    """kill -9 after the first checkpoint, then --resume OUT: every configuration ends where the sweep that
+    was never stopped ends (the data position, the random states and the best validation so far are in the
+    checkpoint)."""
+    import signal
+
+    argv = [sys.executable, "-m", "learnable_memory", "train", "--data", "digits", "--steps", "40", "--batch-size",
+            "16", "--max-train", "48", "--val-fraction", "0.25", "--no-progress", "--sweep", "lr=0.1,0.3", "--n-mem",
+            "1"]  # each configuration saved at its best validation, which may come before the kill
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    straight, out = tmp_path / "straight", tmp_path / "sw"
+    r = subprocess.run([*argv, "--out", str(straight)], capture_output=True, text=True, cwd=tmp_path, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen([*argv, "--save-every", "2", "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    err = signal_when_written(proc, out / "sweep_state.json", signal.SIGKILL)  # after the first checkpoint
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    step = json.loads((out / "sweep_state.json").read_text())["step"]
+    assert 2 <= step < 40
+    r = subprocess.run([*argv[:4], "--resume", str(out), "--no-progress"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"from step {step}" in r.stdout
+    for n in ("lr-0.1", "lr-0.3"):
+        assert_same_adapter(straight / n, tmp_path / "sw-resumed" / n, n)

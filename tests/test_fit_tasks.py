@@ -5,6 +5,7 @@ best state per task, resuming; and the single-task path gives the parameters of 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from learnable_memory import TaskConfig, wrap_model
 from learnable_memory.train import NonFiniteError, NonFiniteInputError, fit, make_optimizer
+from learnable_memory.training import FitState
 from tests.helpers import IMG, make_vit
 
 STEPS = 50
@@ -318,6 +320,94 @@ def test_resume_continues_the_optimizer_and_the_schedule():
     assert lines[0] == "a: the saved state is for sgd, not adamw: the optimizer starts afresh"
 
 
+def _checkpoints(model: nn.Module, steps: int, **kwargs) -> dict:
+    """Fit ``model`` for ``steps`` on a shuffled loader (batch 8 of 40: 5 per epoch), keeping every step's
+    state, saved and loaded as ``train`` does (``torch.load(weights_only=True)``), with a copy of the model."""
+    import io
+
+    states = {}
+
+    def keep(state, _result):
+        buf = io.BytesIO()
+        torch.save(state.as_dict(), buf)
+        buf.seek(0)
+        states[state.step] = (FitState.from_dict(torch.load(buf, weights_only=True)), copy.deepcopy(model))
+
+    fit(model, _loader(_data(40)), steps=steps, seed=0, progress=False, checkpoint_every=1, on_checkpoint=keep,
+        **kwargs)
+    return states
+
+
+def _dropout_model() -> nn.Module:
+    """A plain model that draws random numbers in every forward (what the saved random states are for)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(3 * IMG * IMG, 3))
+
+
+RESUMED = {
+    "two tasks": dict(tasks=["a", "b"], settings={"a": dict(lr=0.3), "b": dict(optimizer="adamw", lr=3e-3)}),
+    "one task": dict(tasks=["a"], lr=0.3), "plain model": dict(lr=0.3),
+    # the best validation before the checkpoint is restored at the end; a task stopped before it stays stopped
+    "validated": dict(tasks=["a", "b", "c"], settings={"a": dict(lr=0.3), "b": dict(lr=3.0),
+                                                       "c": dict(lr=1e30, clip=None)},
+                      val_loader=DataLoader(_data(16, seed=1), batch_size=8), val_every=2, restore_best=True),
+}
+
+
+@pytest.mark.parametrize("what", list(RESUMED))
+def test_a_resumed_fit_continues_the_data_order_and_random_state_exactly(what):
+    """N steps in one fit against k steps, then a fresh loader built the same way and fit(resume=state):
+    k inside the first epoch, at its end, and inside the second (every resumed run crosses an epoch)."""
+    kwargs = RESUMED[what]
+    init = _dropout_model() if what == "plain model" else _many_tasks()
+    straight = copy.deepcopy(init)
+    states = _checkpoints(straight, 13, **kwargs)
+    for k in (3, 5, 7):
+        state, resumed = states[k]
+        assert (state.epoch, state.batches, state.epoch_batches) == (1 + (k - 1) // 5, (k - 1) % 5 + 1, 5)
+        result = fit(resumed, _loader(_data(40)), steps=13 - k, seed=0, progress=False, resume=state, **kwargs)
+        assert result.state.step == 13
+        for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+            assert torch.equal(p, q), (what, k, name)
+        if what == "validated":
+            assert [(t.best_step, t.stopped is not None) for t in result.tasks.values()] == [(2, False), (4, False),
+                                                                                           (None, True)]
+        if k == 3 and "val_loader" not in kwargs:  # a fit of k steps ends at the longer fit's step k (which
+            # validates at its end: an iteration of the validation loader draws its seed from torch's state)
+            alone = copy.deepcopy(init)
+            end = fit(alone, _loader(_data(40)), steps=3, seed=0, progress=False, **kwargs).state
+            assert (end.epoch, end.batches) == (1, 3)
+            assert all(torch.equal(a, b) for a, b in zip(end.epoch_rng["generators"], state.epoch_rng["generators"],
+                                                         strict=True))
+            assert torch.equal(end.epoch_rng["torch"], state.epoch_rng["torch"])
+            assert torch.equal(end.rng["torch"], state.rng["torch"])
+            assert torch.equal(end.rng["python"]["state"], state.rng["python"]["state"])
+
+
+def test_a_state_saved_without_a_data_position_begins_a_fresh_epoch():
+    settings = {"a": dict(lr=0.3)}
+    states = _checkpoints(_many_tasks(), 13, tasks=["a"], settings=settings)
+    state, model = states[3]
+    old = FitState.from_dict({k: v for k, v in state.as_dict().items()  # as saved before the position was kept
+                              if k in ("step", "total", "optimizers", "optimizer_names")})
+    assert (old.epoch, old.batches, old.rng) == (0, 0, {})
+    merged = FitState.merged([state.of_task("a"), dataclasses.replace(state.of_task("a"), optimizers={"b": {}},
+                                                                      optimizer_names={"b": "sgd"})])
+    assert sorted(merged.optimizers) == ["a", "b"] and merged.epoch_rng is state.epoch_rng
+    with pytest.raises(ValueError, match=r"at different steps \[3, 4\]"):
+        FitState.merged([state, dataclasses.replace(state, step=4)])
+    exact, fresh = copy.deepcopy(model), copy.deepcopy(model)
+    fit(exact, _loader(_data(40)), steps=4, progress=False, tasks=["a"], settings=settings, resume=state)
+    result = fit(fresh, _loader(_data(40)), steps=4, progress=False, tasks=["a"], settings=settings, resume=old)
+    assert result.state.step == 7 and result.state.epoch == 1 and result.state.batches == 4
+    assert _max_diff(exact.tasks["a"], fresh.tasks["a"]) > 1e-4  # other batches
+    lines = []
+    fit(copy.deepcopy(model), _loader(_data(48)), steps=1, progress=False, tasks=["a"], settings=settings,
+        resume=state, log=lines.append)
+    assert lines[0] == ("the saved data position is for 5 batches per epoch and 1 generator(s), this loader has 6 "
+                        "and 1: a fresh epoch begins")
+
+
 LAUNCHED = '''
 import sys, torch
 from accelerate import Accelerator
@@ -333,23 +423,28 @@ if result.tasks["a"].steps == 5 and int(__import__("os").environ["RANK"]) == 0:
 '''
 
 
-@pytest.mark.integration
-def test_several_tasks_under_accelerate_launch_reduce_each_task(tmp_path):
-    """Two processes of batch 4 take the steps one process of batch 8 takes: every task's gradient is averaged."""
+def _launch(tmp_path, script: str, saved) -> None:
+    """Run ``script`` (its argv[1]: ``saved``) under ``accelerate launch`` with two CPU processes."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    script, saved = tmp_path / "launched.py", tmp_path / "tasks.pt"
-    script.write_text(LAUNCHED)
+    (tmp_path / "launched.py").write_text(script)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(script),
-           str(saved)]
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(tmp_path / "launched.py"), str(saved)]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(root))
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.integration
+def test_several_tasks_under_accelerate_launch_reduce_each_task(tmp_path):
+    """Two processes of batch 4 take the steps one process of batch 8 takes: every task's gradient is averaged."""
+    saved = tmp_path / "tasks.pt"
+    _launch(tmp_path, LAUNCHED, saved)
     launched = torch.load(saved, weights_only=True)
     model = _many_tasks()
     fit(model, DataLoader(_data(), batch_size=8), steps=5, seed=0, progress=False, tasks=["a", "b"],
@@ -357,3 +452,34 @@ def test_several_tasks_under_accelerate_launch_reduce_each_task(tmp_path):
     for name in "ab":
         for key, value in model.tasks[name].state_dict().items():
             torch.testing.assert_close(launched[name][key], value, rtol=0, atol=TOL)
+
+
+RESUMED_LAUNCHED = '''
+import copy, sys, torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from learnable_memory.train import fit
+from tests.test_fit_tasks import _data, _loader, _many_tasks
+
+accelerator = Accelerator(cpu=True)
+kwargs = dict(tasks=["a", "b"], settings={"a": dict(lr=0.3), "b": dict(optimizer="adamw", lr=3e-3)}, progress=False,
+              accelerator=accelerator)
+straight, states = _many_tasks(), {}
+fit(straight, _loader(_data(40), batch=4), steps=8, checkpoint_every=3, seed=0,
+    on_checkpoint=lambda state, _: states.setdefault(state.step, (state, copy.deepcopy(straight))), **kwargs)
+state, resumed = states[3]
+state = broadcast_object_list([state])[0]  # every process reads the checkpoint of process 0
+result = fit(resumed, _loader(_data(40), batch=4), steps=5, resume=state, **kwargs)
+same = [torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters(), strict=True)]
+if accelerator.is_main_process:
+    open(sys.argv[1], "w").write(f"{state.epoch} {state.batches} {state.epoch_batches} {all(same)}")
+'''
+
+
+@pytest.mark.integration
+def test_a_fit_resumed_under_accelerate_launch_continues_exactly(tmp_path):
+    """Two processes (5 batches of 4 each per epoch): resumed from step 3 of 8 with the checkpoint of process 0,
+    every process continues its own shard of the data order."""
+    saved = tmp_path / "same.txt"
+    _launch(tmp_path, RESUMED_LAUNCHED, saved)
+    assert saved.read_text() == "1 3 5 True"

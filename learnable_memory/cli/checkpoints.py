@@ -1,7 +1,8 @@
 """What ``train`` writes and reads to continue: the settings it records and reuses (``training.json``),
-the adapter folder written whole or not at all (also periodically, ``--save-every``), the optimizer
-state and schedule position beside it (``training_state.pt``), the folder a resumed run writes by
-default, and Ctrl-C / SIGTERM turned into one line."""
+the adapter folder written whole or not at all (also periodically, ``--save-every``; a sweep's folders all
+or none), the optimizer state, schedule and data position and random states beside it
+(``training_state.pt``), the folder a resumed run writes by default, and Ctrl-C / SIGTERM turned into one
+line."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from ..training import FitState
 from .records import TRAINING_FILE
 from .train_settings import RECORDED as RECORDED  # where its readers take it
 
-#: Written beside the adapter: the optimizer state and schedule position (a ``FitState``), for --resume.
+#: Written beside the adapter: the optimizer state, schedule and data position, random states (a ``FitState``),
+#: for --resume.
 STATE_FILE = "training_state.pt"
 
 
@@ -51,7 +53,8 @@ def training_record(args: argparse.Namespace, plan, class_names: list[str], resu
         task=plan.task, data=plan.source if D.is_builtin(plan.source) else str(Path(plan.source).resolve()),
         class_subset=plan.subset if isinstance(plan.subset, str) else previous.get("class_subset"),
         class_names=class_names, base=plan.spec, extends=[recorded(e) for e in plan.extend],
-        settings=dict(steps=result.steps, processes=processes, **{k: getattr(args, k) for k in RECORDED}),
+        settings=dict(steps=result.steps, processes=processes, **{k: getattr(args, k) for k in RECORDED}) | {
+            "init_seed": args.seed if args.init_seed is None else args.init_seed},  # --init-seed's default: --seed
         validation=validation,
         total_steps=previous.get("total_steps", 0) - start + result.state.step,
         planned_steps=result.state.total, complete=complete,
@@ -60,15 +63,21 @@ def training_record(args: argparse.Namespace, plan, class_names: list[str], resu
         val_accuracy=result.val.get("accuracy"))
 
 
-def save_adapter_run(model, out: Path, task: str, record: dict, state: FitState) -> Path:
-    """The adapter, its ``training.json`` and its ``training_state.pt``, put in place of ``out`` whole."""
+def adapter_writer(model, task: str, record: dict, state: FitState) -> Callable[[Path], None]:
+    """``write(folder)``: the adapter of ``task``, its ``training.json`` and its ``training_state.pt`` (the
+    optimizer state, schedule and data position, random states) in ``folder``."""
 
     def write(folder: Path) -> None:
         model.save_adapter(folder, task=task)
         (folder / TRAINING_FILE).write_text(json.dumps(record, indent=2))
         torch.save(state.as_dict(), folder / STATE_FILE)
 
-    return save_run(out, write)
+    return write
+
+
+def save_adapter_run(model, out: Path, task: str, record: dict, state: FitState) -> Path:
+    """The adapter, its ``training.json`` and its ``training_state.pt``, put in place of ``out`` whole."""
+    return save_run(out, adapter_writer(model, task, record, state))
 
 
 
@@ -113,21 +122,32 @@ def _signals_held() -> Iterator[None]:
 def save_run(out: Path, write: Callable[[Path], None]) -> Path:
     """Write a folder with ``write(folder)`` beside ``out``, then put it in the place of ``out``: a reader
     (or an interrupted run) sees the old folder or the new one, never half of one."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.writing-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    return save_runs([(out, write)])[0]
+
+
+def save_runs(runs: list[tuple[Path, Callable[[Path], None]]]) -> list[Path]:
+    """:func:`save_run` for several folders: every one written first, then all put in place (renames only),
+    so a run stopped while writing (even by kill -9) leaves the previous folders as they were."""
+    pid, places = os.getpid(), []
+    for out, _ in runs:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        places.append((out, out.with_name(f".{out.name}.writing-{pid}"), out.with_name(f".{out.name}.old-{pid}")))
     try:
-        write(tmp)
+        for (_, tmp, _), (_, write) in zip(places, runs, strict=True):
+            shutil.rmtree(tmp, ignore_errors=True)
+            write(tmp)
         with _signals_held():
-            if out.exists():
-                out.rename(old)
-            tmp.rename(out)
+            for out, tmp, old in places:
+                if out.exists():
+                    out.rename(old)
+                tmp.rename(out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+        for _, tmp, _ in places:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for _, _, old in places:
+        shutil.rmtree(old, ignore_errors=True)
+    return [out for out, _, _ in places]
 
 
 class Terminated(KeyboardInterrupt):

@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import data as D
 from ..config import TaskConfig
 from ..model import MemoryViT
-from .sweep import torch_rng_after
+from .sweep import init_seed, torch_rng_after
 
 
 def check_labels_args(args: argparse.Namespace) -> None:
@@ -40,7 +40,7 @@ def labels_model(args: argparse.Namespace, base, table: D.LabelTable, make_base:
     seed_rng = torch_rng_after(make_base)
     model = MemoryViT(base)
     for task in table.tasks:
-        seed_rng(args.seed)
+        seed_rng(init_seed(args))
         model.add_task(TaskConfig(task, args.n_mem, len(table.classes[task]), mode=args.mode or "non_destructive",
                                   init_std=args.init_std, class_names=table.classes[task]))
     for t in model.tasks.values():
@@ -51,12 +51,8 @@ def labels_model(args: argparse.Namespace, base, table: D.LabelTable, make_base:
 def save_labels_run(model: MemoryViT, out: Path, table: D.LabelTable, result, save: Callable,
                     record: Callable) -> None:
     """One adapter folder per task under ``out``, then a line per task."""
-    from ..training import FitState
-
     for task in table.tasks:
         r = result.tasks[task]
-        state = FitState(r.state.step, r.state.total, {task: r.state.optimizers[task]},
-                         {task: r.state.optimizer_names[task]})
-        save(model, Path(out) / task, task, record(task, r), state)
+        save(model, Path(out) / task, task, record(task, r), r.state.of_task(task))
         best = f"best validation accuracy {r.best_metric:.4f} (step {r.best_step})" if r.best_metric is not None else ""
         print(f"{task}: {len(table.classes[task])} classes; {best or 'no validation'}; saved {Path(out) / task}")

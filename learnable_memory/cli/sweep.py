@@ -19,7 +19,7 @@ import torch
 from ..config import TaskConfig
 from ..model import MemoryViT
 from ..training import FitState
-from .checkpoints import read_state, save_adapter_run, save_run
+from .checkpoints import adapter_writer, read_state, save_run, save_runs
 from .sweep_axes import SWEEPABLE
 
 #: Written in a sweep's folder: its grid and step, so ``--resume OUT`` continues it.
@@ -48,17 +48,21 @@ def grid(axes: list[tuple[str, list]]) -> list[Config]:
     keys = [k for k, _ in axes]
     if len(set(keys)) != len(keys):
         raise ValueError(f"--sweep names {sorted({k for k in keys if keys.count(k) > 1})} twice: give each key once")
+    options = [SWEEPABLE[k][0] for k in keys]
+    if len(set(options)) != len(options):
+        same = sorted(k for k in keys if options.count(SWEEPABLE[k][0]) > 1)
+        raise ValueError(f"--sweep {' and '.join(same)} are one option: give one of them")
     return [Config("_".join(f"{k}-{v}" for k, v in zip(keys, combo, strict=True)), dict(zip(keys, combo, strict=True)))
             for combo in itertools.product(*(values for _, values in axes))]
 
 
 def sweep_model(args: argparse.Namespace, base, configs: list[Config], class_names: list[str],
                 seed_rng: Callable[[int], None]) -> MemoryViT:
-    """A model with one trainable task per configuration, each initialised as ``train --seed S`` would
-    (``seed_rng(S)`` puts the random state where a run of seed S has it when it makes its task)."""
+    """A model with one trainable task per configuration, each initialised as ``train --init-seed S`` would
+    (``seed_rng(S)`` puts the random state where a run of init seed S has it when it makes its task)."""
     model = MemoryViT(base)
     for c in configs:
-        seed_rng(c.setting(args, "seed"))
+        seed_rng(init_seed(args, c))
         model.add_task(TaskConfig(c.name, c.setting(args, "n_mem"), len(class_names), mode=args.mode
                                   or "non_destructive", init_std=c.setting(args, "init_std"),
                                   class_names=list(class_names)))
@@ -145,9 +149,16 @@ def format_leaderboard(rows: list[dict], keys: list[str]) -> str:
                      for line in [head, *body])
 
 
+def init_seed(args: argparse.Namespace, config: Config | None = None) -> int:
+    """The seed of a new task's initialisation: ``config``'s (its ``seed`` axis), else ``--init-seed``, else
+    ``--seed``."""
+    value = config.setting(args, "init_seed") if config is not None else args.init_seed
+    return args.seed if value is None else value
+
+
 def torch_rng_after(make_base: Callable[[], object]) -> Callable[[int], None]:
-    """``seed_rng(S)``: torch's random state as a ``train --seed S`` run has it when it makes its task
-    (after seeding and building the base), recorded once per seed."""
+    """``seed_rng(S)``: torch's random state as a ``train --init-seed S`` run has it when it makes its task
+    (after seeding S and building the base, as ``train --seed S`` has it), recorded once per seed."""
     from accelerate.utils import set_seed
 
     states: dict[int, torch.Tensor] = {}
@@ -177,14 +188,15 @@ def save_configs(model: MemoryViT, out: Path, configs: list[Config], result, arg
     """Every configuration's adapter folder under ``out`` (with its ``training.json`` and optimizer state), and
     ``sweep_state.json``, from which ``--resume OUT`` continues the sweep."""
     out.mkdir(parents=True, exist_ok=True)
+    writers = []
     for c in configs:
         r = result.tasks[c.name]
-        state = FitState(r.state.step, r.state.total, {c.name: r.state.optimizers[c.name]},
-                         {c.name: r.state.optimizer_names[c.name]})
         cargs = argparse.Namespace(**vars(args))
         for option, value in c.values.items():
             setattr(cargs, SWEEPABLE[option][0], value)
-        save_adapter_run(model, out / c.name, c.name, record(cargs, c.name, r, complete), state)
+        writers.append((out / c.name, adapter_writer(model, c.name, record(cargs, c.name, r, complete),
+                                                     r.state.of_task(c.name))))
+    save_runs(writers)  # every folder written, then all put in place: a kill -9 while writing keeps the last set
     (out / SWEEP_STATE).write_text(json.dumps({"sweep": args.sweep, "step": result.state.step,
                                                "complete": complete}))
 
@@ -197,7 +209,7 @@ def checkpoint_step(out: Path) -> int | None:
 
 def resumed_sweep(folder: Path, args: argparse.Namespace) -> tuple[list[Path], FitState]:
     """The configuration folders of the sweep in ``folder`` (its grid set on ``args.sweep``) and their
-    optimizer states merged into one ``FitState``."""
+    states (optimizers, schedule and data position) merged into one ``FitState``."""
     recorded = json.loads((folder / SWEEP_STATE).read_text())
     if args.sweep:
         raise ValueError(f"--resume {folder} continues the grid it recorded: drop --sweep")
@@ -206,11 +218,7 @@ def resumed_sweep(folder: Path, args: argparse.Namespace) -> tuple[list[Path], F
     states = [read_state(f) for f in folders]
     if any(s is None for s in states):
         raise ValueError(f"{folder}: a configuration has no training_state.pt; the sweep can not be resumed")
-    merged = FitState(states[0].step, states[0].total)
-    for s in states:
-        merged.optimizers.update(s.optimizers)
-        merged.optimizer_names.update(s.optimizer_names)
-    return folders, merged
+    return folders, FitState.merged(states)
 
 
 def run_sweep(args: argparse.Namespace, model: MemoryViT | None, base, out: Path, loaders: tuple,

@@ -8,15 +8,17 @@ from collections.abc import Callable
 
 from .options import non_negative_float, non_negative_int, positive_float
 
-#: Sweepable options: the option's name -> (its ``args`` attribute, how a value parses). ``seed`` seeds the
-#: configuration's initialisation; the data order and split keep the run's ``--seed``.
+#: Sweepable options: the option's name -> (its ``args`` attribute, how a value parses). ``seed`` (or its
+#: other name ``init-seed``) is ``--init-seed``, the seed of the configuration's initialisation: the data
+#: order and split keep the run's ``--seed``, so a configuration of ``seed=S`` is ``train --init-seed S``.
 SWEEPABLE: dict[str, tuple[str, Callable[[str], object]]] = {
     "lr": ("lr", positive_float),
     "memory-lr-scale": ("memory_lr_scale", positive_float),
     "weight-decay": ("weight_decay", non_negative_float),
     "n-mem": ("n_mem", non_negative_int),
     "init-std": ("init_std", positive_float),
-    "seed": ("seed", non_negative_int),
+    "seed": ("init_seed", non_negative_int),
+    "init-seed": ("init_seed", non_negative_int),
     "warmup": ("warmup", non_negative_float),
     "clip": ("clip", positive_float),
     "optimizer": ("optimizer", lambda v: v if v in ("sgd", "adamw") else _bad(f"{v!r} is not sgd or adamw")),

@@ -1,8 +1,9 @@
 """``learnable-memory train``: fine-tune one memory adapter on a frozen base and save it with its
 ``training.json`` (data, base model spec, settings, validation split, history), from which ``eval`` and
-``predict`` rebuild the base and the data, and ``training_state.pt`` (the optimizer state and the
-schedule position), from which ``--resume`` continues with the recorded settings. ``--save-every``
-writes the same folder periodically; Ctrl-C or SIGTERM then keeps the last one.
+``predict`` rebuild the base and the data, and ``training_state.pt`` (the optimizer state, the schedule
+and data position, the random states), from which ``--resume`` continues exactly, with the recorded
+settings. ``--save-every`` writes the same folder periodically; Ctrl-C or SIGTERM (or kill -9) then keeps
+the last one.
 
 This module is the parser, which imports no torch (so ``train --help`` starts fast); the run is
 :mod:`.train_run`, what it trains (plan, output folder, data) :mod:`.train_plan`."""
@@ -57,6 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--batch-size", type=positive_int, help=f"per process (default {RECORDED['batch_size']})")
     p.add_argument("--seed", type=non_negative_int, help="default 0; also the seed of --max-train and the "
                    "validation split")
+    p.add_argument("--init-seed", type=non_negative_int, help="the seed of the new task's initialisation (default: "
+                   "--seed): the task starts as a --sweep configuration of seed=S does, the data order keeps --seed")
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
     p.add_argument("--max-train", type=positive_int, help="use at most this many training images")
     p.add_argument("--val-fraction", type=fraction, help="validate on this fraction of the training images "
@@ -67,13 +70,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "ADAPTER-resumed beside the adapter)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --save-base)")
     p.add_argument("--resume", metavar="ADAPTER", help="continue training a saved adapter with its recorded "
-                   "settings (options given here override them), optimizer state and schedule position")
+                   "settings (options given here override them), optimizer state, schedule and data position")
     p.add_argument("--init-std", type=positive_float, help="the new memory's initial standard deviation "
                    "(default 0.02)")
     p.add_argument("--sweep", action="append", type=sweep_axis, metavar="KEY=V1,V2",
                    help="train the grid of every --sweep in one pass per batch, one adapter per configuration under "
                    f"--out, with sweep.json/.csv/.png and the best copied to OUT/best; KEY: {', '.join(SWEEPABLE)} "
-                   "(seed: of the initialisation)")
+                   "(seed, or init-seed: --init-seed, the seed of the initialisation; the data order keeps --seed)")
     p.add_argument("--labels", metavar="FILE.csv", help="train an adapter per label column of FILE.csv (a 'path' "
                    "column, relative to the file, then a column per task; an empty cell is no label) in one pass "
                    "per batch, each under --out/COLUMN")

@@ -18,7 +18,7 @@ from .base import create_base, make_accelerator
 from .checkpoints import RECORDED, apply_recorded, report_interrupt, save_adapter_run, sigterm_raises, training_record
 from .labels import check_labels_args, label_data, labels_model, save_labels_run
 from .records import load_named_adapters
-from .sweep import SWEEP_STATE, check_sweep_args, checkpoint_step, run_sweep
+from .sweep import SWEEP_STATE, check_sweep_args, checkpoint_step, run_sweep, torch_rng_after
 from .train_plan import Plan, datasets, new_plan, output_folder, resume_plan, run_length, sweep_resume_plan
 from .train_settings import N_MEM
 
@@ -38,6 +38,8 @@ def task_model(args: argparse.Namespace, plan: Plan, class_names: list[str]) -> 
         start = load_named_adapters(plan.base, plan.extend, check_fingerprint=not args.no_fingerprint_check)
         if plan.task in start.tasks:
             raise ValueError(f"an --extend adapter already holds task {plan.task!r}: name this one with --task NAME")
+    if args.init_seed is not None:  # the random state a sweep's configuration of this init seed has
+        torch_rng_after(lambda: create_base(**plan.spec))(args.init_seed)
     return wrap_model(start, n_mem=N_MEM if args.n_mem is None else args.n_mem, task=plan.task,
                       init_std=args.init_std or 0.02,
                       mode=args.mode or "non_destructive", class_names=class_names)
@@ -148,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
                       f"{count_trainable(model):,} trainable parameters; {accelerator.num_processes} process(es)")
     if args.resume:
         at = f"at step {plan.state.step} of its schedule" if plan.state else "with a fresh optimizer (no saved state)"
+        if plan.state and plan.state.epoch:
+            at += f" (epoch {plan.state.epoch}, after batch {plan.state.batches})"
         accelerator.print(f"resuming {args.resume} {at}: " + ", ".join(f"{k} {getattr(args, k)}" for k in RECORDED)
                           + f"; writing {out}")
     saved: dict = {}

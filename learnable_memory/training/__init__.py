@@ -9,7 +9,8 @@ matrix with torchmetrics.
 
 Modules: :mod:`.optim` (parameters, optimizers, schedule, :class:`TaskSettings`), :mod:`.trainees` (which
 tasks train, and each one's state), :mod:`.step` (one step), :mod:`.metrics` (evaluation), :mod:`.results`
-(:class:`FitResult`, :class:`FitState`) and :mod:`.loop` (:func:`fit`).
+(:class:`FitResult`, :class:`FitState`), :mod:`.position` (the data position and random states a resumed
+fit continues from) and :mod:`.loop` (:func:`fit`).
 """
 
 from .loop import fit

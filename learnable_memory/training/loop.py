@@ -16,9 +16,18 @@ from tqdm.auto import tqdm
 
 from .metrics import evaluate, evaluate_tasks
 from .optim import DEFAULTS, TaskSettings, settings_per_task
+from .position import epoch_start, loader_generators, rest_of_epoch, rng_states
 from .results import FitResult, FitState
 from .step import Run, backward, optimizer_step
-from .trainees import check_shared_pass, fit_state, make_trainees, select_tasks, start_optimizers, start_schedules
+from .trainees import (
+    check_shared_pass,
+    fit_state,
+    make_trainees,
+    resume_progress,
+    select_tasks,
+    start_optimizers,
+    start_schedules,
+)
 
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None = None, *,
@@ -60,8 +69,12 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
             ``{"a": {"lr": 0.1}}``: each task has its own optimizer, schedule and clipping.
         val_every: Validate every this many steps (and at the end) instead of every epoch.
         restore_best: Give each task back its parameters of its best validation accuracy at the end.
-        resume: A :class:`FitState` (``FitResult.state``): continue its optimizers and schedule position;
-            the schedule then runs to ``resume.step`` + this call's steps.
+        resume: A :class:`FitState` (``FitResult.state``): continue its optimizers, schedule position, data
+            position, random states and each task's best validation so far (a stopped task stays stopped);
+            the schedule then runs to ``resume.step`` + this call's steps. With ``train_loader`` built as
+            before (the same data, batch size and generator seed), the resumed fit ends exactly where one
+            uninterrupted fit ends, for data whose items draw no random numbers (:mod:`.position`). A state
+            without a data position (or for a loader of another length) begins a fresh epoch.
         checkpoint_every, on_checkpoint: Call ``on_checkpoint(state, result_so_far)`` every this many steps.
 
     Returns:
@@ -84,6 +97,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
         raise ValueError("fp16 mixed precision scales one loss for all tasks; train several tasks with bf16=True")
     start_optimizers(trainees, resume, log)
     model, train_loader, val_loader = _prepare(accelerator, model, names, trainees, train_loader, val_loader)
+    resume_progress(trainees, resume, restore_best)
     if len(train_loader) == 0:
         raise ValueError("the training data is empty")
     start = resume.step if resume is not None else 0
@@ -95,11 +109,21 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
     shown = progress and accelerator.is_local_main_process and sys.stderr.isatty()
     bar = tqdm(total=total - start, desc=desc, disable=not shown, dynamic_ncols=True, leave=False)
     began = time.perf_counter()
-    step, epoch = start, 0
+    generators = loader_generators(train_loader)
+    where = _position_to_resume(resume, train_loader, generators, log)
+    step, epoch = start, (where.epoch - 1 if where is not None else 0)
     model.train()
     while step < total:
         epoch += 1
-        for x, y in train_loader:
+        if where is not None:  # the rest of the interrupted epoch
+            pos = _Position(epoch, where.batches, len(train_loader), where.epoch_rng)
+            batches = rest_of_epoch(train_loader, generators, where.epoch_rng, where.batches, where.rng)
+            where = None
+        else:
+            pos = _Position(epoch, 0, len(train_loader), epoch_start(generators))
+            batches = train_loader
+        for x, y in batches:
+            pos.batches += 1
             with accelerator.accumulate(model):
                 backward(run, x, y)
                 if not accelerator.sync_gradients:
@@ -112,12 +136,14 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
                 _close_row(run, model, val_loader, epoch, step, total, bar)
             if on_checkpoint is not None and checkpoint_every and (step - start) % checkpoint_every == 0 \
                     and step < total:
-                so_far = _assemble(run, step - start, began, step, total)
+                so_far = _assemble(run, step - start, began, step, total, pos)
                 on_checkpoint(so_far.state, so_far)
             if step >= total:
                 break
         if not val_every or step >= total:
             _close_row(run, model, val_loader, epoch, step, total, bar)
+    if pos.batches >= pos.epoch_batches:  # the epoch ended (and its row closed): the next one begins afresh
+        pos = _Position(epoch + 1, 0, len(train_loader), epoch_start(generators))
     bar.close()
     if restore_best:
         for t in trainees:
@@ -125,7 +151,32 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | Non
                 t.restore(t.best)
     model.eval()
     accelerator.wait_for_everyone()
-    return _assemble(run, step - start, began, step, total)
+    return _assemble(run, step - start, began, step, total, pos)
+
+
+@dataclasses.dataclass
+class _Position:
+    """Where the fit is in its data: ``batches`` of epoch ``epoch`` (of ``epoch_batches``) trained on; what
+    ordered that epoch when it began (:func:`.position.epoch_start`)."""
+
+    epoch: int
+    batches: int
+    epoch_batches: int
+    epoch_rng: dict
+
+
+def _position_to_resume(resume: FitState | None, loader, generators: list, log) -> FitState | None:
+    """``resume`` when its data position fits ``loader`` (the same batches per epoch and generators), else
+    None: the resumed fit begins a fresh epoch (a state saved without a position, or other data)."""
+    if resume is None or resume.epoch == 0:
+        return None
+    fits = (resume.epoch_batches == len(loader) and resume.rng
+            and len(resume.epoch_rng.get("generators", [])) == len(generators))
+    if not fits and log is not None:
+        log(f"the saved data position is for {resume.epoch_batches} batches per epoch and "
+            f"{len(resume.epoch_rng.get('generators', []))} generator(s), this loader has {len(loader)} and "
+            f"{len(generators)}: a fresh epoch begins")
+    return resume if fits else None
 
 
 def _prepare(accelerator: Accelerator, model: nn.Module, names: list[str] | None, trainees, train_loader,
@@ -194,10 +245,10 @@ def _validate(run: Run, model: nn.Module, val_loader, names: list[str]) -> dict[
     return evaluate_tasks(model, val_loader, names, accelerator=run.accelerator, bf16=run.bf16)
 
 
-def _assemble(run: Run, steps: int, began: float, step: int, total: int) -> FitResult:
-    """The fit's result: one task's own at the top level, or every task's in ``tasks``."""
+def _assemble(run: Run, steps: int, began: float, step: int, total: int, pos: _Position) -> FitResult:
+    """The fit's result: one task's own at the top level, or every task's in ``tasks``; its state at ``pos``."""
     seconds = time.perf_counter() - began
-    state = fit_state(run.trainees, step, total)
+    state = fit_state(run.trainees, step, total, **dataclasses.asdict(pos), rng=rng_states())
     for t in run.trainees:
         t.result.seconds = seconds
         t.result.state = state

@@ -140,8 +140,24 @@ def start_schedules(trainees: list[Trainee], total: int, start: int) -> None:
         t.schedule = warmup_cosine(t.optimizer, total, t.settings.warmup_steps(total), start)
 
 
-def fit_state(trainees: list[Trainee], step: int, total: int) -> FitState:
+def fit_state(trainees: list[Trainee], step: int, total: int, **position) -> FitState:
     """The :class:`FitState` of ``trainees`` after ``step`` of ``total`` steps (a copy: later steps leave it
-    alone)."""
+    alone); ``position``: its data position and random states (``epoch``, ``batches``, ...)."""
+    progress = {t.name: {"best_step": t.result.best_step, "best_metric": t.result.best_metric,
+                         "best": [b.detach().clone() for b in t.best or []], "stopped": t.result.stopped}
+                for t in trainees}
     return FitState(step, total, {t.name: copy.deepcopy(t.optimizer.state_dict()) for t in trainees},
-                    {t.name: t.settings.optimizer for t in trainees})
+                    {t.name: t.settings.optimizer for t in trainees}, progress=progress, **position)
+
+
+def resume_progress(trainees: list[Trainee], resume: FitState | None, restore_best: bool) -> None:
+    """Carry on what ``resume`` holds of each trainee's result: its best validation (and, with ``restore_best``,
+    its parameters) and whether it was stopped."""
+    for t in trainees:
+        saved = resume.progress.get(t.name) if resume is not None else None
+        if saved is None:
+            continue
+        t.result.best_step, t.result.best_metric, t.result.stopped = (saved["best_step"], saved["best_metric"],
+                                                                     saved["stopped"])
+        if restore_best and saved["best"]:
+            t.best = [b.to(p.device, p.dtype) for b, p in zip(saved["best"], t.params, strict=True)]
