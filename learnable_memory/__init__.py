@@ -23,10 +23,11 @@ if TYPE_CHECKING:
     from .export import export_model
     from .mask import build_attention_mask
     from .memory import TaskMemory
-    from .model import MemoryViT, load_adapters, wrap_model
+    from .model import MemoryViT, load_adapters
     from .pass_groups import pass_groups
     from .plotting import plot_attention_mask
     from .registry import UnsupportedModelError
+    from .wrapping import wrap_model
 
 #: Each public name and the module that defines it.
 _HOMES = {
@@ -37,7 +38,7 @@ _HOMES = {
     "export_model": "export",
     "build_attention_mask": "mask",
     "TaskMemory": "memory",
-    "MemoryViT": "model", "load_adapters": "model", "wrap_model": "model",
+    "MemoryViT": "model", "load_adapters": "model", "wrap_model": "wrapping",
     "plot_attention_mask": "plotting",
     "UnsupportedModelError": "registry",
 }

@@ -11,6 +11,8 @@ and the attention kind's own reference.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -45,9 +47,9 @@ class PreNormBlock(BlockKind):
     def attentions(self, blk: nn.Module) -> list[nn.Module]:
         return [blk.attn]
 
-    def memory_kv(self, blk: nn.Module, mem: Tensor) -> tuple[KV, ...]:
+    def memory_kv(self, blk: nn.Module, mem: Tensor, kinds: Mapping[nn.Module, AttentionKind]) -> tuple[KV, ...]:
         """``mem`` ``[M, D]`` through ``norm1`` and the attention's key/value projections."""
-        return (attention_kind(blk.attn).memory_kv(blk.attn, blk.norm1(mem)),)
+        return (kinds[blk.attn].memory_kv(blk.attn, blk.norm1(mem)),)
 
     def forward(self, blk: nn.Module, x: Tensor, c: Tensor, kv: tuple[KV, ...], ctx: PassContext) -> Pair:
         """``x`` ``[B, N, D]``, ``c`` ``[B, K, D]`` and the memory's ``kv`` -> new ``x``, ``c``."""
@@ -82,9 +84,9 @@ class PostNormBlock(BlockKind):
     def attentions(self, blk: nn.Module) -> list[nn.Module]:
         return [blk.attn]
 
-    def memory_kv(self, blk: nn.Module, mem: Tensor) -> tuple[KV, ...]:
+    def memory_kv(self, blk: nn.Module, mem: Tensor, kinds: Mapping[nn.Module, AttentionKind]) -> tuple[KV, ...]:
         """``mem`` ``[M, D]`` straight into the attention's key/value projections."""
-        return (attention_kind(blk.attn).memory_kv(blk.attn, mem),)
+        return (kinds[blk.attn].memory_kv(blk.attn, mem),)
 
     def forward(self, blk: nn.Module, x: Tensor, c: Tensor, kv: tuple[KV, ...], ctx: PassContext) -> Pair:
         """As :meth:`PreNormBlock.forward`."""

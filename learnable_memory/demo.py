@@ -75,7 +75,7 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 def _train_one(method: str, task: DemoTask, train_ds, test_ds, *, steps: int, batch: int, seed: int,
                adapter_dir: Path) -> dict:
-    from .model import wrap_model
+    from .wrapping import wrap_model
 
     torch.manual_seed(seed)
     base = D.load_demo_base()

@@ -32,7 +32,7 @@ tables need no flag: the packed path applies them exactly as the split path does
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
@@ -151,11 +151,12 @@ class BlockKind(ABC):
         empty when the attention is part of the block itself."""
 
     @abstractmethod
-    def memory_kv(self, blk: nn.Module, mem: Tensor) -> tuple[KV, ...]:
+    def memory_kv(self, blk: nn.Module, mem: Tensor, kinds: Mapping[nn.Module, AttentionKind]) -> tuple[KV, ...]:
         """This block's memory ``mem`` ``[M, D]`` -> its keys and values, one pair per attention
         (``[H, M, hd]`` each, in the order of :meth:`attentions`; one pair when the attention is part
         of the block). The memory goes only through what the block applies before attention and the
-        key/value projections."""
+        key/value projections; ``kinds`` are the attention kinds of :meth:`attentions`' modules, as
+        resolved when wrapping."""
 
     @abstractmethod
     def forward(self, blk: nn.Module, x: Tensor, c: Tensor, kv: tuple[KV, ...], ctx: PassContext) -> Pair:

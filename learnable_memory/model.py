@@ -13,55 +13,26 @@ from torch.utils._pytree import tree_leaves
 
 from .adapters import prepare_tasks, save_adapter, save_pretrained
 from .adapters.fingerprint import dependency_record
-from .adapters.loading import check_trained_on, trainable_tasks
+from .adapters.loading import Rename, check_trained_on, trainable_tasks
 from .config import BASE_KEY, TaskConfig, UnknownTaskError
 from .context import PassContext, PassExtras
 from .kinds import AttentionKind, BlockKind, unpacked_reason
 from .kv_cache import MemoryKVCache
 from .mask import check_task_order, has_full_task
 from .memory import TaskMemory, TaskStore
+from .packing import pack, unpack
 from .pass_groups import warn_mixed_preprocessing
 from .registry import attention_kind, backbone_kind, block_kind
 from .token_index import NewTokenIndex, new_token_index
 
-Rename = Mapping[str, str] | Sequence[str | None] | None
 KV = tuple[torch.Tensor, torch.Tensor]
 logger = logging.getLogger(__name__)
 
 
-def _packable(kind: BlockKind, blk: nn.Module, attention_kinds: Mapping[nn.Module, AttentionKind]) -> str | None:
+def _unpacked_reason(kind: BlockKind, blk: nn.Module, attention_kinds: Mapping[nn.Module, AttentionKind]) -> str | None:
     """Why block ``blk`` can not serve a packed pass (see ``PassContext.packed``), or None when it can:
     :func:`learnable_memory.kinds.unpacked_reason` on its kind and attention kinds."""
     return unpacked_reason(kind, blk, [attention_kinds[a] for a in kind.attentions(blk)])
-
-
-def _cat_with_layout(like: torch.Tensor, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``parts`` ``[B, T_i, D]`` joined along the tokens, in one copy, into the memory layout (order of
-    dims in memory) of ``like``.
-
-    A packed pass keeps the original tokens laid out as the base model lays them out (timm's patch
-    embedding can leave them ``[B, D, N]`` in memory), so that every op, down to the pooling's
-    reduction, sums in the same order and the base output stays bit-identical."""
-    shape = [parts[0].shape[0], sum(p.shape[1] for p in parts), parts[0].shape[2]]
-    order = sorted(range(like.dim()), key=lambda i: -like.stride(i))  # outermost dim first
-    out = like.new_empty([shape[i] for i in order]).permute([order.index(i) for i in range(like.dim())])
-    start = 0
-    for p in parts:
-        out[:, start : start + p.shape[1]] = p
-        start += p.shape[1]
-    return out
-
-
-def _pack(x: torch.Tensor, c: torch.Tensor, extras: PassExtras) -> tuple[torch.Tensor, torch.Tensor, PassExtras]:
-    """The packed layout of a pass: original tokens ``x`` ``[B, N, D]`` with the new class tokens ``c``
-    ``[B, K, D]`` behind them, ``[B, N + K, D]``, an empty ``[B, 0, D]``, and the extras for it."""
-    return _cat_with_layout(x, [x, c]), c[:, :0], extras.for_packed(c.shape[1])
-
-
-def _unpack(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A packed ``[B, N + K, D]`` -> the ``n`` original tokens ``[B, N, D]`` (in their layout) and the
-    new class tokens ``[B, K, D]``."""
-    return _cat_with_layout(x, [x[:, :n]]), x[:, n:]
 
 
 class MemoryViT(nn.Module):
@@ -85,7 +56,7 @@ class MemoryViT(nn.Module):
         self._attention_kinds = {a: attention_kind(a) for k, b in zip(self._block_kinds, blocks, strict=True)
                                 for a in k.attentions(b)}
         reasons = [(i, r) for i, (k, b) in enumerate(zip(self._block_kinds, blocks, strict=True))
-                   if (r := _packable(k, b, self._attention_kinds)) is not None]
+                   if (r := _unpacked_reason(k, b, self._attention_kinds)) is not None]
         self._packable = not reasons
         #: Why inference passes run split (None when they pack): the first block that can not pack.
         self.unpacked_reason = None if not reasons else (
@@ -249,7 +220,7 @@ class MemoryViT(nn.Module):
         blocks = self.backbone.blocks(self.base)
 
         def compute(i: int, mem: torch.Tensor) -> tuple[KV, ...]:
-            return self._block_kinds[i].memory_kv(blocks[i], mem)
+            return self._block_kinds[i].memory_kv(blocks[i], mem, self._attention_kinds)
 
         needs_grad = torch.is_grad_enabled() and (
             any(t.memory.requires_grad for t in tasks) or any(p.requires_grad for p in self.base.parameters()))
@@ -303,13 +274,13 @@ class MemoryViT(nn.Module):
         packed = len(tasks) if tasks and self._packable and not torch.is_grad_enabled() else 0
         n = x.shape[1]
         if packed:
-            x, c, extras = _pack(x, c, extras)
+            x, c, extras = pack(x, c, extras)
         ctx = PassContext(index=index, full=full, orig_grad=orig_grad, packed=packed, extras=extras,
                           attention_kinds=self._attention_kinds)
         for i, (kind, blk) in enumerate(zip(self._block_kinds, self.backbone.blocks(self.base), strict=True)):
             x, c = kind.forward(blk, x, c, memory_kv(i), ctx)
         if packed:
-            x, c = _unpack(x, n)
+            x, c = unpack(x, n)
         return x, c, extras
 
     def resolve_outputs(self, tasks: str | Iterable[str] | None = None) -> tuple[list[str], tuple[str, ...]]:
@@ -426,50 +397,6 @@ class MemoryViT(nn.Module):
         if isinstance(base, MemoryViT):
             raise TypeError("from_pretrained takes the timm backbone; to add tasks to a MemoryViT use load_adapters")
         return load_adapters(base, path, **kwargs)
-
-
-def wrap_model(
-    model: nn.Module,
-    n_mem: int = 10,
-    num_classes: int | None = None,
-    *,
-    task: str = "default",
-    mode: str = "non_destructive",
-    init_std: float = 0.02,
-    class_names: Sequence[str] | None = None,
-) -> MemoryViT:
-    """Add a learnable-memory task to a frozen timm ViT.
-
-    Args:
-        model: A timm ViT (frozen in place and put in eval mode), or a ``MemoryViT``, in which
-            case a new ``MemoryViT`` is returned that shares its backbone and (now frozen) tasks.
-        n_mem: Memory tokens per block (0 gives "head + class token").
-        num_classes: Classes of the new task's head (default: ``len(class_names)``).
-        task: Name of the new task, the key of ``forward_all``.
-        mode: ``"non_destructive"``, ``"extension"`` or ``"full"`` (see ``config.MODES``).
-        init_std: Std of the memory's normal init.
-        class_names: Optional label names saved with the adapter.
-
-    Returns:
-        A ``MemoryViT`` whose :meth:`~MemoryViT.forward` serves the new task. Only the new
-        task's memory ``[depth, n_mem, D]``, class token ``[D]`` and head train.
-    """
-    if num_classes is None:
-        if class_names is None:
-            raise ValueError("give num_classes (or class_names) for the new task's head")
-        num_classes = len(class_names)
-    config = TaskConfig(
-        name=task, n_mem=n_mem, num_classes=num_classes, mode=mode, init_std=init_std,
-        class_names=list(class_names) if class_names is not None else None,
-    )
-    if isinstance(model, MemoryViT):
-        wrapped = MemoryViT(model.base)
-        for t in model.tasks.values():
-            wrapped.add_task(t)
-    else:
-        wrapped = MemoryViT(model)
-    wrapped.add_task(config)
-    return wrapped
 
 
 def load_adapters(

@@ -51,8 +51,8 @@ class SeesEveryTaskKind(PreNormBlock):
 class DetachedMemoryKind(PreNormBlock):
     packable = False
 
-    def memory_kv(self, blk, mem):
-        return tuple((k.detach(), v.detach()) for k, v in super().memory_kv(blk, mem))
+    def memory_kv(self, blk, mem, kinds):
+        return tuple((k.detach(), v.detach()) for k, v in super().memory_kv(blk, mem, kinds))
 
 
 class WrongBiasRow(BeitAttention):

@@ -26,7 +26,7 @@ from .train_settings import N_MEM
 def task_model(args: argparse.Namespace, plan: Plan, class_names: list[str]) -> MemoryViT:
     """The model with the task to train active: the resumed one, or a new task on the base (after
     the ``--extend`` adapters, frozen)."""
-    from ..model import wrap_model
+    from ..wrapping import wrap_model
 
     if plan.model is not None:
         have = plan.model.tasks[plan.task].config.num_classes

@@ -6,6 +6,8 @@ the ``Attention`` and ``DiffAttention`` kinds, and the ``Block``, ``ResPostBlock
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from timm.layers import Attention, DiffAttention
 from timm.models.deit import VisionTransformerDistilled
@@ -17,7 +19,7 @@ from ..blocks import PostNormBlock, PreNormBlock, kind_of, run_attention
 from ..context import PassContext, PassExtras
 from ..differential import attend_split_differential, dense_differential
 from ..kinds import AttentionKind, BackboneKind, BlockKind
-from ..registry import attention_kind, register_attention, register_backbone, register_block
+from ..registry import register_attention, register_backbone, register_block
 from ..typing import Pair
 
 register_block(Block)(PreNormBlock)
@@ -99,9 +101,10 @@ class ParallelBranchesBlock(BlockKind):
     def attentions(self, blk: nn.Module) -> list[nn.Module]:
         return [branch.attn for branch in blk.attns]
 
-    def memory_kv(self, blk: nn.Module, mem: torch.Tensor) -> tuple[Pair, ...]:
+    def memory_kv(self, blk: nn.Module, mem: torch.Tensor, kinds: Mapping[nn.Module, AttentionKind]
+                  ) -> tuple[Pair, ...]:
         """``mem`` ``[M, D]`` through every branch's own norm and key/value projections."""
-        return tuple(attention_kind(b.attn).memory_kv(b.attn, b.norm(mem)) for b in blk.attns)
+        return tuple(kinds[b.attn].memory_kv(b.attn, b.norm(mem)) for b in blk.attns)
 
     def forward(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor, kv: tuple[Pair, ...],
                 ctx: PassContext) -> Pair:

@@ -13,7 +13,7 @@ the whole ``in_proj`` instead, so they check that slice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import nn
 from ..attention import attend_split, dense_attention, score_biases, timm_attention
 from ..context import PassContext
 from ..differential import attend_split_differential, dense_differential
-from ..kinds import BlockKind
+from ..kinds import AttentionKind, BlockKind
 from ..registry import register_block
 from ..typing import Pair
 
@@ -86,7 +86,7 @@ class ParallelScaling(BlockKind):
             y = blk.attn_out_proj(x_attn) + blk.mlp_out_proj(x_mlp)
         return t + blk.drop_path(blk.ls(y))
 
-    def memory_kv(self, blk: nn.Module, mem: torch.Tensor) -> tuple[Pair]:
+    def memory_kv(self, blk: nn.Module, mem: torch.Tensor, kinds: Mapping[nn.Module, AttentionKind]) -> tuple[Pair]:
         """``mem`` ``[M, D]`` -> keys (after ``k_norm``) and values ``[H, M, hd]``."""
         k_m, v_m = memory_rows_kv(blk, mem)
         k_m = blk.k_norm(k_m.unflatten(-1, (blk.num_heads, blk.head_dim))).transpose(0, 1)  # [H, M, hd]
@@ -139,7 +139,7 @@ class DiffParallelScaling(BlockKind):
         y = blk.out_proj(torch.cat((x_attn, blk.mlp_drop(blk.mlp_act(x_mlp))), dim=-1))
         return t + blk.drop_path(blk.ls(y))
 
-    def memory_kv(self, blk: nn.Module, mem: torch.Tensor) -> tuple[Pair]:
+    def memory_kv(self, blk: nn.Module, mem: torch.Tensor, kinds: Mapping[nn.Module, AttentionKind]) -> tuple[Pair]:
         """``mem`` ``[M, D]`` -> keys ``[2H, M, hd]`` (after ``k_norm``) and values ``[H, M, 2hd]``."""
         k_m, v_m = memory_rows_kv(blk, mem)
         k_m = blk.k_norm(k_m.unflatten(-1, (2 * blk.num_heads, blk.head_dim)).transpose(0, 1))  # [2H, M, hd]

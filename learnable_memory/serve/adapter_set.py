@@ -27,8 +27,9 @@ from typing import Any
 from ..adapters import AdapterError, adapter_folders, describe_task, read_adapter
 from ..adapters.fingerprint import base_identity
 from ..config import BASE_KEY
-from ..model import MemoryViT, load_adapters
+from ..model import MemoryViT
 from ..pass_groups import grouped_by_caller
+from ..wrapping import load_adapters
 from .inference import has_full_task
 from .settings import ServeError, ServeSettings
 

@@ -39,9 +39,10 @@ from torch import nn
 from ..config import MODES
 from ..context import PassContext
 from ..kinds import BlockKind
-from ..model import MemoryViT, load_adapters, wrap_model
+from ..model import MemoryViT, load_adapters
 from ..registry import block_kind
 from ..typing import Tensor
+from ..wrapping import wrap_model
 
 #: ``(task name, n_mem, mode)`` in model order.
 Layout = Sequence[tuple[str, int, str]]
