@@ -97,6 +97,23 @@ def set_fused_attn(model: torch.nn.Module, fused: bool) -> torch.nn.Module:
     return model
 
 
+def assert_packs_as_split(base: torch.nn.Module, images: torch.Tensor) -> None:
+    """``base`` wrapped with a randomized task packs its inference passes, and the packed pass gives the base
+    output bit-identical and the task's output as a split (training-form) pass does."""
+    from learnable_memory.testing import assert_outputs_close, randomize
+
+    model = lm.wrap_model(base, n_mem=2, num_classes=3)
+    assert model.unpacked_reason is None
+    randomize(model)
+    with torch.no_grad():
+        packed = model.forward_all(images)
+        want = base(images)
+    with torch.enable_grad():
+        split = {k: v.detach() for k, v in model.forward_all(images).items()}
+    assert torch.equal(packed["base"], want) and torch.equal(split["base"], want)
+    assert_outputs_close(packed, split)
+
+
 def count_packed_blocks(monkeypatch) -> list[int]:
     """Count the attention layers that run a packed pass (see ``PassContext.packed``)."""
     from learnable_memory.kinds import AttentionKind

@@ -9,9 +9,8 @@ import timm
 import torch
 
 import learnable_memory as lm
-import learnable_memory.testing as lmt
 from learnable_memory.testing import randomize
-from tests.helpers import assert_compiles_as_eager, images_for
+from tests.helpers import assert_compiles_as_eager, assert_packs_as_split, images_for
 
 SMALL = {"pretrained": False, "depth": 3, "local_up_to_layer": 1, "embed_dim": 16, "num_heads": 4, "img_size": 48}
 
@@ -56,14 +55,4 @@ def test_forward_all_compiles_without_a_graph_break():
 
 def test_the_mhsa_kind_packs_and_the_packed_pass_equals_the_split_pass():
     """The kind gives only the original tokens' attention (timm's order): the split stays the core's."""
-    base, x = convit(), images_for(48, 2)
-    model = lm.wrap_model(base, n_mem=2, num_classes=3)
-    assert model.unpacked_reason is None
-    randomize(model)
-    with torch.no_grad():
-        packed = model.forward_all(x)
-        want = base(x)
-    with torch.enable_grad():
-        split = {k: v.detach() for k, v in model.forward_all(x).items()}
-    assert torch.equal(packed["base"], want) and torch.equal(split["base"], want)
-    lmt.assert_outputs_close(packed, split)
+    assert_packs_as_split(convit(), images_for(48, 2))

@@ -10,7 +10,7 @@ import torch
 import learnable_memory as lm
 from learnable_memory import testing as lmt
 from learnable_memory.testing import randomize
-from tests.helpers import assert_compiles_as_eager, grid_backbone, images_for, set_fused_attn
+from tests.helpers import assert_compiles_as_eager, assert_packs_as_split, grid_backbone, images_for, set_fused_attn
 
 NARROW = {"depth": 2, "embed_dim": 64, "num_heads": 4, "head_dim": 16, "intermediate_size": 128}
 
@@ -57,13 +57,4 @@ def test_forward_all_compiles_without_a_graph_break():
 def test_the_packed_pass_equals_the_split_pass(fused):
     """The kind gives only the scale and the original tokens' attention: the split stays the core's."""
     base, x = gemma4()
-    set_fused_attn(base, fused)
-    model = lm.wrap_model(base, n_mem=2, num_classes=3)
-    randomize(model)
-    with torch.no_grad():
-        packed = model.forward_all(x)
-        want = base(x)
-    with torch.enable_grad():
-        split = {k: v.detach() for k, v in model.forward_all(x).items()}
-    assert torch.equal(packed["base"], want) and torch.equal(split["base"], want)
-    lmt.assert_outputs_close(packed, split)
+    assert_packs_as_split(set_fused_attn(base, fused), x)
