@@ -16,9 +16,8 @@ from torch import nn
 
 from ..adapters.folder import AdapterError, adapter_folders
 from ..mask import TaskOrderError
-from ..model import MemoryViT
+from ..model import MemoryViT, load_adapters
 from ..pass_groups import grouped_by_caller
-from ..wrapping import load_adapters
 from .base import base_spec, create_base, refuse_random_weights
 from .options import add_adapter_options as add_adapter_options  # where the parsers of the commands take it
 

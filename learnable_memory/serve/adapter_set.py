@@ -27,9 +27,8 @@ from typing import Any
 from ..adapters import AdapterError, adapter_folders, describe_task, read_adapter
 from ..adapters.fingerprint import base_identity
 from ..config import BASE_KEY
-from ..model import MemoryViT
+from ..model import MemoryViT, load_adapters
 from ..pass_groups import grouped_by_caller
-from ..wrapping import load_adapters
 from .inference import has_full_task
 from .settings import ServeError, ServeSettings
 
