@@ -33,9 +33,9 @@ def computed(monkeypatch) -> list[int]:
     calls: list[int] = []
     real = PreNormBlock.memory_kv
 
-    def counted(self, blk, mem):
+    def counted(self, blk, mem, kinds):
         calls.append(mem.shape[0])
-        return real(self, blk, mem)
+        return real(self, blk, mem, kinds)
 
     monkeypatch.setattr(PreNormBlock, "memory_kv", counted)
     return calls
