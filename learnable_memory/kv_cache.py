@@ -56,8 +56,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .memory import TaskMemory
+from .typing import KV
 
-KV = tuple[torch.Tensor, torch.Tensor]
 BlockKV = tuple[KV, ...]
 #: ``(block index, memory [M, D]) -> that block's keys and values``: ``BlockKind.memory_kv`` of the block.
 ComputeKV = Callable[[int, torch.Tensor], BlockKV]

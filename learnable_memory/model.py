@@ -24,8 +24,8 @@ from .packing import pack, unpack
 from .pass_groups import warn_mixed_preprocessing
 from .registry import attention_kind, backbone_kind, block_kind
 from .token_index import NewTokenIndex, new_token_index
+from .typing import KV
 
-KV = tuple[torch.Tensor, torch.Tensor]
 logger = logging.getLogger(__name__)
 
 
